@@ -1,0 +1,42 @@
+# Fresh-machine entry points: `make demo` and `make test` create/refresh .venv themselves.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.installed
+# pip prints a warning per package for the machine's file-based extra indexes; keep real errors.
+QUIET := 2> >(grep -v "is neither a file nor a directory" >&2)
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip $(QUIET)
+	@# Without CUDA, install the CPU build of torch first: an unpinned torch pulls GBs of CUDA wheels.
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PIP) install -q "torch>=2.6" $(QUIET); \
+	else \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)" $(QUIET); \
+	fi
+	$(PIP) install -q -e '.[dev,slurm]' $(QUIET)
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python launch/demo.py
+
+test: setup
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+lint: setup
+	$(BIN)/ruff check moetrain launch tests
+	$(BIN)/ruff format --check moetrain launch tests
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
