@@ -1,0 +1,113 @@
+"""Checkpoints in DeepSpeed's layout, committed atomically, with the loop state needed for exact resume.
+
+Layout under ``<run_dir>/checkpoints``::
+
+    step_00000100/            DeepSpeed's files (model states, optimizer shards, one file per expert for
+                              DeepSpeed MoE layers) + client state (step, data position, config)
+    step_00000100/rank_state_00001.pt   per-rank RNG state
+    latest                    the tag of the newest *complete* checkpoint
+
+``latest`` is written (temp file + rename) only after every rank has finished writing, so a crash during a
+save leaves the previous checkpoint as the one resume picks. Per-rank files are loaded with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetrain.distributed import LaunchEnv, barrier
+
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_resume(resume: str, default_root: Path) -> tuple[Path, str] | None:
+    """``trainer.resume`` -> (checkpoint root, tag) or None to start fresh.
+
+    ``none``: fresh. ``auto``: the latest complete checkpoint under this run's folder, fresh if there is
+    none. A path: a checkpoint root holding ``latest``, a run folder holding ``checkpoints/latest``, or one
+    ``step_*`` folder.
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        root = default_root
+        latest = root / "latest"
+        return (root, latest.read_text().strip()) if latest.is_file() else None
+    path = Path(resume).expanduser()
+    for root in (path, path / "checkpoints"):
+        if (root / "latest").is_file():
+            return root, (root / "latest").read_text().strip()
+    if path.is_dir() and TAG_RE.match(path.name):
+        return path.parent, path.name
+    raise FileNotFoundError(f"trainer.resume={resume} is not a checkpoint folder (no 'latest' file or step_* dir)")
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, env: LaunchEnv, keep: int) -> None:
+        self.root = root
+        self.env = env
+        self.keep = keep
+
+    def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
+        tag = tag_for(step)
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        rank_file = self.root / tag / f"rank_state_{self.env.rank:05d}.pt"
+        tmp = rank_file.with_name(rank_file.name + ".tmp")
+        torch.save({"rng": rng_state()}, tmp)
+        os.replace(tmp, rank_file)
+        barrier()  # every rank's files are on disk before the checkpoint is declared complete
+        if self.env.is_main:
+            atomic_write_text(self.root / "latest", tag)
+            self._prune(keep_tag=tag)
+        barrier()
+        return self.root / tag
+
+    def _prune(self, keep_tag: str) -> None:
+        tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+        for old in tags[: max(0, len(tags) - self.keep)]:
+            if old != keep_tag:
+                shutil.rmtree(self.root / old, ignore_errors=True)
+
+    def load(self, engine, root: Path, tag: str) -> dict[str, Any]:
+        """Restore model, optimizer, LR schedule (DeepSpeed) and this rank's RNG; return the client state."""
+        path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"trainer.resume: DeepSpeed found no checkpoint {tag} under {root}")
+        rank_file = root / tag / f"rank_state_{self.env.rank:05d}.pt"
+        if rank_file.is_file():
+            set_rng_state(torch.load(rank_file, weights_only=True)["rng"])
+        return client_state or {}

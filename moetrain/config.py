@@ -1,0 +1,241 @@
+"""Typed configuration: the schema every recipe is checked against, and the validation that names the key.
+
+The dataclasses below are registered in Hydra's ConfigStore as ``train_schema``; ``recipes/train.yaml`` lists
+it first in its defaults, so every key a recipe sets is type-checked on composition and an unknown key fails.
+The entry point converts the composed DictConfig into these dataclasses once (:func:`to_typed`) and calls
+:func:`validate`; nothing past the entry point touches an untyped dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+MOE_BACKENDS = ("native",)
+DROP_POLICIES = ("probs", "position")
+DTYPES = ("fp32", "bf16")
+LR_DECAYS = ("cosine", "linear", "constant")
+WANDB_MODES = ("online", "offline", "disabled")
+TOKENIZERS = ("byte",)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message is one line: ``key=value <problem>; allowed: ...``."""
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 256  # hidden size of each expert (and of dense FFN layers)
+    vocab_size: int = 257
+    seq_len: int = 256
+    moe_every: int = 1  # layer i (0-based) is MoE when (i + 1) % moe_every == 0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    capacity_factor: float | None = None  # None: dropless
+    drop_policy: str = "probs"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    backend: str = "native"
+    # Expert GEMM path: "auto" picks torch._grouped_mm where device and dtype support it, else a loop.
+    grouped_mm: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    # Exactly one source: the running Python's standard library (default), local files, or a hub dataset.
+    path: str | None = None  # a file, a directory or a glob of .txt/.jsonl/.json/.parquet files
+    hf_name: str | None = None
+    hf_config: str | None = None
+    text_field: str = "text"
+    stdlib_glob: str = "*.py"  # which stdlib files make the embedded corpus
+    tokenizer: str = "byte"
+    val_fraction: float = 0.05  # fraction of documents held out for validation (chosen by path hash)
+    cache_dir: str | None = None  # default: ~/.cache/moetrain
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1
+    zero_stage: int = 0
+    dtype: str = "fp32"
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 20
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = "none"  # none | auto | path to a checkpoint folder (or a step_* tag inside one)
+    seed: int = 1234
+    log_every: int = 1
+    expert_stats_every: int = 25
+    num_threads: int | None = None  # torch intra-op threads per rank; default: cores / local ranks
+
+
+@dataclass
+class WandbConfig:
+    mode: str | None = None  # None: online when an API key is configured, else offline
+    project: str = "moetrain"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so ``recipes/train.yaml`` can name it first in its defaults list."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def to_typed(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
+    """Convert a composed config (extra ``hydra`` node ignored) into the typed tree, then validate it."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    container.pop("hydra", None)
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
+    typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(typed)
+    return typed
+
+
+def _fail(key: str, value: Any, problem: str) -> ConfigError:
+    return ConfigError(f"{key}={value} {problem}")
+
+
+def _require(cond: bool, key: str, value: Any, problem: str) -> None:
+    if not cond:
+        raise _fail(key, value, problem)
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, value, f"is not supported; allowed: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    _require(value > 0, key, value, "must be > 0")
+
+
+def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Check every value that can be checked before training starts; raise :class:`ConfigError` on the first.
+
+    ``world_size`` (when known) adds the checks that depend on the launch: ``parallel.ep_size`` must divide it.
+    """
+    m, moe, p, t, d = cfg.model, cfg.moe, cfg.parallel, cfg.trainer, cfg.data
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "seq_len", "moe_every"):
+        _positive(f"model.{key}", getattr(m, key))
+    _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
+             f"is not divisible by model.n_heads={m.n_heads}")
+    _require((m.d_model // m.n_heads) % 2 == 0, "model.d_model", m.d_model,
+             f"gives an odd head dim {m.d_model // m.n_heads} with model.n_heads={m.n_heads}; RoPE needs it even")
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+             f"must divide model.n_heads={m.n_heads}")
+    _require(m.moe_every <= m.n_layers, "model.moe_every", m.moe_every,
+             f"leaves no MoE layer with model.n_layers={m.n_layers}; allowed: 1..{m.n_layers}")
+    _require(m.vocab_size >= 257 or d.tokenizer != "byte", "model.vocab_size", m.vocab_size,
+             "is smaller than the byte tokenizer's 257 ids (256 bytes + end-of-text)")
+
+    _one_of("moe.backend", moe.backend, MOE_BACKENDS)
+    _require(moe.num_experts >= 1, "moe.num_experts", moe.num_experts, "must be >= 1")
+    _require(1 <= moe.top_k <= moe.num_experts, "moe.top_k", moe.top_k,
+             f"must be between 1 and moe.num_experts={moe.num_experts}")
+    if moe.capacity_factor is not None:
+        _require(moe.capacity_factor > 0, "moe.capacity_factor", moe.capacity_factor,
+                 "must be > 0, or null for dropless")
+    _one_of("moe.drop_policy", moe.drop_policy, DROP_POLICIES)
+    _one_of("moe.grouped_mm", moe.grouped_mm, ("auto", "grouped", "loop"))
+    for key in ("aux_loss_coef", "z_loss_coef"):
+        _require(getattr(moe, key) >= 0, f"moe.{key}", getattr(moe, key), "must be >= 0")
+
+    _require(p.ep_size >= 1, "parallel.ep_size", p.ep_size, "must be >= 1")
+    _require(moe.num_experts % p.ep_size == 0, "moe.num_experts", moe.num_experts,
+             f"is not divisible by parallel.ep_size={p.ep_size}")
+    _require(p.ep_size == 1, "parallel.ep_size", p.ep_size,
+             "is not supported by moe.backend=native yet; allowed: 1 (experts are data-parallel)")
+    if world_size is not None:
+        _require(world_size % p.ep_size == 0, "parallel.ep_size", p.ep_size,
+                 f"does not divide the world size {world_size}")
+    _require(p.zero_stage != 3, "parallel.zero_stage", p.zero_stage,
+             "is not supported with MoE layers (DeepSpeed ZeRO-3 does not partition expert-parallel "
+             "parameters); allowed: 0, 1, 2")
+    _require(p.zero_stage in (0, 1, 2), "parallel.zero_stage", p.zero_stage, "is not supported; allowed: 0, 1, 2")
+    _one_of("parallel.dtype", p.dtype, DTYPES)
+
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    for key in ("beta1", "beta2"):
+        _require(0 <= getattr(o, key) < 1, f"optim.{key}", getattr(o, key), "must be in [0, 1)")
+    _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+
+    s = cfg.schedule
+    _require(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "must be >= 0")
+    _one_of("schedule.decay", s.decay, LR_DECAYS)
+    _require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
+
+    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "eval_batches",
+                "save_every", "keep_checkpoints", "log_every", "expert_stats_every"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    if t.num_threads is not None:
+        _positive("trainer.num_threads", t.num_threads)
+
+    _one_of("data.tokenizer", d.tokenizer, TOKENIZERS)
+    _require(not (d.path and d.hf_name), "data.hf_name", d.hf_name,
+             f"conflicts with data.path={d.path}; set only one data source")
+    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+
+    mode = cfg.logging.wandb.mode
+    if mode is not None:
+        _one_of("logging.wandb.mode", mode, WANDB_MODES)

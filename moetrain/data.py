@@ -1,0 +1,225 @@
+"""Data: documents -> byte tokens -> packed sequences -> a deterministic, resumable, rank-sharded order.
+
+Sources (exactly one): the running Python's standard library (the embedded default corpus, found with
+``sysconfig``), the user's local files (``data.path``), or a hub dataset (``data.hf_name``). All go through
+Hugging Face ``datasets``. Documents are split into train/validation by a hash of their text, so the split
+does not depend on file order or on the number of ranks.
+
+Packing: each split's documents are concatenated (each ends with the end-of-text id) and cut into windows
+of ``seq_len + 1`` tokens with stride ``seq_len``; a window gives inputs ``w[:-1]`` and labels ``w[1:]``.
+
+Order: the *global position* p counts training sequences consumed by all ranks together. Sequence p lives
+in epoch ``p // N`` at slot ``perm_epoch[p % N]`` of a permutation seeded by ``(seed, epoch)``. A micro-batch
+on data-parallel rank r starting at p reads positions ``p + r*mb ... p + (r+1)*mb - 1``. Saving p is enough
+to resume exactly, for any rank count.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moetrain.config import ConfigError, DataConfig
+
+EOS_ID = 256
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255; 256 is end-of-text. Needs no download and no training."""
+
+    vocab_size = 257
+    eos_id = EOS_ID
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MOETRAIN_CACHE", Path.home() / ".cache" / "moetrain"))
+
+
+def stdlib_files(pattern: str) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(str(p) for p in root.glob(pattern) if p.is_file())
+    if not files:
+        raise ConfigError(f"data.stdlib_glob={pattern} matches no file under {root}")
+    return files
+
+
+def local_files(path: str) -> list[str]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".json", ".parquet"))
+    else:
+        files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if p.is_file() else [])
+    if not files:
+        raise ConfigError(f"data.path={path} matches no .txt/.jsonl/.json/.parquet file")
+    suffixes = {Path(f).suffix for f in files}
+    if len(suffixes) > 1:
+        raise ConfigError(f"data.path={path} mixes file types {sorted(suffixes)}; use one type")
+    return files
+
+
+def load_documents(cfg: DataConfig, cache_dir: Path):
+    """The source's documents as a ``datasets.Dataset`` with one column, ``text``."""
+    import datasets
+
+    hf_cache = str(cache_dir / "hf")
+    if cfg.hf_name:
+        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split="train", cache_dir=hf_cache)
+    else:
+        files = local_files(cfg.path) if cfg.path else stdlib_files(cfg.stdlib_glob)
+        suffix = Path(files[0]).suffix
+        if suffix == ".txt" or not cfg.path:
+            ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train",
+                                       cache_dir=hf_cache)
+        else:
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}[suffix]
+            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=hf_cache)
+    if cfg.text_field not in ds.column_names:
+        raise ConfigError(f"data.text_field={cfg.text_field} is not a column of the data; "
+                          f"allowed: {', '.join(ds.column_names)}")
+    if cfg.text_field != "text":
+        ds = ds.rename_column(cfg.text_field, "text")
+    return ds.select_columns(["text"])
+
+
+def _is_validation(text: str, val_fraction: float) -> bool:
+    digest = hashlib.sha1(text.encode("utf-8", errors="replace")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+@dataclass
+class TokenSplits:
+    train: np.ndarray  # uint16 token stream
+    val: np.ndarray
+
+    def unigram_baseline(self, vocab_size: int) -> float:
+        """Cross-entropy (nats/token) of the validation stream under the train stream's unigram distribution
+        (add-one smoothed): what a model that ignores context scores."""
+        counts = np.bincount(self.train, minlength=vocab_size).astype(np.float64) + 1.0
+        logp = np.log(counts / counts.sum())
+        return float(-logp[self.val].mean())
+
+
+def tokenize_splits(cfg: DataConfig, cache_dir: Path) -> TokenSplits:
+    """Tokenize every document (through ``datasets.map``, cached) and concatenate each split."""
+    tok = ByteTokenizer()
+    docs = load_documents(cfg, cache_dir)
+    val_fraction = cfg.val_fraction
+
+    def encode(batch: dict) -> dict:
+        ids = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16) for t in batch["text"]]
+        return {
+            "ids": [np.append(a, np.uint16(tok.eos_id)) for a in ids],
+            "is_val": [_is_validation(t, val_fraction) for t in batch["text"]],
+        }
+
+    encoded = docs.map(encode, batched=True, remove_columns=["text"], desc="tokenizing")
+    encoded = encoded.with_format("numpy")
+    is_val = np.asarray(encoded["is_val"], dtype=bool)
+    ids = encoded["ids"]
+    train = [np.asarray(ids[i], dtype=np.uint16) for i in np.flatnonzero(~is_val)]
+    val = [np.asarray(ids[i], dtype=np.uint16) for i in np.flatnonzero(is_val)]
+    if not train or not val:
+        raise ConfigError(f"data.val_fraction={val_fraction} leaves an empty split over {len(is_val)} documents")
+    return TokenSplits(np.concatenate(train), np.concatenate(val))
+
+
+class PackedSequences:
+    """Fixed windows of ``seq_len + 1`` tokens (stride ``seq_len``) over one token stream."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+        self.tokens = torch.from_numpy(tokens.astype(np.int64))
+        self.seq_len = seq_len
+        self.num_sequences = (len(tokens) - 1) // seq_len
+        if self.num_sequences < 1:
+            raise ConfigError(f"model.seq_len={seq_len} is longer than the split ({len(tokens)} tokens)")
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def window(self, index: int) -> torch.Tensor:
+        start = index * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1]
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.stack([self.window(i) for i in indices])
+        return w[:, :-1], w[:, 1:]
+
+
+class ShardedOrder:
+    """Maps a global position to sequence indices: shuffled per epoch, sharded across data-parallel ranks."""
+
+    def __init__(self, num_sequences: int, seed: int, shuffle: bool = True) -> None:
+        self.num_sequences = num_sequences
+        self.seed = seed
+        self.shuffle = shuffle
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.num_sequences, generator=g)
+        return self._perms[epoch]
+
+    def index(self, position: int) -> int:
+        if not self.shuffle:
+            return position % self.num_sequences
+        epoch, slot = divmod(position, self.num_sequences)
+        return int(self._perm(epoch)[slot])
+
+    def rank_indices(self, position: int, micro_batch: int, dp_rank: int) -> list[int]:
+        start = position + dp_rank * micro_batch
+        return [self.index(p) for p in range(start, start + micro_batch)]
+
+
+class DataPipeline:
+    """Train and validation batches for one data-parallel rank; its state is the global train position."""
+
+    def __init__(self, splits: TokenSplits, seq_len: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 seed: int) -> None:
+        self.train = PackedSequences(splits.train, seq_len)
+        self.val = PackedSequences(splits.val, seq_len)
+        self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
+        self.train_order = ShardedOrder(len(self.train), seed)
+        self.val_order = ShardedOrder(len(self.val), seed, shuffle=False)
+        self.position = 0
+
+    @property
+    def global_micro_batch(self) -> int:
+        return self.micro_batch * self.dp_size
+
+    @property
+    def epoch(self) -> float:
+        return self.position / len(self.train)
+
+    def next_train_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.train_order.rank_indices(self.position, self.micro_batch, self.dp_rank)
+        self.position += self.global_micro_batch
+        return self.train.batch(idx)
+
+    def val_batches(self, num_batches: int):
+        """The same ``num_batches`` validation micro-batches every call (wrapping if the split is small)."""
+        for b in range(num_batches):
+            idx = self.val_order.rank_indices(b * self.global_micro_batch, self.micro_batch, self.dp_rank)
+            yield self.val.batch(idx)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
+

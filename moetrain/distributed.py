@@ -1,0 +1,89 @@
+"""Process-group setup from the launcher's environment, and rank-0 helpers.
+
+Every launcher we support (``python``, ``torchrun``, the ``deepspeed`` launcher, SLURM's ``srun`` via the
+scripts in launch/slurm) describes the job in environment variables; we read RANK / WORLD_SIZE / LOCAL_RANK
+(or SLURM's equivalents) and never a ``--local_rank`` argument.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @classmethod
+    def from_env(cls) -> LaunchEnv:
+        env = os.environ
+        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+        world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+        local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", world)))
+        return cls(rank, world, local, local_world)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device_for(env: LaunchEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(env: LaunchEnv | None = None) -> LaunchEnv:
+    """Initialise the default process group (gloo on CPU, nccl on CUDA) once; single-process runs too,
+    so the DeepSpeed engine and collectives work the same way everywhere."""
+    env = env or LaunchEnv.from_env()
+    if dist.is_initialized():
+        return env
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if env.world_size > 1:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with torchrun, deepspeed or srun")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(device_for(env))
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+    return env
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks (in place, and returned)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -1,0 +1,44 @@
+"""Command-line preparation shared by every launcher, done before Hydra parses ``sys.argv``.
+
+* The deepspeed launcher appends ``--local_rank=N``; Hydra would reject it. Rank comes from the environment.
+* All ranks of one run must share one run folder. Each rank resolving ``${now:...}`` itself races across a
+  second boundary, so rank 0's clock is broadcast and passed to every rank as ``hydra.run.dir``.
+* Only rank 0 writes Hydra's ``.hydra/`` folder and the job log file.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from moetrain.distributed import LaunchEnv, broadcast_object, init_distributed
+
+_LOCAL_RANK = re.compile(r"^--local[_-]rank(=.*)?$")
+
+
+def strip_local_rank(args: list[str]) -> list[str]:
+    out: list[str] = []
+    skip_next = False
+    for a in args:
+        if skip_next:
+            skip_next = False
+            continue
+        if _LOCAL_RANK.match(a):
+            skip_next = "=" not in a  # "--local_rank N" form
+            continue
+        out.append(a)
+    return out
+
+
+def prepare_argv(argv: list[str], env: LaunchEnv | None = None) -> list[str]:
+    env = env or LaunchEnv.from_env()
+    args = strip_local_rank(argv[1:])
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if env.world_size > 1 and not multirun:
+        if not any(a.startswith("hydra.run.dir=") for a in args):
+            init_distributed(env)
+            stamp = broadcast_object(time.strftime("%Y-%m-%d/%H-%M-%S"))
+            args.append(f"hydra.run.dir=outputs/{stamp}")
+        if not env.is_main:
+            args += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    return [argv[0], *args]

@@ -1,0 +1,56 @@
+"""Stacked SwiGLU experts computed for all experts at once.
+
+Shape legend: S tokens sorted by expert, D model dim, F expert hidden dim, E experts.
+
+``grouped_mm`` is the one seam for the expert GEMM: ``torch._grouped_mm`` where the device and dtype
+support it, else a loop over ``W.unbind(0)``. (Indexing ``W[e]`` inside a Python loop would make autograd
+build a full-size zero gradient of W per expert; ``unbind`` gives each slice its own gradient view.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _grouped_mm_supported(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    # _grouped_mm needs 16-byte aligned row strides for both operands.
+    if (x_SD.shape[-1] * x_SD.element_size()) % 16 or (w_EDF.shape[-1] * w_EDF.element_size()) % 16:
+        return False
+    if x_SD.device.type == "cpu":
+        return x_SD.dtype in (torch.float32, torch.bfloat16)
+    if x_SD.device.type == "cuda":
+        return x_SD.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_SD.device)[0] >= 9
+    return False
+
+
+def grouped_mm(x_SD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+               impl: str = "auto") -> torch.Tensor:
+    """``out[s] = x[s] @ w[e(s)]`` where rows are grouped by expert in order, ``tokens_per_expert`` per group."""
+    if impl == "grouped" or (impl == "auto" and _grouped_mm_supported(x_SD, w_EDF)):
+        offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        return torch._grouped_mm(x_SD.contiguous(), w_EDF, offs=offs_E)
+    counts = tokens_per_expert_E.tolist()
+    chunks = [x_e @ w_e for x_e, w_e in zip(torch.split(x_SD, counts), w_EDF.unbind(0)) if x_e.shape[0]]
+    if not chunks:
+        return x_SD.new_zeros(0, w_EDF.shape[-1])
+    return torch.cat(chunks)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU FFNs ``w2(silu(x w1) * (x w3))`` with weights stacked along a leading expert dim."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, impl: str = "auto") -> None:
+        super().__init__()
+        self.impl = impl
+        self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+
+    def forward(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        h_SF = F.silu(grouped_mm(x_SD, self.w1_EDF, tokens_per_expert_E, self.impl))
+        h_SF = h_SF * grouped_mm(x_SD, self.w3_EDF, tokens_per_expert_E, self.impl)
+        return grouped_mm(h_SF, self.w2_EFD, tokens_per_expert_E, self.impl)

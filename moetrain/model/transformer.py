@@ -1,0 +1,147 @@
+"""Decoder-only MoE transformer: RMSNorm, RoPE, grouped-KV attention, SwiGLU dense or MoE FFNs.
+
+Shape legend: B batch, S sequence, D model dim, H query heads, G key/value heads, Hd head dim, V vocab.
+
+No parallelism code lives here: the layers are plain modules; distribution is the engine's business.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetrain.config import ModelConfig, MoEConfig
+from moetrain.model.moe import MoELayer, MoEStats
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles_SH.cos().float(), angles_SH.sin().float()
+
+
+def apply_rope(x_BHSd: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + Hd/2]) by position-dependent angles (the "rotate half" convention)."""
+    S = x_BHSd.shape[-2]
+    cos, sin = cos_SH[:S].to(x_BHSd.dtype), sin_SH[:S].to(x_BHSd.dtype)
+    x1, x2 = x_BHSd.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos_SH, sin_SH), apply_rope(k, cos_SH, sin_SH)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_BSD)) * self.w3(x_BSD))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor
+                ) -> tuple[torch.Tensor, MoEStats | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SH, sin_SH)
+        h = self.ffn(self.ffn_norm(x_BSD))
+        stats = None
+        if isinstance(h, tuple):
+            h, stats = h
+        return x_BSD + h, stats
+
+
+@dataclass
+class ModelOutput:
+    logits_BSV: torch.Tensor
+    aux_loss: torch.Tensor  # mean over MoE layers of the Switch load-balancing loss (no coefficient)
+    z_loss: torch.Tensor  # mean over MoE layers of the router z-loss (no coefficient)
+    moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in depth order
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(
+            Block(cfg, self._ffn(i, cfg, moe)) for i in range(cfg.n_layers)
+        )
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @staticmethod
+    def _ffn(i: int, cfg: ModelConfig, moe: MoEConfig) -> nn.Module:
+        if (i + 1) % cfg.moe_every:
+            return DenseFFN(cfg.d_model, cfg.d_ff)
+        return MoELayer(cfg.d_model, cfg.d_ff, moe.num_experts, moe.top_k, moe.capacity_factor,
+                        moe.drop_policy, grouped_mm_impl=moe.grouped_mm)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # Output projections are scaled down with depth (GPT-2 style) so the residual stream starts small.
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # norm weights
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight", "w2_EFD")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def forward(self, input_ids_BS: torch.Tensor) -> ModelOutput:
+        x = self.tok_emb(input_ids_BS)
+        stats: list[MoEStats] = []
+        for layer in self.layers:
+            x, s = layer(x, self.rope_cos, self.rope_sin)
+            if s is not None:
+                stats.append(s)
+        logits = self.lm_head(self.norm(x))
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
+        z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
+        return ModelOutput(logits, aux, z, stats)
+
+
+def build_model(cfg: ModelConfig, moe: MoEConfig) -> MoETransformer:
+    return MoETransformer(cfg, moe)

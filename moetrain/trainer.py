@@ -1,0 +1,183 @@
+"""The training loop. Features arrive as components (data pipeline, engine, checkpoints, metrics sinks,
+routing metrics); the loop only sequences them.
+
+Loop state that resume needs: the optimizer step (DeepSpeed restores model, optimizer and LR schedule), the
+data position, and each rank's RNG state. Every schedule is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moetrain.checkpoint import CheckpointManager, resolve_resume
+from moetrain.config import TrainConfig, validate
+from moetrain.data import DataPipeline, default_cache_dir, tokenize_splits
+from moetrain.distributed import all_reduce_sum, barrier, init_distributed
+from moetrain.engine import build_engine
+from moetrain.model import ModelOutput, build_model
+from moetrain.routing_metrics import RoutingMetrics
+from moetrain.tracking import build_logger
+
+log = logging.getLogger("moetrain")
+
+
+def training_loss(out: ModelOutput, labels_BS: torch.Tensor, aux_coef: float, z_coef: float
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``CE + aux_coef * aux + z_coef * z``; CE in fp32 over every label position."""
+    ce = F.cross_entropy(out.logits_BSV.float().flatten(0, 1), labels_BS.flatten())
+    total = ce + aux_coef * out.aux_loss + z_coef * out.z_loss
+    return total, {"ce": ce.detach(), "aux": out.aux_loss.detach(), "z": out.z_loss.detach()}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.env = init_distributed()
+        validate(cfg, world_size=self.env.world_size)
+        t = cfg.trainer
+        if not torch.cuda.is_available():
+            torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // self.env.local_world_size))
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+
+        self.model = build_model(cfg.model, cfg.moe)
+        self.engine = build_engine(self.model, cfg)
+        # Every rank is a data-parallel rank (no tensor or pipeline parallelism).
+        self.dp_rank, self.dp_size = self.env.rank, self.env.world_size
+
+        # Rank 0 tokenizes first and fills the datasets cache; the others then read it.
+        if not self.env.is_main:
+            barrier()
+        splits = tokenize_splits(cfg.data, Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir())
+        if self.env.is_main:
+            barrier()
+        self.unigram_baseline = splits.unigram_baseline(cfg.model.vocab_size)
+        self.data = DataPipeline(splits, cfg.model.seq_len, t.micro_batch_size, self.dp_rank, self.dp_size, t.seed)
+
+        self.checkpoints = CheckpointManager(run_dir / "checkpoints", self.env, t.keep_checkpoints)
+        self.logger = build_logger(cfg, run_dir, self.env.is_main)
+        self.routing = RoutingMetrics(len(self.model.moe_layers()), cfg.moe.num_experts)
+        self.step = 0
+        self.last_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_size * cfg.model.seq_len
+
+    # ---------------------------------------------------------------- state
+    def client_state(self) -> dict:
+        return {"step": self.step, "data": self.data.state_dict(), "config": asdict(self.cfg)}
+
+    def resume(self) -> None:
+        found = resolve_resume(self.cfg.trainer.resume, self.checkpoints.root)
+        if found is None:
+            if self.cfg.trainer.resume == "auto" and self.env.is_main:
+                log.info("trainer.resume=auto: no checkpoint under %s, starting from step 0", self.checkpoints.root)
+            return
+        state = self.checkpoints.load(self.engine, *found)
+        self.step = int(state["step"])
+        self.data.load_state_dict(state["data"])
+        if self.env.is_main:
+            log.info("resumed from %s/%s at step %d", *found, self.step)
+
+    def save(self) -> None:
+        self.last_checkpoint = self.checkpoints.save(self.engine, self.step, self.client_state())
+
+    # ---------------------------------------------------------------- steps
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.engine.train()
+        moe = self.cfg.moe
+        sums = torch.zeros(3, dtype=torch.float64)
+        for _ in range(self.cfg.trainer.grad_accum_steps):
+            inputs, labels = (x.to(self.engine.device) for x in self.data.next_train_batch())
+            out = self.engine(inputs)
+            loss, parts = training_loss(out, labels, moe.aux_loss_coef, moe.z_loss_coef)
+            self.engine.backward(loss)
+            self.engine.step()
+            self.routing.update(out.moe_stats)
+            sums += torch.stack([parts["ce"], parts["aux"], parts["z"]]).double().cpu()
+        self.step += 1
+        sums = all_reduce_sum(sums) / (self.cfg.trainer.grad_accum_steps * self.dp_size)
+        dt = time.perf_counter() - t0
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "train/loss": float(sums[0]),
+            "train/aux_loss": float(sums[1]),
+            "train/z_loss": float(sums[2]),
+            "train/lr": float(self.engine.get_lr()[0]),
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/tokens_per_s": self.tokens_per_step / dt,
+            "train/epoch": self.data.epoch,
+        }
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean next-token cross-entropy (nats) over the fixed validation batches of all ranks."""
+        self.engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for inputs, labels in self.data.val_batches(self.cfg.trainer.eval_batches):
+            out = self.engine(inputs.to(self.engine.device))
+            ce = F.cross_entropy(out.logits_BSV.float().flatten(0, 1), labels.to(self.engine.device).flatten(),
+                                 reduction="sum")
+            totals += torch.tensor([ce.item(), labels.numel()], dtype=torch.float64)
+        totals = all_reduce_sum(totals)
+        self.last_val_loss = float(totals[0] / totals[1])
+        return self.last_val_loss
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        t = self.cfg.trainer
+        self.resume()
+        if self.env.is_main:
+            log.info("run folder: %s | params: %.2fM | unigram baseline: %.4f nats/token | %d train sequences",
+                     self.run_dir, sum(p.numel() for p in self.model.parameters()) / 1e6,
+                     self.unigram_baseline, len(self.data.train))
+            self.logger.log({"data/unigram_baseline": self.unigram_baseline}, step=self.step)
+        bar = self._progress_bar()
+        while self.step < t.max_steps:
+            metrics = self.train_step()
+            if self.step % t.expert_stats_every == 0:
+                metrics.update(self.routing.reduce_and_reset())
+            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                metrics["val/loss"] = self.validate()
+            if self.step % t.log_every == 0 or "val/loss" in metrics:
+                self.logger.log(metrics, step=self.step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", val=f"{self.last_val_loss or float('nan'):.3f}",
+                                tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+            if self.step % t.save_every == 0 or self.step == t.max_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        return self._finish()
+
+    def _progress_bar(self):
+        if not (self.env.is_main and self.cfg.logging.progress_bar):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc="train", unit="step",
+                    dynamic_ncols=True)
+
+    def _finish(self) -> dict:
+        summary = {
+            "run_dir": str(self.run_dir),
+            "step": self.step,
+            "val_loss": self.last_val_loss,
+            "unigram_baseline": self.unigram_baseline,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "wandb": self.logger.wandb_location(),
+        }
+        if self.env.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            log.info("done: val loss %s (unigram baseline %.4f) | checkpoint %s | W&B %s",
+                     summary["val_loss"], self.unigram_baseline, summary["checkpoint"], summary["wandb"])
+        self.logger.finish()
+        return summary
