@@ -94,27 +94,43 @@ class Trainer:
         self.engine.train()
         moe = self.cfg.moe
         sums = torch.zeros(3, dtype=torch.float64)
+        grad_norm = float("nan")
         for _ in range(self.cfg.trainer.grad_accum_steps):
             inputs, labels = (x.to(self.engine.device) for x in self.data.next_train_batch())
             out = self.engine(inputs)
             loss, parts = training_loss(out, labels, moe.aux_loss_coef, moe.z_loss_coef)
             self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                grad_norm = self._grad_norm()
             self.engine.step()
             self.routing.update(out.moe_stats)
             sums += torch.stack([parts["ce"], parts["aux"], parts["z"]]).double().cpu()
         self.step += 1
+        if grad_norm != grad_norm:  # NaN: the engine's optimizer measured it during step()
+            measured = self.engine.get_global_grad_norm()
+            grad_norm = float(measured) if measured is not None else float("nan")
         sums = all_reduce_sum(sums) / (self.cfg.trainer.grad_accum_steps * self.dp_size)
         dt = time.perf_counter() - t0
-        grad_norm = self.engine.get_global_grad_norm()
         return {
             "train/loss": float(sums[0]),
             "train/aux_loss": float(sums[1]),
             "train/z_loss": float(sums[2]),
             "train/lr": float(self.engine.get_lr()[0]),
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/grad_norm": grad_norm,
             "train/tokens_per_s": self.tokens_per_step / dt,
             "train/epoch": self.data.epoch,
         }
+
+    def _grad_norm(self) -> float:
+        """Global L2 norm of the gradients before clipping, read after DeepSpeed's gradient all-reduce.
+
+        ZeRO/bf16 optimizers compute it themselves (``get_global_grad_norm`` is then only valid after
+        ``step``); for plain fp32 ZeRO-0 the full averaged gradients are on every rank, so we take it here.
+        """
+        if self.cfg.parallel.zero_stage > 0 or self.cfg.parallel.dtype != "fp32":
+            return float("nan")  # filled in after engine.step()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     @torch.no_grad()
     def validate(self) -> float:

@@ -1,0 +1,63 @@
+"""Shared fixtures: Hydra's compose API over recipes/, and helpers to run the real launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from moetrain.config import TrainConfig, register_configs, to_typed
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+BIN = Path(sys.executable).parent
+
+register_configs()
+
+
+def compose_config(overrides: list[str] | None = None) -> TrainConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
+        return to_typed(compose(config_name="train", overrides=overrides or []))
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose_config
+
+
+def launcher_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               MOETRAIN_CACHE=str(ROOT / ".pytest_cache" / "moetrain-data"), HYDRA_FULL_ERROR="1")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def run_launcher(cmd: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl merged by step."""
+    by_step: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_step.setdefault(row["step"], {}).update(row)
+    return by_step
+
+
+# Small, fast runs for launcher tests: a 2-layer model, short sequences.
+FAST = ["model.n_layers=2", "model.seq_len=64", "trainer.micro_batch_size=4", "trainer.eval_batches=2",
+        "logging.progress_bar=false", "data.stdlib_glob=[a-f]*.py"]

@@ -1,0 +1,94 @@
+"""Every recipe composes into the typed schema; every invalid value fails with one line naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import RECIPES, ROOT, compose_config, launcher_env
+from hydra.errors import ConfigCompositionException
+
+from moetrain.config import ConfigError, TrainConfig, validate
+
+RECIPE_NAMES = sorted(p.stem for p in (RECIPES / "recipe").glob("*.yaml"))
+GROUP_OPTIONS = [
+    (group.name, p.stem)
+    for group in sorted(RECIPES.iterdir())
+    if group.is_dir() and group.name not in ("recipe", "hydra")
+    for p in sorted(group.glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_every_recipe_composes(recipe):
+    cfg = compose_config([f"+recipe={recipe}"])
+    assert isinstance(cfg, TrainConfig)
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_every_group_option_composes(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_recipe_overlay_overrides_defaults():
+    cfg = compose_config(["+recipe=top2_baseline", "moe.top_k=1"])
+    assert cfg.moe.top_k == 1  # command line wins over the overlay
+    assert cfg.logging.wandb.group == "top2_baseline"
+
+
+def test_unknown_key_and_wrong_type_fail_at_composition():
+    with pytest.raises(ConfigCompositionException, match="moe.num_expert"):
+        compose_config(["moe.num_expert=4"])
+    with pytest.raises(ConfigCompositionException, match="moe.top_k"):
+        compose_config(["moe.top_k=two"])
+
+
+INVALID = [
+    (["moe.top_k=9"], "moe.top_k=9", "between 1 and moe.num_experts=8"),
+    (["moe.top_k=0"], "moe.top_k=0", "between 1"),
+    (["moe.num_experts=12", "parallel.ep_size=8"], "moe.num_experts=12", "not divisible by parallel.ep_size=8"),
+    (["parallel.zero_stage=3"], "parallel.zero_stage=3", "allowed: 0, 1, 2"),
+    (["parallel.zero_stage=5"], "parallel.zero_stage=5", "allowed: 0, 1, 2"),
+    (["moe.backend=tutel"], "moe.backend=tutel", "allowed: native"),
+    (["moe.capacity_factor=-1.0"], "moe.capacity_factor=-1.0", "must be > 0"),
+    (["moe.drop_policy=random"], "moe.drop_policy=random", "allowed: probs, position"),
+    (["parallel.dtype=fp8"], "parallel.dtype=fp8", "allowed: fp32, bf16"),
+    (["model.d_model=130"], "model.d_model=130", "not divisible by model.n_heads=4"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads=3", "must divide model.n_heads=4"),
+    (["model.vocab_size=100"], "model.vocab_size=100", "257"),
+    (["model.moe_every=9"], "model.moe_every=9", "allowed: 1..4"),
+    (["optim.lr=0"], "optim.lr=0.0", "must be > 0"),
+    (["optim.beta2=1.5"], "optim.beta2=1.5", "[0, 1)"),
+    (["schedule.decay=step"], "schedule.decay=step", "allowed: cosine, linear, constant"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0", "must be > 0"),
+    (["logging.wandb.mode=cloud"], "logging.wandb.mode=cloud", "allowed: online, offline, disabled"),
+    (["moe.aux_loss_coef=-0.1"], "moe.aux_loss_coef=-0.1", "must be >= 0"),
+    (["data.val_fraction=1.5"], "data.val_fraction=1.5", "(0, 1)"),
+    (["data.path=/x", "data.hf_name=y"], "data.hf_name=y", "conflicts with data.path=/x"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key_value", "allowed"), INVALID, ids=[i[1] for i in INVALID])
+def test_invalid_values_name_the_key(overrides, key_value, allowed):
+    with pytest.raises(ConfigError) as err:
+        compose_config(overrides)
+    msg = str(err.value)
+    assert msg.startswith(key_value), msg
+    assert allowed in msg
+    assert "\n" not in msg
+
+
+def test_expert_parallel_needs_a_backend_that_shards_experts():
+    with pytest.raises(ConfigError, match=r"^parallel.ep_size=2 is not supported by moe.backend=native"):
+        compose_config(["parallel.ep_size=2"])
+    validate(compose_config(), world_size=2)
+
+
+def test_cli_bad_value_fails_fast_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "launch/train.py", "moe.top_k=9", f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1] == "config error: moe.top_k=9 must be between 1 and moe.num_experts=8", proc.stderr
