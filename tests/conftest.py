@@ -40,8 +40,9 @@ def launcher_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def run_launcher(cmd: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(tmp_path), capture_output=True, text=True,
+def run_launcher(cmd: list[str], tmp_path: Path, timeout: int = 600, cwd: Path = ROOT
+                 ) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=launcher_env(tmp_path), capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
@@ -60,4 +61,4 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
 
 # Small, fast runs for launcher tests: a 2-layer model, short sequences.
 FAST = ["model.n_layers=2", "model.seq_len=64", "trainer.micro_batch_size=4", "trainer.eval_batches=2",
-        "logging.progress_bar=false", "data.stdlib_glob=[a-f]*.py"]
+        "logging.progress_bar=false", "data.stdlib_glob='[a-f]*.py'"]

@@ -1,0 +1,72 @@
+"""End to end through the real launchers (deepspeed, torchrun, python) with 2 gloo ranks on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import BIN, FAST, ROOT, read_metrics, run_launcher
+
+pytestmark = pytest.mark.slow
+TRAIN = str(ROOT / "launch" / "train.py")
+
+
+def only_run_dir(base):
+    runs = [p for p in (base / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, f"ranks did not share one run folder: {runs}"
+    return runs[0]
+
+
+@pytest.mark.parametrize("precision", [["parallel.zero_stage=0"], ["parallel.zero_stage=2", "parallel.dtype=bf16"]],
+                         ids=["zero0-fp32", "zero2-bf16"])
+def test_deepspeed_two_ranks_checkpoint_and_exact_resume(tmp_path, precision):
+    common = [*FAST, "+recipe=top2_baseline", "trainer.max_steps=12", "trainer.save_every=6",
+              "trainer.eval_every=6", "trainer.expert_stats_every=6", *precision]
+    first = tmp_path / "first"
+    first.mkdir()
+    run_launcher([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, *common, "logging.wandb.mode=offline"],
+                 tmp_path, cwd=first)
+    run_dir = only_run_dir(first)
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000012"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000006", "step_00000012"]
+    assert len(list((run_dir / "checkpoints" / "step_00000006").glob("rank_state_*.pt"))) == 2
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+    full = read_metrics(run_dir)
+    assert "val/loss" in full[6] and "val/loss" in full[12]
+    assert len(full[6]["moe/layer0/tokens_per_expert"]) == 8
+    # expert counts are summed over both ranks and 6 steps: every token of every layer is routed twice (k=2)
+    tokens = 2 * 6 * 4 * 64
+    assert sum(full[6]["moe/layer0/tokens_per_expert"]) == 2 * tokens
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 12 and summary["val_loss"] == pytest.approx(full[12]["val/loss"])
+
+    resumed = tmp_path / "resumed"
+    run_launcher([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, *common, "logging.wandb.mode=disabled",
+                  f"trainer.resume={run_dir}/checkpoints/step_00000006", f"hydra.run.dir={resumed}"], tmp_path)
+    again = read_metrics(resumed)
+    assert min(k for k, row in again.items() if "train/loss" in row) == 7, "the resumed run must continue at step 7"
+    for step in range(7, 13):
+        assert again[step]["train/loss"] == pytest.approx(full[step]["train/loss"], abs=1e-6), step
+        assert again[step]["train/lr"] == pytest.approx(full[step]["train/lr"], rel=1e-9), step
+    assert again[12]["val/loss"] == pytest.approx(full[12]["val/loss"], abs=1e-6)
+
+
+def test_torchrun_two_ranks(tmp_path):
+    run_launcher([str(BIN / "torchrun"), "--nproc_per_node", "2", TRAIN, *FAST, "+recipe=top2_baseline",
+                  "trainer.max_steps=3", "logging.wandb.mode=disabled"], tmp_path, cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["val_loss"] is not None
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
+
+
+def test_python_single_process_resume_auto(tmp_path):
+    base = [str(BIN / "python"), TRAIN, *FAST, "logging.wandb.mode=disabled", f"hydra.run.dir={tmp_path}/run",
+            "trainer.resume=auto", "trainer.save_every=2", "schedule.decay=constant"]
+    run_launcher([*base, "trainer.max_steps=2"], tmp_path)
+    proc = run_launcher([*base, "trainer.max_steps=4"], tmp_path)
+    assert "resumed from" in proc.stdout + proc.stderr
+    metrics = read_metrics(tmp_path / "run")
+    assert sorted(k for k, row in metrics.items() if "train/loss" in row) == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000004"
