@@ -1,8 +1,8 @@
 """Train an MoE transformer from a Hydra recipe.
 
-    python launch/train.py +recipe=top2_baseline
-    deepspeed --num_gpus 2 launch/train.py +recipe=top2_baseline trainer.max_steps=20
-    torchrun --nproc_per_node 2 launch/train.py +recipe=top2_baseline
+python launch/train.py +recipe=top2_baseline
+deepspeed --num_gpus 2 launch/train.py +recipe=top2_baseline trainer.max_steps=20
+torchrun --nproc_per_node 2 launch/train.py +recipe=top2_baseline
 """
 
 from __future__ import annotations

@@ -103,8 +103,9 @@ class CheckpointManager:
 
     def load(self, engine, root: Path, tag: str) -> dict[str, Any]:
         """Restore model, optimizer, LR schedule (DeepSpeed) and this rank's RNG; return the client state."""
-        path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+        path, client_state = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise FileNotFoundError(f"trainer.resume: DeepSpeed found no checkpoint {tag} under {root}")
         rank_file = root / tag / f"rank_state_{self.env.rank:05d}.pt"

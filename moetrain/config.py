@@ -176,40 +176,68 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     m, moe, p, t, d = cfg.model, cfg.moe, cfg.parallel, cfg.trainer, cfg.data
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "seq_len", "moe_every"):
         _positive(f"model.{key}", getattr(m, key))
-    _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
-             f"is not divisible by model.n_heads={m.n_heads}")
-    _require((m.d_model // m.n_heads) % 2 == 0, "model.d_model", m.d_model,
-             f"gives an odd head dim {m.d_model // m.n_heads} with model.n_heads={m.n_heads}; RoPE needs it even")
-    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
-             f"must divide model.n_heads={m.n_heads}")
-    _require(m.moe_every <= m.n_layers, "model.moe_every", m.moe_every,
-             f"leaves no MoE layer with model.n_layers={m.n_layers}; allowed: 1..{m.n_layers}")
-    _require(m.vocab_size >= 257 or d.tokenizer != "byte", "model.vocab_size", m.vocab_size,
-             "is smaller than the byte tokenizer's 257 ids (256 bytes + end-of-text)")
+    _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model, f"is not divisible by model.n_heads={m.n_heads}")
+    _require(
+        (m.d_model // m.n_heads) % 2 == 0,
+        "model.d_model",
+        m.d_model,
+        f"gives an odd head dim {m.d_model // m.n_heads} with model.n_heads={m.n_heads}; RoPE needs it even",
+    )
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
+    _require(
+        m.moe_every <= m.n_layers,
+        "model.moe_every",
+        m.moe_every,
+        f"leaves no MoE layer with model.n_layers={m.n_layers}; allowed: 1..{m.n_layers}",
+    )
+    _require(
+        m.vocab_size >= 257 or d.tokenizer != "byte",
+        "model.vocab_size",
+        m.vocab_size,
+        "is smaller than the byte tokenizer's 257 ids (256 bytes + end-of-text)",
+    )
 
     _one_of("moe.backend", moe.backend, MOE_BACKENDS)
     _require(moe.num_experts >= 1, "moe.num_experts", moe.num_experts, "must be >= 1")
-    _require(1 <= moe.top_k <= moe.num_experts, "moe.top_k", moe.top_k,
-             f"must be between 1 and moe.num_experts={moe.num_experts}")
+    _require(
+        1 <= moe.top_k <= moe.num_experts,
+        "moe.top_k",
+        moe.top_k,
+        f"must be between 1 and moe.num_experts={moe.num_experts}",
+    )
     if moe.capacity_factor is not None:
-        _require(moe.capacity_factor > 0, "moe.capacity_factor", moe.capacity_factor,
-                 "must be > 0, or null for dropless")
+        _require(
+            moe.capacity_factor > 0, "moe.capacity_factor", moe.capacity_factor, "must be > 0, or null for dropless"
+        )
     _one_of("moe.drop_policy", moe.drop_policy, DROP_POLICIES)
     _one_of("moe.grouped_mm", moe.grouped_mm, ("auto", "grouped", "loop"))
     for key in ("aux_loss_coef", "z_loss_coef"):
         _require(getattr(moe, key) >= 0, f"moe.{key}", getattr(moe, key), "must be >= 0")
 
     _require(p.ep_size >= 1, "parallel.ep_size", p.ep_size, "must be >= 1")
-    _require(moe.num_experts % p.ep_size == 0, "moe.num_experts", moe.num_experts,
-             f"is not divisible by parallel.ep_size={p.ep_size}")
-    _require(p.ep_size == 1, "parallel.ep_size", p.ep_size,
-             "is not supported by moe.backend=native yet; allowed: 1 (experts are data-parallel)")
+    _require(
+        moe.num_experts % p.ep_size == 0,
+        "moe.num_experts",
+        moe.num_experts,
+        f"is not divisible by parallel.ep_size={p.ep_size}",
+    )
+    _require(
+        p.ep_size == 1,
+        "parallel.ep_size",
+        p.ep_size,
+        "is not supported by moe.backend=native yet; allowed: 1 (experts are data-parallel)",
+    )
     if world_size is not None:
-        _require(world_size % p.ep_size == 0, "parallel.ep_size", p.ep_size,
-                 f"does not divide the world size {world_size}")
-    _require(p.zero_stage != 3, "parallel.zero_stage", p.zero_stage,
-             "is not supported with MoE layers (DeepSpeed ZeRO-3 does not partition expert-parallel "
-             "parameters); allowed: 0, 1, 2")
+        _require(
+            world_size % p.ep_size == 0, "parallel.ep_size", p.ep_size, f"does not divide the world size {world_size}"
+        )
+    _require(
+        p.zero_stage != 3,
+        "parallel.zero_stage",
+        p.zero_stage,
+        "is not supported with MoE layers (DeepSpeed ZeRO-3 does not partition expert-parallel "
+        "parameters); allowed: 0, 1, 2",
+    )
     _require(p.zero_stage in (0, 1, 2), "parallel.zero_stage", p.zero_stage, "is not supported; allowed: 0, 1, 2")
     _one_of("parallel.dtype", p.dtype, DTYPES)
 
@@ -225,15 +253,28 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _one_of("schedule.decay", s.decay, LR_DECAYS)
     _require(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
 
-    for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_every", "eval_batches",
-                "save_every", "keep_checkpoints", "log_every", "expert_stats_every"):
+    for key in (
+        "max_steps",
+        "micro_batch_size",
+        "grad_accum_steps",
+        "eval_every",
+        "eval_batches",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "expert_stats_every",
+    ):
         _positive(f"trainer.{key}", getattr(t, key))
     if t.num_threads is not None:
         _positive("trainer.num_threads", t.num_threads)
 
     _one_of("data.tokenizer", d.tokenizer, TOKENIZERS)
-    _require(not (d.path and d.hf_name), "data.hf_name", d.hf_name,
-             f"conflicts with data.path={d.path}; set only one data source")
+    _require(
+        not (d.path and d.hf_name),
+        "data.hf_name",
+        d.hf_name,
+        f"conflicts with data.path={d.path}; set only one data source",
+    )
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
 
     mode = cfg.logging.wandb.mode

@@ -81,14 +81,16 @@ def load_documents(cfg: DataConfig, cache_dir: Path):
         files = local_files(cfg.path) if cfg.path else stdlib_files(cfg.stdlib_glob)
         suffix = Path(files[0]).suffix
         if suffix == ".txt" or not cfg.path:
-            ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train",
-                                       cache_dir=hf_cache)
+            ds = datasets.load_dataset(
+                "text", data_files=files, sample_by="document", split="train", cache_dir=hf_cache
+            )
         else:
             builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}[suffix]
             ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=hf_cache)
     if cfg.text_field not in ds.column_names:
-        raise ConfigError(f"data.text_field={cfg.text_field} is not a column of the data; "
-                          f"allowed: {', '.join(ds.column_names)}")
+        raise ConfigError(
+            f"data.text_field={cfg.text_field} is not a column of the data; allowed: {', '.join(ds.column_names)}"
+        )
     if cfg.text_field != "text":
         ds = ds.rename_column(cfg.text_field, "text")
     return ds.select_columns(["text"])
@@ -189,8 +191,9 @@ class ShardedOrder:
 class DataPipeline:
     """Train and validation batches for one data-parallel rank; its state is the global train position."""
 
-    def __init__(self, splits: TokenSplits, seq_len: int, micro_batch: int, dp_rank: int, dp_size: int,
-                 seed: int) -> None:
+    def __init__(
+        self, splits: TokenSplits, seq_len: int, micro_batch: int, dp_rank: int, dp_size: int, seed: int
+    ) -> None:
         self.train = PackedSequences(splits.train, seq_len)
         self.val = PackedSequences(splits.val, seq_len)
         self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
@@ -222,4 +225,3 @@ class DataPipeline:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.position = int(state["position"])
-

@@ -57,11 +57,11 @@ def build_engine(model: nn.Module, cfg: TrainConfig):
     import deepspeed
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps)
+    optimizer = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_multiplier, schedule=cfg.schedule, max_steps=cfg.trainer.max_steps)
     )
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
+    )
     return engine

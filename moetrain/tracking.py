@@ -61,9 +61,17 @@ class WandbSink:
 
         self._wandb = wandb
         w = cfg.logging.wandb
-        self.run = wandb.init(project=w.project, entity=w.entity, group=w.group, name=w.name or run_dir.name,
-                              tags=list(w.tags), config=asdict(cfg), dir=str(run_dir), mode=mode,
-                              settings=wandb.Settings(console="off", silent=True))
+        self.run = wandb.init(
+            project=w.project,
+            entity=w.entity,
+            group=w.group,
+            name=w.name or run_dir.name,
+            tags=list(w.tags),
+            config=asdict(cfg),
+            dir=str(run_dir),
+            mode=mode,
+            settings=wandb.Settings(console="off", silent=True),
+        )
 
     @property
     def run_path(self) -> str:

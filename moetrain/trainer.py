@@ -29,8 +29,9 @@ from moetrain.tracking import build_logger
 log = logging.getLogger("moetrain")
 
 
-def training_loss(out: ModelOutput, labels_BS: torch.Tensor, aux_coef: float, z_coef: float
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def training_loss(
+    out: ModelOutput, labels_BS: torch.Tensor, aux_coef: float, z_coef: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``CE + aux_coef * aux + z_coef * z``; CE in fp32 over every label position."""
     ce = F.cross_entropy(out.logits_BSV.float().flatten(0, 1), labels_BS.flatten())
     total = ce + aux_coef * out.aux_loss + z_coef * out.z_loss
@@ -139,8 +140,9 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64)
         for inputs, labels in self.data.val_batches(self.cfg.trainer.eval_batches):
             out = self.engine(inputs.to(self.engine.device))
-            ce = F.cross_entropy(out.logits_BSV.float().flatten(0, 1), labels.to(self.engine.device).flatten(),
-                                 reduction="sum")
+            ce = F.cross_entropy(
+                out.logits_BSV.float().flatten(0, 1), labels.to(self.engine.device).flatten(), reduction="sum"
+            )
             totals += torch.tensor([ce.item(), labels.numel()], dtype=torch.float64)
         totals = all_reduce_sum(totals)
         self.last_val_loss = float(totals[0] / totals[1])
@@ -151,9 +153,13 @@ class Trainer:
         t = self.cfg.trainer
         self.resume()
         if self.env.is_main:
-            log.info("run folder: %s | params: %.2fM | unigram baseline: %.4f nats/token | %d train sequences",
-                     self.run_dir, sum(p.numel() for p in self.model.parameters()) / 1e6,
-                     self.unigram_baseline, len(self.data.train))
+            log.info(
+                "run folder: %s | params: %.2fM | unigram baseline: %.4f nats/token | %d train sequences",
+                self.run_dir,
+                sum(p.numel() for p in self.model.parameters()) / 1e6,
+                self.unigram_baseline,
+                len(self.data.train),
+            )
             self.logger.log({"data/unigram_baseline": self.unigram_baseline}, step=self.step)
         bar = self._progress_bar()
         while self.step < t.max_steps:
@@ -166,8 +172,11 @@ class Trainer:
                 self.logger.log(metrics, step=self.step)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", val=f"{self.last_val_loss or float('nan'):.3f}",
-                                tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{metrics['train/loss']:.3f}",
+                    val=f"{self.last_val_loss or float('nan'):.3f}",
+                    tok_s=f"{metrics['train/tokens_per_s']:.0f}",
+                )
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 self.save()
         if bar is not None:
@@ -179,8 +188,7 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc="train", unit="step",
-                    dynamic_ncols=True)
+        return tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
 
     def _finish(self) -> dict:
         summary = {
@@ -193,7 +201,12 @@ class Trainer:
         }
         if self.env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            log.info("done: val loss %s (unigram baseline %.4f) | checkpoint %s | W&B %s",
-                     summary["val_loss"], self.unigram_baseline, summary["checkpoint"], summary["wandb"])
+            log.info(
+                "done: val loss %s (unigram baseline %.4f) | checkpoint %s | W&B %s",
+                summary["val_loss"],
+                self.unigram_baseline,
+                summary["checkpoint"],
+                summary["wandb"],
+            )
         self.logger.finish()
         return summary

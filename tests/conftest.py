@@ -34,19 +34,25 @@ def compose_cfg():
 
 def launcher_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               MOETRAIN_CACHE=str(ROOT / ".pytest_cache" / "moetrain-data"), HYDRA_FULL_ERROR="1")
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        MOETRAIN_CACHE=str(ROOT / ".pytest_cache" / "moetrain-data"),
+        HYDRA_FULL_ERROR="1",
+    )
     env.pop("WANDB_API_KEY", None)
     return env
 
 
-def run_launcher(cmd: list[str], tmp_path: Path, timeout: int = 600, cwd: Path = ROOT
-                 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=launcher_env(tmp_path), capture_output=True, text=True,
-                          timeout=timeout)
+def run_launcher(cmd: list[str], tmp_path: Path, timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
-                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+            f"\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -60,5 +66,11 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
 
 
 # Small, fast runs for launcher tests: a 2-layer model, short sequences.
-FAST = ["model.n_layers=2", "model.seq_len=64", "trainer.micro_batch_size=4", "trainer.eval_batches=2",
-        "logging.progress_bar=false", "data.stdlib_glob='[a-f]*.py'"]
+FAST = [
+    "model.n_layers=2",
+    "model.seq_len=64",
+    "trainer.micro_batch_size=4",
+    "trainer.eval_batches=2",
+    "logging.progress_bar=false",
+    "data.stdlib_glob='[a-f]*.py'",
+]

@@ -31,8 +31,10 @@ def reference_kept(choices, num_experts, capacity, policy):
     if policy == "position":
         order = [(t, k) for k in range(K) for t in range(T)]
     else:  # probs: highest gate first; ties by choice rank, then token
-        order = sorted(((t, k) for t in range(T) for k in range(K)),
-                       key=lambda a: (-float(choices[a[0]][a[1]][1].detach()), a[1], a[0]))
+        order = sorted(
+            ((t, k) for t in range(T) for k in range(K)),
+            key=lambda a: (-float(choices[a[0]][a[1]][1].detach()), a[1], a[0]),
+        )
     load = [0] * num_experts
     kept = set()
     for t, k in order:
@@ -43,8 +45,7 @@ def reference_kept(choices, num_experts, capacity, policy):
     return kept
 
 
-def reference_moe(x_TD, router_ED, w1_EDF, w3_EDF, w2_EFD, top_k, renormalize=True, capacity=None,
-                  policy="probs"):
+def reference_moe(x_TD, router_ED, w1_EDF, w3_EDF, w2_EFD, top_k, renormalize=True, capacity=None, policy="probs"):
     choices = reference_choices(x_TD, router_ED, top_k, renormalize)
     kept = reference_kept(choices, router_ED.shape[0], capacity, policy)
     rows = []

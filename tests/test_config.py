@@ -87,8 +87,14 @@ def test_expert_parallel_needs_a_backend_that_shards_experts():
 
 
 def test_cli_bad_value_fails_fast_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "launch/train.py", "moe.top_k=9", f"hydra.run.dir={tmp_path}"],
-                          cwd=ROOT, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "launch/train.py", "moe.top_k=9", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        env=launcher_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1] == "config error: moe.top_k=9 must be between 1 and moe.num_experts=8", proc.stderr

@@ -44,8 +44,9 @@ def test_local_jsonl_and_txt_sources(tmp_path):
     with open(tmp_path / "j" / "a.jsonl", "w") as f:
         for d in docs:
             f.write(json.dumps({"body": d}) + "\n")
-    splits = tokenize_splits(DataConfig(path=str(tmp_path / "j"), text_field="body", val_fraction=0.2),
-                             tmp_path / "cache")
+    splits = tokenize_splits(
+        DataConfig(path=str(tmp_path / "j"), text_field="body", val_fraction=0.2), tmp_path / "cache"
+    )
     total = sum(len(d.encode()) + 1 for d in docs)
     assert len(splits.train) + len(splits.val) == total
     (tmp_path / "t").mkdir()

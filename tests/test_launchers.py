@@ -17,15 +17,26 @@ def only_run_dir(base):
     return runs[0]
 
 
-@pytest.mark.parametrize("precision", [["parallel.zero_stage=0"], ["parallel.zero_stage=2", "parallel.dtype=bf16"]],
-                         ids=["zero0-fp32", "zero2-bf16"])
+@pytest.mark.parametrize(
+    "precision",
+    [["parallel.zero_stage=0"], ["parallel.zero_stage=2", "parallel.dtype=bf16"]],
+    ids=["zero0-fp32", "zero2-bf16"],
+)
 def test_deepspeed_two_ranks_checkpoint_and_exact_resume(tmp_path, precision):
-    common = [*FAST, "+recipe=top2_baseline", "trainer.max_steps=12", "trainer.save_every=6",
-              "trainer.eval_every=6", "trainer.expert_stats_every=6", *precision]
+    common = [
+        *FAST,
+        "+recipe=top2_baseline",
+        "trainer.max_steps=12",
+        "trainer.save_every=6",
+        "trainer.eval_every=6",
+        "trainer.expert_stats_every=6",
+        *precision,
+    ]
     first = tmp_path / "first"
     first.mkdir()
-    run_launcher([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, *common, "logging.wandb.mode=offline"],
-                 tmp_path, cwd=first)
+    run_launcher(
+        [str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, *common, "logging.wandb.mode=offline"], tmp_path, cwd=first
+    )
     run_dir = only_run_dir(first)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000012"
@@ -42,8 +53,19 @@ def test_deepspeed_two_ranks_checkpoint_and_exact_resume(tmp_path, precision):
     assert summary["step"] == 12 and summary["val_loss"] == pytest.approx(full[12]["val/loss"])
 
     resumed = tmp_path / "resumed"
-    run_launcher([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, *common, "logging.wandb.mode=disabled",
-                  f"trainer.resume={run_dir}/checkpoints/step_00000006", f"hydra.run.dir={resumed}"], tmp_path)
+    run_launcher(
+        [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            TRAIN,
+            *common,
+            "logging.wandb.mode=disabled",
+            f"trainer.resume={run_dir}/checkpoints/step_00000006",
+            f"hydra.run.dir={resumed}",
+        ],
+        tmp_path,
+    )
     again = read_metrics(resumed)
     assert min(k for k, row in again.items() if "train/loss" in row) == 7, "the resumed run must continue at step 7"
     for step in range(7, 13):
@@ -53,8 +75,20 @@ def test_deepspeed_two_ranks_checkpoint_and_exact_resume(tmp_path, precision):
 
 
 def test_torchrun_two_ranks(tmp_path):
-    run_launcher([str(BIN / "torchrun"), "--nproc_per_node", "2", TRAIN, *FAST, "+recipe=top2_baseline",
-                  "trainer.max_steps=3", "logging.wandb.mode=disabled"], tmp_path, cwd=tmp_path)
+    run_launcher(
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            TRAIN,
+            *FAST,
+            "+recipe=top2_baseline",
+            "trainer.max_steps=3",
+            "logging.wandb.mode=disabled",
+        ],
+        tmp_path,
+        cwd=tmp_path,
+    )
     run_dir = only_run_dir(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 3 and summary["val_loss"] is not None
@@ -62,8 +96,16 @@ def test_torchrun_two_ranks(tmp_path):
 
 
 def test_python_single_process_resume_auto(tmp_path):
-    base = [str(BIN / "python"), TRAIN, *FAST, "logging.wandb.mode=disabled", f"hydra.run.dir={tmp_path}/run",
-            "trainer.resume=auto", "trainer.save_every=2", "schedule.decay=constant"]
+    base = [
+        str(BIN / "python"),
+        TRAIN,
+        *FAST,
+        "logging.wandb.mode=disabled",
+        f"hydra.run.dir={tmp_path}/run",
+        "trainer.resume=auto",
+        "trainer.save_every=2",
+        "schedule.decay=constant",
+    ]
     run_launcher([*base, "trainer.max_steps=2"], tmp_path)
     proc = run_launcher([*base, "trainer.max_steps=4"], tmp_path)
     assert "resumed from" in proc.stdout + proc.stderr

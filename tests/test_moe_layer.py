@@ -14,8 +14,9 @@ D, F, E, T = 16, 24, 8, 40
 
 def make_layer(top_k, capacity_factor=None, policy="probs", renormalize=True, impl="auto", seed=0):
     torch.manual_seed(seed)
-    layer = MoELayer(D, F, E, top_k, capacity_factor, policy, min_capacity=1, renormalize=renormalize,
-                     grouped_mm_impl=impl)
+    layer = MoELayer(
+        D, F, E, top_k, capacity_factor, policy, min_capacity=1, renormalize=renormalize, grouped_mm_impl=impl
+    )
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)
@@ -33,9 +34,17 @@ def run_both(layer, top_k, capacity, policy, renormalize):
 
     params64 = {n: p.detach().double().clone().requires_grad_(True) for n, p in layer.named_parameters()}
     x64 = x.double().reshape(T, D).requires_grad_(True)
-    y_ref, choices, kept = reference_moe(x64, params64["router.weight_ED"], params64["experts.w1_EDF"],
-                                         params64["experts.w3_EDF"], params64["experts.w2_EFD"], top_k,
-                                         renormalize, capacity, policy)
+    y_ref, choices, kept = reference_moe(
+        x64,
+        params64["router.weight_ED"],
+        params64["experts.w1_EDF"],
+        params64["experts.w3_EDF"],
+        params64["experts.w2_EFD"],
+        top_k,
+        renormalize,
+        capacity,
+        policy,
+    )
     (y_ref * upstream.double().reshape(T, D)).sum().backward()
     return x_ours, y, stats, x64, y_ref, params64, choices, kept
 
@@ -46,8 +55,12 @@ def assert_close(ours, ref, what):
     assert err < 2e-5, f"{what}: max relative error {err:.2e}"
 
 
-CASES = [(k, cap, pol, ren) for k in (1, 2, 4) for ren in (True, False)
-         for cap, pol in ((None, "probs"), (0.5, "probs"), (0.5, "position"))]
+CASES = [
+    (k, cap, pol, ren)
+    for k in (1, 2, 4)
+    for ren in (True, False)
+    for cap, pol in ((None, "probs"), (0.5, "probs"), (0.5, "position"))
+]
 
 
 @pytest.mark.parametrize(("top_k", "capacity_factor", "policy", "renormalize"), CASES)
@@ -84,10 +97,15 @@ def test_exact_dropped_set_per_policy(policy, top_k):
     routing = layer.router(x)
     capacity = expert_capacity(T, E, top_k, 0.5, 1)
     keep = capacity_keep_mask(routing.expert_idx_TK, routing.gates_TK, E, capacity, policy)
-    _, choices, kept = reference_moe(x.double(), layer.router.weight_ED.detach().double(),
-                                     *(w.detach().double() for w in (layer.experts.w1_EDF, layer.experts.w3_EDF,
-                                                                     layer.experts.w2_EFD)),
-                                     top_k, True, capacity, policy)
+    _, choices, kept = reference_moe(
+        x.double(),
+        layer.router.weight_ED.detach().double(),
+        *(w.detach().double() for w in (layer.experts.w1_EDF, layer.experts.w3_EDF, layer.experts.w2_EFD)),
+        top_k,
+        True,
+        capacity,
+        policy,
+    )
     ours = {(t, k) for t, k in torch.nonzero(keep).tolist()}
     assert ours == kept
     # the expert choices themselves agree with the reference

@@ -1,6 +1,6 @@
 """The MoE transformer: router, dispatch, experts, MoE layer and decoder blocks."""
 
 from moetrain.model.moe import MoELayer, MoEStats
-from moetrain.model.transformer import MoETransformer, ModelOutput, build_model
+from moetrain.model.transformer import ModelOutput, MoETransformer, build_model
 
 __all__ = ["MoELayer", "MoEStats", "MoETransformer", "ModelOutput", "build_model"]

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None,
-                    min_capacity: int = 4) -> int | None:
+def expert_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None, min_capacity: int = 4
+) -> int | None:
     """Slots per expert: ``max(min_capacity, ceil(capacity_factor * T * K / E))``; ``None`` when dropless.
 
     One definition for every k (DeepSpeed's top-1 and top-2 gates differ; see docs/moe.md).
@@ -27,8 +28,9 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(min_capacity, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def capacity_keep_mask(expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_experts: int, capacity: int,
-                       policy: str) -> torch.Tensor:
+def capacity_keep_mask(
+    expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_experts: int, capacity: int, policy: str
+) -> torch.Tensor:
     """Which assignments fit in their expert's ``capacity`` slots, as a bool mask of shape (T, K).
 
     ``probs``: each expert keeps its highest-gate assignments (ties: token order).

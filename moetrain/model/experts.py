@@ -27,8 +27,9 @@ def _grouped_mm_supported(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     return False
 
 
-def grouped_mm(x_SD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-               impl: str = "auto") -> torch.Tensor:
+def grouped_mm(
+    x_SD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor, impl: str = "auto"
+) -> torch.Tensor:
     """``out[s] = x[s] @ w[e(s)]`` where rows are grouped by expert in order, ``tokens_per_expert`` per group."""
     if impl == "grouped" or (impl == "auto" and _grouped_mm_supported(x_SD, w_EDF)):
         offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)

@@ -33,9 +33,18 @@ class MoEStats:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int,
-                 capacity_factor: float | None = None, drop_policy: str = "probs", min_capacity: int = 4,
-                 renormalize: bool = True, grouped_mm_impl: str = "auto") -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int,
+        capacity_factor: float | None = None,
+        drop_policy: str = "probs",
+        min_capacity: int = 4,
+        renormalize: bool = True,
+        grouped_mm_impl: str = "auto",
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
@@ -61,8 +70,9 @@ class MoELayer(nn.Module):
         capacity = expert_capacity(B * S, self.num_experts, self.top_k, self.capacity_factor, self.min_capacity)
         keep_TK = None
         if capacity is not None:
-            keep_TK = capacity_keep_mask(routing.expert_idx_TK, routing.gates_TK, self.num_experts, capacity,
-                                         self.drop_policy)
+            keep_TK = capacity_keep_mask(
+                routing.expert_idx_TK, routing.gates_TK, self.num_experts, capacity, self.drop_policy
+            )
         perm = permute(routing.expert_idx_TK, self.num_experts, keep_TK)
         y_AD = self.experts(x_TD[perm.token_A], perm.tokens_per_expert_E)
         out_TD = combine(y_AD, perm, routing.gates_TK, B * S)

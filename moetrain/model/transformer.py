@@ -71,8 +71,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor
-                ) -> tuple[torch.Tensor, MoEStats | None]:
+    def forward(
+        self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor
+    ) -> tuple[torch.Tensor, MoEStats | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SH, sin_SH)
         h = self.ffn(self.ffn_norm(x_BSD))
         stats = None
@@ -94,9 +95,7 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(
-            Block(cfg, self._ffn(i, cfg, moe)) for i in range(cfg.n_layers)
-        )
+        self.layers = nn.ModuleList(Block(cfg, self._ffn(i, cfg, moe)) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -110,8 +109,15 @@ class MoETransformer(nn.Module):
     def _ffn(i: int, cfg: ModelConfig, moe: MoEConfig) -> nn.Module:
         if (i + 1) % cfg.moe_every:
             return DenseFFN(cfg.d_model, cfg.d_ff)
-        return MoELayer(cfg.d_model, cfg.d_ff, moe.num_experts, moe.top_k, moe.capacity_factor,
-                        moe.drop_policy, grouped_mm_impl=moe.grouped_mm)
+        return MoELayer(
+            cfg.d_model,
+            cfg.d_ff,
+            moe.num_experts,
+            moe.top_k,
+            moe.capacity_factor,
+            moe.drop_policy,
+            grouped_mm_impl=moe.grouped_mm,
+        )
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]

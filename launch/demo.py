@@ -1,0 +1,47 @@
+"""`make demo`: train the tiny MoE on the embedded corpus with 2 CPU ranks through the deepspeed launcher,
+then say where everything went and how the validation loss compares with the unigram baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(extra: list[str]) -> int:
+    run_dir = ROOT / "outputs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [
+        str(deepspeed),
+        "--num_gpus",
+        "2",
+        str(ROOT / "launch" / "train.py"),
+        "+recipe=top2_baseline",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+    print("$", " ".join(cmd), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    rc = subprocess.call(cmd, cwd=ROOT, env=env)
+    if rc != 0:
+        return rc
+    s = json.loads((run_dir / "summary.json").read_text())
+    verdict = "below" if s["val_loss"] < s["unigram_baseline"] else "NOT below"
+    print(f"""
+demo finished after {s["step"]} steps
+  run folder        {s["run_dir"]}
+  metrics           {s["run_dir"]}/metrics.jsonl
+  checkpoint        {s["checkpoint"]}
+  W&B run           {s["wandb"] or "disabled"}   (upload later with: wandb sync <that folder>)
+  validation loss   {s["val_loss"]:.4f} nats/token, {verdict} the unigram baseline {s["unigram_baseline"]:.4f}
+""")
+    return 0 if s["val_loss"] < s["unigram_baseline"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
