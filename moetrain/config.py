@@ -15,7 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 MOE_BACKENDS = ("native",)
-DROP_POLICIES = ("probs", "position")
+DROP_POLICIES = ("probs", "position", "reroute")
+SCORE_FUNCS = ("softmax", "sigmoid")
 DTYPES = ("fp32", "bf16")
 LR_DECAYS = ("cosine", "linear", "constant")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -46,13 +47,21 @@ class ModelConfig:
 class MoEConfig:
     num_experts: int = 8
     top_k: int = 2
+    score_func: str = "softmax"  # softmax (Switch, Mixtral) | sigmoid (DeepSeek-V3)
+    renormalize: bool = True  # gates renormalised over the chosen k (k > 1)
+    jitter_eps: float = 0.0  # multiplicative router-input jitter, training only
     capacity_factor: float | None = None  # None: dropless
-    drop_policy: str = "probs"
+    eval_capacity_factor: float | None = None  # capacity at validation; None: dropless
+    min_capacity: int = 4
+    drop_policy: str = "probs"  # probs | position | reroute
+    padded: bool = False  # fixed-shape (E, C, D) expert buffers when a capacity factor is set
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
+    bias_update_rate: float = 0.0  # aux-loss-free balancing rate u (0: off)
     backend: str = "native"
     # Expert GEMM path: "auto" picks torch._grouped_mm where device and dtype support it, else a loop.
     grouped_mm: str = "auto"
+    a2a_chunks: int = 1  # expert-parallel dispatch split into chunks to overlap all-to-all with compute
 
 
 @dataclass
@@ -205,11 +214,15 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         moe.top_k,
         f"must be between 1 and moe.num_experts={moe.num_experts}",
     )
-    if moe.capacity_factor is not None:
-        _require(
-            moe.capacity_factor > 0, "moe.capacity_factor", moe.capacity_factor, "must be > 0, or null for dropless"
-        )
+    for key in ("capacity_factor", "eval_capacity_factor"):
+        value = getattr(moe, key)
+        _require(value is None or value > 0, f"moe.{key}", value, "must be > 0, or null for dropless")
     _one_of("moe.drop_policy", moe.drop_policy, DROP_POLICIES)
+    _one_of("moe.score_func", moe.score_func, SCORE_FUNCS)
+    _require(moe.min_capacity >= 1, "moe.min_capacity", moe.min_capacity, "must be >= 1")
+    _require(0 <= moe.jitter_eps < 1, "moe.jitter_eps", moe.jitter_eps, "must be in [0, 1)")
+    _require(moe.bias_update_rate >= 0, "moe.bias_update_rate", moe.bias_update_rate, "must be >= 0 (0: off)")
+    _require(moe.a2a_chunks >= 1, "moe.a2a_chunks", moe.a2a_chunks, "must be >= 1")
     _one_of("moe.grouped_mm", moe.grouped_mm, ("auto", "grouped", "loop"))
     for key in ("aux_loss_coef", "z_loss_coef"):
         _require(getattr(moe, key) >= 0, f"moe.{key}", getattr(moe, key), "must be >= 0")

@@ -1,6 +1,15 @@
 """Routing statistics accumulated over a logging interval and all-reduced across ranks.
 
 Shape legend: L MoE layers, E experts.
+
+Per layer and interval (sums over every forward of every rank, then normalised):
+
+* ``routed_per_expert`` / ``tokens_per_expert``: assignments per expert before / after capacity
+* ``dropped_frac`` / ``rerouted_frac``: of all routed assignments
+* ``entropy``: mean routing entropy per token (nats)
+* ``gate_mass``: per expert, the router's gate mass it received per token
+* ``imbalance``: max / mean of ``tokens_per_expert``
+* ``saliency``: per expert, mean over its computed assignments of gate * ||expert output|| (REAP-style)
 """
 
 from __future__ import annotations
@@ -10,30 +19,52 @@ import torch
 from moetrain.distributed import all_reduce_sum
 from moetrain.model.moe import MoEStats
 
+_SCALARS = 4  # entropy_sum, num_tokens, dropped, rerouted
+
 
 class RoutingMetrics:
-    """Per-layer expert token counts (before and after capacity) summed over an interval."""
-
     def __init__(self, num_layers: int, num_experts: int) -> None:
-        self.routed_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
-        self.computed_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.E = num_experts
+        self.sums_LX = torch.zeros(num_layers, 4 * num_experts + _SCALARS, dtype=torch.float64)
 
     def update(self, stats: list[MoEStats]) -> None:
         for i, s in enumerate(stats):
-            self.routed_LE[i] += s.routed_per_expert_E.detach().to("cpu", torch.float64)
-            self.computed_LE[i] += s.tokens_per_expert_E.detach().to("cpu", torch.float64)
+            row = torch.cat([
+                s.routed_per_expert_E.detach().double().cpu(),
+                s.tokens_per_expert_E.detach().double().cpu(),
+                s.gate_mass_E.detach().double().cpu(),
+                s.saliency_sum_E.detach().double().cpu(),
+                torch.tensor([float(s.entropy_sum), s.num_tokens, s.dropped, s.rerouted], dtype=torch.float64),
+            ])
+            self.sums_LX[i] += row
 
     def reduce_and_reset(self) -> dict[str, float | list[float]]:
         """Collective: every rank must call it at the same step. Returns the interval's metrics."""
-        both = all_reduce_sum(torch.stack([self.routed_LE, self.computed_LE]))
-        routed_LE, computed_LE = both[0], both[1]
-        out: dict[str, float | list[float]] = {}
-        for i in range(routed_LE.shape[0]):
-            counts = computed_LE[i]
-            out[f"moe/layer{i}/tokens_per_expert"] = counts.tolist()
-            out[f"moe/layer{i}/imbalance"] = float(counts.max() / counts.mean().clamp_min(1e-9))
-        total = routed_LE.sum()
-        out["moe/dropped_frac"] = float((total - computed_LE.sum()) / total.clamp_min(1.0))
-        self.routed_LE.zero_()
-        self.computed_LE.zero_()
-        return out
+        sums = all_reduce_sum(self.sums_LX.clone())
+        self.sums_LX.zero_()
+        return metrics_from_sums(sums, self.E)
+
+
+def metrics_from_sums(sums_LX: torch.Tensor, E: int) -> dict[str, float | list[float]]:
+    out: dict[str, float | list[float]] = {}
+    total_routed = total_dropped = total_rerouted = 0.0
+    for i, row in enumerate(sums_LX):
+        routed, computed, gate_mass, saliency = (row[j * E : (j + 1) * E] for j in range(4))
+        entropy_sum, tokens, dropped, rerouted = row[4 * E :].tolist()
+        n_routed = float(routed.sum())
+        p = f"moe/layer{i}/"
+        out[p + "routed_per_expert"] = routed.tolist()
+        out[p + "tokens_per_expert"] = computed.tolist()
+        out[p + "dropped_frac"] = dropped / max(n_routed, 1.0)
+        out[p + "rerouted_frac"] = rerouted / max(n_routed, 1.0)
+        out[p + "entropy"] = entropy_sum / max(tokens, 1.0)
+        out[p + "gate_mass"] = (gate_mass / max(tokens, 1.0)).tolist()
+        active = routed > 0
+        out[p + "imbalance"] = float(computed.max() / computed[active].mean()) if active.any() else 0.0
+        out[p + "saliency"] = (saliency / computed.clamp_min(1.0)).tolist()
+        total_routed += n_routed
+        total_dropped += dropped
+        total_rerouted += rerouted
+    out["moe/dropped_frac"] = total_dropped / max(total_routed, 1.0)
+    out["moe/rerouted_frac"] = total_rerouted / max(total_routed, 1.0)
+    return out

@@ -64,7 +64,8 @@ class Trainer:
 
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", self.env, t.keep_checkpoints)
         self.logger = build_logger(cfg, run_dir, self.env.is_main)
-        self.routing = RoutingMetrics(len(self.model.moe_layers()), cfg.moe.num_experts)
+        self.moe_layers = self.model.moe_layers()
+        self.routing = RoutingMetrics(len(self.moe_layers), cfg.moe.num_experts)
         self.step = 0
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
@@ -101,9 +102,13 @@ class Trainer:
             out = self.engine(inputs)
             loss, parts = training_loss(out, labels, moe.aux_loss_coef, moe.z_loss_coef)
             self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary():
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            if boundary:
                 grad_norm = self._grad_norm()
             self.engine.step()
+            if boundary:
+                for layer in self.moe_layers:
+                    layer.after_optimizer_step()
             self.routing.update(out.moe_stats)
             sums += torch.stack([parts["ce"], parts["aux"], parts["z"]]).double().cpu()
         self.step += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import torch
 
 
@@ -9,50 +10,85 @@ def swiglu(x_D, w1_DF, w3_DF, w2_FD):
     return (torch.nn.functional.silu(x_D @ w1_DF) * (x_D @ w3_DF)) @ w2_FD
 
 
-def reference_choices(x_TD, router_ED, top_k, renormalize):
-    """Per token: the chosen experts (best first) and their gates."""
-    choices = []
+def token_scores(x_D, router_ED, score_func, active):
+    logits = router_ED @ x_D
+    scores = []
+    if score_func == "softmax":
+        z = sum(torch.exp(logits[e]) for e in range(len(active)) if active[e])
+        for e in range(len(active)):
+            scores.append(torch.exp(logits[e]) / z if active[e] else logits[e] * 0)
+    else:
+        for e in range(len(active)):
+            scores.append(torch.sigmoid(logits[e]) if active[e] else logits[e] * 0)
+    return logits, scores
+
+
+def reference_choices(x_TD, router_ED, top_k, renormalize=True, score_func="softmax", bias=None, active=None):
+    """Per token: [(expert, gate)] best first, the selection ranking of every active expert, and scores."""
+    E = router_ED.shape[0]
+    active = active or [True] * E
+    bias = bias or [0.0] * E
+    choices, rankings, all_scores = [], [], []
     for t in range(x_TD.shape[0]):
-        probs = torch.softmax(router_ED @ x_TD[t], dim=0)
-        order = sorted(range(probs.shape[0]), key=lambda e: -float(probs[e].detach()))[:top_k]
-        gates = [probs[e] for e in order]
+        _, scores = token_scores(x_TD[t], router_ED, score_func, active)
+        ranking = sorted((e for e in range(E) if active[e]), key=lambda e: -(float(scores[e].detach()) + bias[e]))
+        chosen = ranking[:top_k]
+        gates = [scores[e] for e in chosen]
         if renormalize and top_k > 1:
             total = sum(gates)
             gates = [g / total for g in gates]
-        choices.append(list(zip(order, gates)))
-    return choices
+        choices.append(list(zip(chosen, gates)))
+        rankings.append(ranking)
+        all_scores.append(scores)
+    return choices, rankings, all_scores
 
 
-def reference_kept(choices, num_experts, capacity, policy):
-    """The set of (token, k) assignments that fit, by walking the policy's priority order."""
+def reference_placement(choices, rankings, num_experts, capacity, policy):
+    """{(token, k): expert that computes it} for the assignments that fit, walking the policy's order."""
     T, K = len(choices), len(choices[0])
     if capacity is None:
-        return {(t, k) for t in range(T) for k in range(K)}
-    if policy == "position":
+        return {(t, k): choices[t][k][0] for t in range(T) for k in range(K)}
+    if policy == "probs":
+        order = sorted(((t, k) for t in range(T) for k in range(K)),
+                       key=lambda a: (-float(choices[a[0]][a[1]][1].detach()), a[1], a[0]))
+    else:  # position, and the first pass of reroute
         order = [(t, k) for k in range(K) for t in range(T)]
-    else:  # probs: highest gate first; ties by choice rank, then token
-        order = sorted(
-            ((t, k) for t in range(T) for k in range(K)),
-            key=lambda a: (-float(choices[a[0]][a[1]][1].detach()), a[1], a[0]),
-        )
     load = [0] * num_experts
-    kept = set()
+    placed = {}
     for t, k in order:
         e = choices[t][k][0]
         if load[e] < capacity:
             load[e] += 1
-            kept.add((t, k))
-    return kept
+            placed[(t, k)] = e
+    if policy == "reroute":
+        pending = sorted((a for a in order if a not in placed), key=lambda a: (a[1], a[0]))
+        alternatives = {t: rankings[t][K:] for t in range(T)}
+        for r in range(num_experts - K):
+            proposed = set()
+            for t, k in list(pending):
+                if r >= len(alternatives[t]) or t in proposed:
+                    continue
+                proposed.add(t)
+                e = alternatives[t][r]
+                if load[e] < capacity:
+                    load[e] += 1
+                    placed[(t, k)] = e
+                    pending.remove((t, k))
+    return placed
 
 
-def reference_moe(x_TD, router_ED, w1_EDF, w3_EDF, w2_EFD, top_k, renormalize=True, capacity=None, policy="probs"):
-    choices = reference_choices(x_TD, router_ED, top_k, renormalize)
-    kept = reference_kept(choices, router_ED.shape[0], capacity, policy)
-    rows = []
+def reference_moe(x_TD, router_ED, w1_EDF, w3_EDF, w2_EFD, top_k, renormalize=True, capacity=None,
+                  policy="probs", score_func="softmax", bias=None, active=None):
+    choices, rankings, scores = reference_choices(x_TD, router_ED, top_k, renormalize, score_func, bias, active)
+    placed = reference_placement(choices, rankings, router_ED.shape[0], capacity, policy)
+    rows, outputs = [], {}
     for t in range(x_TD.shape[0]):
         acc = torch.zeros_like(x_TD[t])
-        for k, (e, gate) in enumerate(choices[t]):
-            if (t, k) in kept:
-                acc = acc + gate * swiglu(x_TD[t], w1_EDF[e], w3_EDF[e], w2_EFD[e])
+        for k, (_, gate) in enumerate(choices[t]):
+            if (t, k) in placed:
+                e = placed[(t, k)]
+                y = swiglu(x_TD[t], w1_EDF[e], w3_EDF[e], w2_EFD[e])
+                outputs[(t, k)] = y
+                acc = acc + gate * y
         rows.append(acc)
-    return torch.stack(rows), choices, kept
+    return torch.stack(rows), choices, placed, scores, outputs

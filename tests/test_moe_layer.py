@@ -1,130 +1,198 @@
-"""The native MoE layer against a naive per-token fp64 loop: outputs, gradients, drops and counts."""
+"""The native MoE layer against a naive per-token fp64 loop: outputs, gradients, drops, reroutes, metrics."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from moe_reference import reference_moe
 
-from moetrain.model.dispatch import capacity_keep_mask, expert_capacity
+from moetrain.config import MoEConfig
+from moetrain.model.dispatch import apply_capacity, expert_capacity
 from moetrain.model.moe import MoELayer
+from moetrain.model.router import balancing_bias_update
 
 D, F, E, T = 16, 24, 8, 40
 
 
-def make_layer(top_k, capacity_factor=None, policy="probs", renormalize=True, impl="auto", seed=0):
+def make_layer(top_k=2, seed=0, **overrides):
     torch.manual_seed(seed)
-    layer = MoELayer(
-        D, F, E, top_k, capacity_factor, policy, min_capacity=1, renormalize=renormalize, grouped_mm_impl=impl
-    )
+    cfg = MoEConfig(num_experts=E, top_k=top_k, min_capacity=1, **overrides)
+    layer = MoELayer(D, F, cfg)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)
     return layer
 
 
-def run_both(layer, top_k, capacity, policy, renormalize):
+def params64(layer):
+    return {n: p.detach().double().clone().requires_grad_(True) for n, p in layer.named_parameters()}
+
+
+def run_reference(layer, x_TD, p64, capacity, **kw):
+    return reference_moe(x_TD, p64["router.weight_ED"], p64["experts.w1_EDF"], p64["experts.w3_EDF"],
+                         p64["experts.w2_EFD"], layer.top_k, layer.router.renormalize, capacity,
+                         layer.drop_policy, layer.router.score_func, **kw)
+
+
+def assert_close(ours, ref, what, tol=2e-5):
+    ref = torch.as_tensor(ref, dtype=torch.float64)
+    scale = ref.abs().max().clamp_min(1.0)
+    err = (torch.as_tensor(ours).double() - ref).abs().max() / scale
+    assert err < tol, f"{what}: max relative error {err:.2e}"
+
+
+CASES = [
+    (k, score, ren, cap, pol)
+    for k in (1, 2, 4)
+    for score in ("softmax", "sigmoid")
+    for ren in (True, False)
+    for cap, pol in ((None, "probs"), (0.5, "probs"), (0.5, "position"), (1.0, "reroute"))
+]
+
+
+@pytest.mark.parametrize(("top_k", "score_func", "renormalize", "capacity_factor", "policy"), CASES)
+def test_layer_matches_per_token_reference(top_k, score_func, renormalize, capacity_factor, policy):
+    layer = make_layer(top_k, score_func=score_func, renormalize=renormalize, capacity_factor=capacity_factor,
+                       drop_policy=policy)
     torch.manual_seed(1)
     x = torch.randn(2, T // 2, D)
     upstream = torch.randn(2, T // 2, D)
-
     x_ours = x.clone().requires_grad_(True)
     y, stats = layer(x_ours)
     (y * upstream).sum().backward()
 
-    params64 = {n: p.detach().double().clone().requires_grad_(True) for n, p in layer.named_parameters()}
-    x64 = x.double().reshape(T, D).requires_grad_(True)
-    y_ref, choices, kept = reference_moe(
-        x64,
-        params64["router.weight_ED"],
-        params64["experts.w1_EDF"],
-        params64["experts.w3_EDF"],
-        params64["experts.w2_EFD"],
-        top_k,
-        renormalize,
-        capacity,
-        policy,
-    )
-    (y_ref * upstream.double().reshape(T, D)).sum().backward()
-    return x_ours, y, stats, x64, y_ref, params64, choices, kept
-
-
-def assert_close(ours, ref, what):
-    scale = ref.abs().max().clamp_min(1.0)
-    err = (ours.double() - ref).abs().max() / scale
-    assert err < 2e-5, f"{what}: max relative error {err:.2e}"
-
-
-CASES = [
-    (k, cap, pol, ren)
-    for k in (1, 2, 4)
-    for ren in (True, False)
-    for cap, pol in ((None, "probs"), (0.5, "probs"), (0.5, "position"))
-]
-
-
-@pytest.mark.parametrize(("top_k", "capacity_factor", "policy", "renormalize"), CASES)
-def test_outputs_and_gradients_match_per_token_reference(top_k, capacity_factor, policy, renormalize):
-    layer = make_layer(top_k, capacity_factor, policy, renormalize)
     capacity = expert_capacity(T, E, top_k, capacity_factor, layer.min_capacity)
-    x_ours, y, stats, x64, y_ref, p64, choices, kept = run_both(layer, top_k, capacity, policy, renormalize)
+    p64 = params64(layer)
+    x64 = x.double().reshape(T, D).requires_grad_(True)
+    y_ref, choices, placed, scores, outputs = run_reference(layer, x64, p64, capacity)
+    (y_ref * upstream.double().reshape(T, D)).sum().backward()
 
-    assert_close(y.reshape(T, D), y_ref.detach(), "output")
+    assert_close(y.reshape(T, D).detach(), y_ref.detach(), "output")
     assert_close(x_ours.grad.reshape(T, D), x64.grad, "grad x")
     for name, p in layer.named_parameters():
         assert_close(p.grad, p64[name].grad, f"grad {name}")
 
-    # counts: before capacity = every choice; after = the reference's kept set
-    routed = torch.zeros(E, dtype=torch.long)
-    computed = torch.zeros(E, dtype=torch.long)
+    # every metric against the same quantity from the reference
+    routed, computed = torch.zeros(E), torch.zeros(E)
+    gate_mass, saliency = torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
     for t, row in enumerate(choices):
-        for k, (e, _) in enumerate(row):
+        for k, (e, gate) in enumerate(row):
             routed[e] += 1
-            computed[e] += int((t, k) in kept)
-    assert torch.equal(stats.routed_per_expert_E, routed)
-    assert torch.equal(stats.tokens_per_expert_E, computed)
-    assert stats.dropped == T * top_k - len(kept)
+            gate_mass[e] += float(gate.detach())
+            if (t, k) in placed:
+                computed[placed[(t, k)]] += 1
+                saliency[placed[(t, k)]] += float(gate.detach()) * float(outputs[(t, k)].detach().norm())
+    rerouted = sum(1 for (t, k), e in placed.items() if e != choices[t][k][0])
+    entropy = 0.0
+    for s in scores:
+        p = torch.stack([v.detach() for v in s])
+        p = p / p.sum()
+        entropy += float(-(p[p > 0] * p[p > 0].log()).sum())
+    assert torch.equal(stats.routed_per_expert_E.float(), routed)
+    assert torch.equal(stats.tokens_per_expert_E.float(), computed)
+    assert stats.dropped == T * top_k - len(placed)
+    assert stats.rerouted == rerouted
+    assert_close(stats.gate_mass_E, gate_mass, "gate mass")
+    assert_close(stats.saliency_sum_E, saliency, "saliency", tol=1e-4)
+    assert math.isclose(float(stats.entropy_sum), entropy, rel_tol=1e-4)
     if capacity_factor is not None:
-        assert stats.dropped > 0, "the tiny capacity should drop something"
+        assert stats.dropped > 0 or stats.rerouted > 0, "the tiny capacity should bite"
+    if policy == "reroute" and top_k < 4:
+        assert stats.rerouted > 0
 
 
-@pytest.mark.parametrize("policy", ["probs", "position"])
-@pytest.mark.parametrize("top_k", [1, 2, 4])
-def test_exact_dropped_set_per_policy(policy, top_k):
-    layer = make_layer(top_k, 0.5, policy)
-    torch.manual_seed(3)
-    x = torch.randn(T, D)
-    routing = layer.router(x)
-    capacity = expert_capacity(T, E, top_k, 0.5, 1)
-    keep = capacity_keep_mask(routing.expert_idx_TK, routing.gates_TK, E, capacity, policy)
-    _, choices, kept = reference_moe(
-        x.double(),
-        layer.router.weight_ED.detach().double(),
-        *(w.detach().double() for w in (layer.experts.w1_EDF, layer.experts.w3_EDF, layer.experts.w2_EFD)),
-        top_k,
-        True,
-        capacity,
-        policy,
-    )
-    ours = {(t, k) for t, k in torch.nonzero(keep).tolist()}
-    assert ours == kept
-    # the expert choices themselves agree with the reference
-    assert [[e for e, _ in row] for row in choices] == routing.expert_idx_TK.tolist()
+@pytest.mark.parametrize("policy", ["probs", "position", "reroute"])
+def test_padded_capacity_mode_equals_sorted_mode(policy):
+    a = make_layer(2, capacity_factor=0.75, drop_policy=policy)
+    b = make_layer(2, capacity_factor=0.75, drop_policy=policy, padded=True)
+    x = torch.randn(2, 20, D, requires_grad=True)
+    ya, sa = a(x)
+    yb, sb = b(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    assert sa.dropped == sb.dropped > 0
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(a.experts.w2_EFD.grad, b.experts.w2_EFD.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_policies_differ_where_they_should():
-    """probs keeps high-gate second choices over low-gate first choices; position never does."""
+    """probs keeps a high-gate second choice over a low-gate first choice; position never does; reroute moves
+    the overflow to the token's next-best expert."""
     expert_idx = torch.tensor([[1, 0], [0, 1], [0, 2]])
     gates = torch.tensor([[0.5, 0.48], [0.35, 0.3], [0.36, 0.2]])
+    selection = torch.tensor([[0.3, 0.5, 0.1, 0.2], [0.5, 0.3, 0.1, 0.05], [0.4, 0.1, 0.3, 0.2]])
     # expert 0 (capacity 2) is offered: t0's 2nd choice (0.48), t1's 1st (0.35), t2's 1st (0.36)
-    pos = capacity_keep_mask(expert_idx, gates, 3, capacity=2, policy="position")
-    prob = capacity_keep_mask(expert_idx, gates, 3, capacity=2, policy="probs")
-    assert pos.tolist() == [[True, False], [True, True], [True, True]]
-    assert prob.tolist() == [[True, True], [False, True], [True, True]]
+    pos = apply_capacity(expert_idx, gates, selection, capacity=2, policy="position")
+    prob = apply_capacity(expert_idx, gates, selection, capacity=2, policy="probs")
+    rer = apply_capacity(expert_idx, gates, selection, capacity=2, policy="reroute")
+    assert pos.keep_TK.tolist() == [[True, False], [True, True], [True, True]]
+    assert prob.keep_TK.tolist() == [[True, True], [False, True], [True, True]]
+    # t0's overflowed 2nd choice goes to its best unused expert: 3 (0.2) before 2 (0.1)
+    assert rer.keep_TK.all() and rer.expert_idx_TK[0].tolist() == [1, 3]
+    assert rer.rerouted_TK.tolist() == [[False, True], [False, False], [False, False]]
+
+
+def test_expert_mask_and_selection_bias_match_reference():
+    layer = make_layer(2, capacity_factor=0.75, drop_policy="reroute")
+    active = torch.tensor([True, False, True, True, False, True, True, True])
+    layer.set_expert_mask(active)
+    bias = torch.linspace(-0.2, 0.2, E)
+    layer.router.bias_E.copy_(bias)
+    x = torch.randn(T, D)
+    y, stats = layer(x.view(1, T, D))
+    assert stats.routed_per_expert_E[~active].sum() == 0 and stats.tokens_per_expert_E[~active].sum() == 0
+    p64 = params64(layer)
+    capacity = expert_capacity(T, E, 2, 0.75, 1)
+    y_ref, *_ = run_reference(layer, x.double(), p64, capacity, bias=bias.tolist(), active=active.tolist())
+    assert_close(y.view(T, D).detach(), y_ref.detach(), "masked + biased output")
+    with pytest.raises(ValueError, match="fewer than moe.top_k=2"):
+        layer.set_expert_mask(torch.arange(E) == 0)
+
+
+def test_bias_changes_selection_not_gates():
+    layer = make_layer(1, renormalize=False)
+    x = torch.randn(T, D)
+    before = layer.router(x)
+    layer.router.bias_E[3] = 10.0  # expert 3 now wins every selection
+    after = layer.router(x)
+    assert (after.expert_idx_TK == 3).all()
+    torch.testing.assert_close(after.gates_TK[:, 0], before.probs_TE[:, 3])
+
+
+def test_aux_loss_free_bias_update():
+    load = torch.tensor([10.0, 2.0, 6.0, 6.0])
+    active = torch.tensor([True, True, True, False])
+    # mean over active experts = 6: overloaded expert 0 goes down, underloaded 1 up, masked 3 untouched
+    assert balancing_bias_update(load, active, 0.01).tolist() == pytest.approx([-0.01, 0.01, 0.0, 0.0])
+    layer = make_layer(1, bias_update_rate=0.05)
+    layer(torch.randn(1, T, D))
+    routed = layer._load_since_step_E.clone()
+    layer.after_optimizer_step()
+    mean = routed.mean()
+    assert layer.router.bias_E.tolist() == pytest.approx((0.05 * torch.sign(mean - routed)).tolist())
+    assert not any(n.endswith("bias_E") for n, _ in layer.named_parameters()), "bias must not be trained"
+
+
+def test_eval_capacity_factor_and_jitter_apply_only_as_configured():
+    layer = make_layer(2, capacity_factor=0.25, eval_capacity_factor=None, jitter_eps=0.1)
+    x = torch.randn(1, T, D)
+    _, train_stats = layer.train()(x)
+    assert train_stats.dropped > 0
+    layer.eval()
+    y1, eval_stats = layer(x)
+    y2, _ = layer(x)
+    assert eval_stats.dropped == 0 and torch.equal(y1, y2)  # dropless and no jitter in eval
+    layer.train()
+    torch.manual_seed(5)
+    r1 = layer.router(x.view(T, D)).probs_TE
+    r2 = layer.router(x.view(T, D)).probs_TE
+    assert not torch.equal(r1, r2), "jitter perturbs routing in training"
 
 
 def test_grouped_mm_and_loop_paths_agree():
-    a, b = make_layer(2, impl="grouped"), make_layer(2, impl="loop")
+    a, b = make_layer(2, grouped_mm="grouped"), make_layer(2, grouped_mm="loop")
     x = torch.randn(3, 11, D, requires_grad=True)
     ya, _ = a(x)
     yb, _ = b(x)

@@ -1,6 +1,6 @@
 """Capacity enforcement and the sort-based permutation of token->expert assignments.
 
-Shape legend: T tokens, D model dim, E experts, K experts per token, A kept assignments (<= T*K).
+Shape legend: T tokens, D model dim, E experts, K experts per token, A kept assignments (<= T*K), C capacity.
 
 An *assignment* is one (token, k-th choice) pair; flat assignment index ``a = t * K + k``. Assignments are
 sorted by expert so every expert sees one contiguous slice (what grouped GEMM wants); the combine step
@@ -15,53 +15,119 @@ from dataclasses import dataclass
 
 import torch
 
+from moetrain.config import DROP_POLICIES
 
-def expert_capacity(
-    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None, min_capacity: int = 4
-) -> int | None:
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None,
+                    min_capacity: int = 4) -> int | None:
     """Slots per expert: ``max(min_capacity, ceil(capacity_factor * T * K / E))``; ``None`` when dropless.
 
-    One definition for every k (DeepSpeed's top-1 and top-2 gates differ; see docs/moe.md).
+    One definition for every k (DeepSpeed's top-1 and top-2 gates differ; see docs/design.md).
     """
     if capacity_factor is None:
         return None
     return max(min_capacity, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def capacity_keep_mask(
-    expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor, num_experts: int, capacity: int, policy: str
-) -> torch.Tensor:
-    """Which assignments fit in their expert's ``capacity`` slots, as a bool mask of shape (T, K).
+def _accept(expert_N: torch.Tensor, priority_N: torch.Tensor, room_E: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert takes candidates in priority order while it has room.
 
-    ``probs``: each expert keeps its highest-gate assignments (ties: token order).
-    ``position``: each expert keeps assignments in order of choice rank, then token order — all first
-    choices before any second choice (GShard/DeepSpeed style).
+    ``priority_N`` lists candidate positions, most urgent first. Returns (accepted, rank within its expert
+    in priority order), both indexed like ``expert_N``.
     """
-    T, K = expert_idx_TK.shape
-    flat_expert_A = expert_idx_TK.reshape(-1)
-    # Priority order: lower position in `priority` = served first.
-    rank_major = torch.arange(T * K, device=flat_expert_A.device).view(T, K).t().reshape(-1)  # k-major order
-    if policy == "position":
-        priority = rank_major
-    elif policy == "probs":
-        # stable sort of the k-major order by descending gate: ties broken by choice rank, then token
-        gates_in_order = gates_TK.reshape(-1)[rank_major]
-        priority = rank_major[torch.sort(gates_in_order, descending=True, stable=True).indices]
-    else:
-        raise ValueError(f"moe.drop_policy={policy} is not supported; allowed: probs, position")
-    by_expert = priority[torch.sort(flat_expert_A[priority], stable=True).indices]
-    counts_E = torch.bincount(flat_expert_A, minlength=num_experts)
+    n, E = expert_N.numel(), room_E.numel()
+    by_expert = priority_N[torch.sort(expert_N[priority_N], stable=True).indices]
+    counts_E = torch.bincount(expert_N, minlength=E)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
-    slot = torch.arange(T * K, device=flat_expert_A.device) - starts_E[flat_expert_A[by_expert]]
-    keep_A = torch.empty(T * K, dtype=torch.bool, device=flat_expert_A.device)
-    keep_A[by_expert] = slot < capacity
-    return keep_A.view(T, K)
+    rank_sorted = torch.arange(n, device=expert_N.device) - starts_E[expert_N[by_expert]]
+    rank = torch.empty_like(rank_sorted)
+    rank[by_expert] = rank_sorted
+    return rank < room_E[expert_N], rank
+
+
+@dataclass
+class CapacityPlan:
+    expert_idx_TK: torch.Tensor  # the expert each assignment is computed by (after rerouting)
+    keep_TK: torch.Tensor  # bool: the assignment fits
+    slot_TK: torch.Tensor  # its slot inside the expert's capacity buffer (valid where keep)
+    rerouted_TK: torch.Tensor  # bool: kept, but on another expert than the router chose
+
+
+def _priority(policy: str, gates_TK: torch.Tensor) -> torch.Tensor:
+    T, K = gates_TK.shape
+    rank_major = torch.arange(T * K, device=gates_TK.device).view(T, K).t().reshape(-1)  # k, then token
+    if policy == "probs":
+        # highest gate first; ties by choice rank, then token (stable sort of the k-major order)
+        return rank_major[torch.sort(gates_TK.reshape(-1)[rank_major], descending=True, stable=True).indices]
+    return rank_major
+
+
+def apply_capacity(expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor, selection_TE: torch.Tensor,
+                   capacity: int, policy: str) -> CapacityPlan:
+    """Decide which assignments fit in ``capacity`` slots per expert.
+
+    ``probs``: each expert keeps its highest-gate assignments (ties: choice rank, then token).
+    ``position``: each expert keeps assignments in order of choice rank, then token: all first choices
+    before any second choice (GShard/DeepSpeed style).
+    ``reroute``: ``position`` first; then in rounds r = 1, 2, ... every overflowed, still unplaced assignment
+    proposes to its token's r-th best expert outside the token's top-k (ranked by the router's selection
+    score; masked experts never). Experts accept proposals in (choice rank, token) order while they have
+    room. A token's pending assignments propose to the same expert in a round, so at most one of them is
+    accepted there; the others go on to the next round. A rerouted assignment keeps its gate value. What is
+    still unplaced after the last alternative is dropped.
+    """
+    if policy not in DROP_POLICIES:
+        raise ValueError(f"moe.drop_policy={policy} is not supported; allowed: {', '.join(DROP_POLICIES)}")
+    T, K = expert_idx_TK.shape
+    E = selection_TE.shape[1]
+    device = expert_idx_TK.device
+    expert_A = expert_idx_TK.reshape(-1).clone()
+    room_E = torch.full((E,), capacity, dtype=torch.long, device=device)
+    keep_A, slot_A = _accept(expert_A, _priority(policy, gates_TK), room_E)
+    rerouted_A = torch.zeros_like(keep_A)
+    if policy == "reroute":
+        load_E = torch.bincount(expert_A[keep_A], minlength=E)
+        # each token's experts outside its top-k, best first (masked experts rank last with -inf)
+        alternatives_TR = torch.sort(selection_TE.scatter(1, expert_idx_TK, float("-inf")), dim=1,
+                                     descending=True).indices[:, : E - K]
+        alt_valid_TR = torch.isfinite(selection_TE.gather(1, alternatives_TR))
+        pending_A = ~keep_A
+        token_A = torch.arange(T * K, device=device) // K
+        for r in range(E - K):
+            room_E = capacity - load_E
+            if not bool(pending_A.any()) or not bool((room_E > 0).any()):
+                break
+            cand = torch.nonzero(pending_A & alt_valid_TR[token_A, r]).squeeze(1)  # in (t, k) order
+            if cand.numel() == 0:
+                continue
+            k_of = cand % K
+            cand = cand[torch.sort(k_of, stable=True).indices]  # priority: choice rank, then token
+            target = alternatives_TR[token_A[cand], r]
+            # one proposal per token per round: the first (lowest k) of the token's pending assignments
+            first = torch.ones_like(cand, dtype=torch.bool)
+            order = torch.sort(token_A[cand], stable=True)
+            tok_sorted = order.values
+            dup_sorted = torch.zeros_like(first)
+            dup_sorted[1:] = tok_sorted[1:] == tok_sorted[:-1]
+            first[order.indices] = ~dup_sorted
+            cand, target = cand[first], target[first]
+            ok, rank = _accept(target, torch.arange(cand.numel(), device=device), room_E)
+            placed = cand[ok]
+            expert_A[placed] = target[ok]
+            slot_A[placed] = load_E[target[ok]] + rank[ok]
+            keep_A[placed] = True
+            rerouted_A[placed] = True
+            pending_A[placed] = False
+            load_E += torch.bincount(target[ok], minlength=E)
+    return CapacityPlan(expert_A.view(T, K), keep_A.view(T, K), slot_A.view(T, K), rerouted_A.view(T, K))
 
 
 @dataclass
 class Permutation:
     assignment_A: torch.Tensor  # flat (t * K + k) index of each kept assignment, sorted by expert
     token_A: torch.Tensor  # the token each sorted assignment reads from and writes to
+    expert_A: torch.Tensor  # the expert of each sorted assignment
     tokens_per_expert_E: torch.Tensor  # int64 counts of kept assignments, the grouped GEMM's group sizes
 
 
@@ -74,8 +140,9 @@ def permute(expert_idx_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor
     else:
         kept = torch.nonzero(keep_TK.reshape(-1)).squeeze(1)
         assignment_A = kept[torch.sort(flat_expert[kept], stable=True).indices]
-    tokens_per_expert_E = torch.bincount(flat_expert[assignment_A], minlength=num_experts)
-    return Permutation(assignment_A, assignment_A // K, tokens_per_expert_E)
+    expert_A = flat_expert[assignment_A]
+    tokens_per_expert_E = torch.bincount(expert_A, minlength=num_experts)
+    return Permutation(assignment_A, assignment_A // K, expert_A, tokens_per_expert_E)
 
 
 def combine(y_AD: torch.Tensor, perm: Permutation, gates_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Stacked SwiGLU experts computed for all experts at once.
 
-Shape legend: S tokens sorted by expert, D model dim, F expert hidden dim, E experts.
+Shape legend: S tokens sorted by expert, D model dim, F expert hidden dim, E experts, C capacity slots.
 
 ``grouped_mm`` is the one seam for the expert GEMM: ``torch._grouped_mm`` where the device and dtype
 support it, else a loop over ``W.unbind(0)``. (Indexing ``W[e]`` inside a Python loop would make autograd
@@ -55,3 +55,8 @@ class GroupedExperts(nn.Module):
         h_SF = F.silu(grouped_mm(x_SD, self.w1_EDF, tokens_per_expert_E, self.impl))
         h_SF = h_SF * grouped_mm(x_SD, self.w3_EDF, tokens_per_expert_E, self.impl)
         return grouped_mm(h_SF, self.w2_EFD, tokens_per_expert_E, self.impl)
+
+    def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """Fixed shapes: every expert computes its C slots (padding included) with one batched GEMM."""
+        h_ECF = F.silu(torch.bmm(x_ECD, self.w1_EDF)) * torch.bmm(x_ECD, self.w3_EDF)
+        return torch.bmm(h_ECF, self.w2_EFD)

@@ -2,8 +2,13 @@
 
 Shape legend: T tokens, D model dim, E experts, K experts per token (top-k).
 
-The router runs in fp32 whatever the model dtype: the softmax over experts and the aux losses are sensitive
-to rounding. ``top_k`` is a plain attribute, so a schedule can switch it at run time without rebuilding.
+The router runs in fp32 whatever the model dtype: the score function and the aux losses are sensitive to
+rounding. ``top_k`` is a plain attribute, so a schedule can switch it at run time without rebuilding.
+
+Scores: ``softmax`` over experts (Switch, Mixtral) or an independent ``sigmoid`` per expert (DeepSeek-V3).
+Selection: the k best ``score + bias`` among unmasked experts. ``bias_E`` is the aux-loss-free balancing
+bias (a buffer, never trained by the optimizer): it shifts *which* experts are selected, never the gate
+values. Gates: the selected scores, renormalised over the k when ``renormalize`` is on.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.config import SCORE_FUNCS
+
 
 def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch-Transformer load-balancing loss, without its coefficient.
@@ -22,7 +29,8 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num
     gradient) and ``P_i = mean_t probs[t, i]`` (differentiable). It is 1.0 when routing is perfectly uniform
     and E when every token goes to one expert. The trainer multiplies it by ``moe.aux_loss_coef``.
 
-    Computed over the tokens of one forward call: one micro-batch on one data-parallel rank.
+    Computed over the tokens of one forward call: one micro-batch on one data-parallel rank, before any
+    expert-parallel exchange (so it does not depend on ``parallel.ep_size``).
     """
     T, K = expert_idx_TK.shape
     counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
@@ -34,34 +42,72 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE), without its coefficient: ``mean_t (log sum_i exp(logits[t, i]))^2``.
 
-    Keeps router logits small so the softmax stays well conditioned. The trainer multiplies it by
-    ``moe.z_loss_coef``.
+    Keeps router logits small so the score function stays well conditioned. The trainer multiplies it by
+    ``moe.z_loss_coef``. Masked experts are excluded from the sum.
     """
     return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
 
 
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``-sum_i p_i log p_i`` of the normalised routing distribution (nats)."""
+    p = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    return -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
+
+
+def balancing_bias_update(load_E: torch.Tensor, active_E: torch.Tensor, rate: float) -> torch.Tensor:
+    """Aux-loss-free balancing step (DeepSeek-V3): ``delta_i = rate * sign(mean_load - load_i)``.
+
+    Underloaded experts get a higher selection bias, overloaded ones a lower; masked experts are left at 0.
+    ``load_E`` must be the same on every rank (all-reduced) so biases stay identical.
+    """
+    mean_load = load_E[active_E].float().mean()
+    return rate * torch.sign(mean_load - load_E.float()) * active_E
+
+
 @dataclass
 class Routing:
-    logits_TE: torch.Tensor  # fp32
-    probs_TE: torch.Tensor  # fp32 softmax over all experts
+    logits_TE: torch.Tensor  # fp32 (masked experts: -inf)
+    probs_TE: torch.Tensor  # fp32 scores: softmax distribution, or per-expert sigmoid (masked: 0)
     expert_idx_TK: torch.Tensor  # int64, best expert first
     gates_TK: torch.Tensor  # fp32 combine weights
+    selection_TE: torch.Tensor  # what top-k ranked: scores + bias (masked: -inf), for rerouting
 
 
 class TopKRouter(nn.Module):
-    """Linear scores -> softmax over experts -> top-k; gates optionally renormalized over the chosen k."""
-
-    def __init__(self, d_model: int, num_experts: int, top_k: int, renormalize: bool = True) -> None:
+    def __init__(self, d_model: int, num_experts: int, top_k: int, renormalize: bool = True,
+                 score_func: str = "softmax", jitter_eps: float = 0.0) -> None:
         super().__init__()
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"moe.score_func={score_func} is not supported; allowed: {', '.join(SCORE_FUNCS)}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
+        self.score_func = score_func
+        self.jitter_eps = jitter_eps
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
+        self.register_buffer("bias_E", torch.zeros(num_experts))
+        self.register_buffer("expert_mask_E", torch.ones(num_experts, dtype=torch.bool))
+
+    @property
+    def num_active(self) -> int:
+        return int(self.expert_mask_E.sum())
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        logits_TE = F.linear(x_TD.float(), self.weight_ED.float())
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        gates_TK, expert_idx_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        x_TD = x_TD.float()
+        if self.training and self.jitter_eps > 0:
+            # Switch-style multiplicative input jitter, training only.
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        logits_TE = F.linear(x_TD, self.weight_ED.float())
+        masked = ~self.expert_mask_E
+        logits_TE = logits_TE.masked_fill(masked, float("-inf"))
+        if self.score_func == "softmax":
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+        else:
+            probs_TE = torch.sigmoid(logits_TE)  # sigmoid(-inf) = 0 for masked experts
+        selection_TE = (probs_TE.detach() + self.bias_E).masked_fill(masked, float("-inf"))
+        expert_idx_TK = torch.topk(selection_TE, self.top_k, dim=-1).indices
+        gates_TK = probs_TE.gather(1, expert_idx_TK)
         if self.renormalize and self.top_k > 1:
-            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
-        return Routing(logits_TE, probs_TE, expert_idx_TK, gates_TK)
+            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        # z-loss over the active experts only (masked logits are -inf and drop out of logsumexp)
+        return Routing(logits_TE, probs_TE, expert_idx_TK, gates_TK, selection_TE)
