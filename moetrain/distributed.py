@@ -87,3 +87,23 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+_EP_GROUPS: dict[int, Any] = {}
+
+
+def expert_parallel_group(ep_size: int):
+    """This rank's expert-parallel group: consecutive ranks ``[g*ep, (g+1)*ep)``. Every rank must call it
+    (``new_group`` is collective); groups are created once per size."""
+    world = dist.get_world_size()
+    if world % ep_size:
+        raise ValueError(f"parallel.ep_size={ep_size} does not divide the world size {world}")
+    if ep_size not in _EP_GROUPS:
+        mine = None
+        for g in range(world // ep_size):
+            ranks = list(range(g * ep_size, (g + 1) * ep_size))
+            group = dist.new_group(ranks)
+            if dist.get_rank() in ranks:
+                mine = group
+        _EP_GROUPS[ep_size] = mine
+    return _EP_GROUPS[ep_size]

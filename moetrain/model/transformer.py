@@ -109,15 +109,7 @@ class MoETransformer(nn.Module):
     def _ffn(i: int, cfg: ModelConfig, moe: MoEConfig) -> nn.Module:
         if (i + 1) % cfg.moe_every:
             return DenseFFN(cfg.d_model, cfg.d_ff)
-        return MoELayer(
-            cfg.d_model,
-            cfg.d_ff,
-            moe.num_experts,
-            moe.top_k,
-            moe.capacity_factor,
-            moe.drop_policy,
-            grouped_mm_impl=moe.grouped_mm,
-        )
+        return MoELayer(cfg.d_model, cfg.d_ff, moe)
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]

@@ -1,0 +1,216 @@
+"""Benchmarks; results go to docs/benchmarks.md (each section replaced in place).
+
+    python launch/bench.py moe   [--tokens 4096] [--iters 5] [--threads 2] [--device cpu]
+    python launch/bench.py a2a   [--tokens 4096] [--iters 5]     (spawns 2 ranks with torchrun)
+
+``moe``: forward + backward of one MoE layer (fp32) against a dense-GEMM bound doing the same expert FLOPs
+(tokens * k rows through one SwiGLU FFN of the same width), for moetrain native, DeepSpeed's
+``deepspeed.moe.layer.MoE`` and transformers' ``MixtralSparseMoeBlock``.
+``a2a``: the expert-parallel layer with 2 ranks, ``moe.a2a_chunks`` 1 vs 2 vs 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+SHAPES = [(256, 512, 8), (256, 512, 32), (256, 512, 64), (512, 1024, 32)]  # (d_model, d_ff, E)
+
+
+def time_fwd_bwd(module_fn, x: torch.Tensor, iters: int, warmup: int = 2) -> float:
+    """Median seconds of forward + backward (sum of squares of the output as the loss: no stride-0 grads)."""
+    times = []
+    for i in range(warmup + iters):
+        xi = x.detach().requires_grad_(True)
+        t0 = time.perf_counter()
+        out = module_fn(xi)
+        out.square().sum().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def expert_flops(tokens: int, k: int, d: int, f: int) -> float:
+    return 3 * 3 * 2 * tokens * k * d * f  # 3 GEMMs, forward + 2x backward, 2 flops per MAC
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, f: int) -> None:
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False), nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def init_single_process_group() -> None:
+    """DeepSpeed's MoE layer needs its communication package initialised, even for one process."""
+    import deepspeed
+
+    from moetrain.distributed import init_distributed
+
+    init_distributed()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def candidates(d: int, f: int, E: int, k: int, device: torch.device):
+    """(name, callable) pairs; each callable maps x_TD -> y_TD."""
+    from moetrain.config import MoEConfig
+    from moetrain.model.moe import MoELayer
+
+    out = []
+    for label, cf in (("dropless", None), ("cf 1.25", 1.25)):
+        layer = MoELayer(d, f, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf)).to(device)
+        for p in layer.parameters():
+            nn.init.normal_(p, std=0.02)
+        out.append((f"moetrain native {label}", lambda x, m=layer: m(x.unsqueeze(0))[0][0]))
+
+    from deepspeed.moe.layer import MoE
+
+    init_single_process_group()
+    for label, cf, drop in (("cf 1.0", 1.0, True), ("cf 1.25", 1.25, True), ("dropless", 1.0, False)):
+        ds = MoE(d, SwiGLU(d, f), num_experts=E, ep_size=1, k=k, capacity_factor=cf, eval_capacity_factor=cf,
+                 drop_tokens=drop, use_rts=False, top2_2nd_expert_sampling=False).to(device)
+        ds.set_deepspeed_parallelism()
+        out.append((f"DeepSpeed MoE {label}", lambda x, m=ds: m(x.unsqueeze(0))[0][0]))
+
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=E, num_experts_per_tok=k)
+    block = MixtralSparseMoeBlock(cfg).to(device)
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.02)
+
+    def mixtral(x, m=block):
+        y = m(x.unsqueeze(0))
+        return (y[0] if isinstance(y, tuple) else y)[0]
+
+    out.append(("transformers Mixtral block", mixtral))
+    return out
+
+
+def bench_moe(args) -> str:
+    device = torch.device(args.device)
+    rows = []
+    for d, f, E in SHAPES:
+        for k in (1, 2):
+            torch.manual_seed(0)
+            x = torch.randn(args.tokens, d, device=device)
+            dense = SwiGLU(d, f).to(device)
+            x_dense = torch.randn(args.tokens * k, d, device=device)
+            bound = time_fwd_bwd(dense, x_dense, args.iters)
+            flops = expert_flops(args.tokens, k, d, f)
+            rows.append((d, f, E, k, "dense-GEMM bound", bound, 1.0, flops / bound / 1e9))
+            print(f"(d={d}, f={f}, E={E}, k={k}) dense bound {bound * 1e3:.1f} ms", flush=True)
+            for name, fn in candidates(d, f, E, k, device):
+                t = time_fwd_bwd(fn, x, args.iters)
+                rows.append((d, f, E, k, name, t, bound / t, flops / t / 1e9))
+                print(f"    {name:32s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound", flush=True)
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {args.device}; tokens={args.tokens}, fp32, forward+backward, "
+        f"median of {args.iters} after 2 warm-up iterations.",
+        "",
+        f"Command: `python launch/bench.py moe --tokens {args.tokens} --iters {args.iters} --threads {args.threads}"
+        f" --device {args.device}`",
+        "",
+        "| d_model | d_ff | E | k | implementation | ms | fraction of dense bound | expert GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {d} | {f} | {E} | {k} | {name} | {t * 1e3:.1f} | {frac:.2f} | {gf:.0f} |"
+              for d, f, E, k, name, t, frac, gf in rows]
+    return "\n".join(lines)
+
+
+def bench_a2a(args) -> str:
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", __file__, "a2a-worker",
+         "--tokens", str(args.tokens), "--iters", str(args.iters)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
+    ).stdout
+    rows = [line.removeprefix("A2A ") for line in out.splitlines() if line.startswith("A2A ")]
+    return "\n".join([
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 2 ranks (gloo), "
+        f"1 thread each; tokens={args.tokens} per rank, d_model=256, d_ff=512, E=8, k=2, dropless, "
+        "forward+backward, median.",
+        "",
+        f"Command: `python launch/bench.py a2a --tokens {args.tokens} --iters {args.iters}`",
+        "",
+        "| ep_size | a2a_chunks | ms | speed-up vs 1 chunk |",
+        "|---|---|---|---|",
+        *rows,
+    ])
+
+
+def a2a_worker(args) -> None:
+    import torch.distributed as dist
+
+    from moetrain.config import MoEConfig
+    from moetrain.distributed import expert_parallel_group, init_distributed
+    from moetrain.model.moe import MoELayer
+
+    env = init_distributed()
+    torch.set_num_threads(1)
+    group = expert_parallel_group(2)
+    base = None
+    for chunks in (1, 2, 4):
+        torch.manual_seed(0)
+        layer = MoELayer(256, 512, MoEConfig(num_experts=8, top_k=2, a2a_chunks=chunks), ep_group=group)
+        for p in layer.parameters():
+            nn.init.normal_(p, std=0.02)
+        x = torch.randn(args.tokens, 256)
+        dist.barrier()
+        t = time_fwd_bwd(lambda xi, m=layer: m(xi.unsqueeze(0))[0][0], x, args.iters)
+        t_max = torch.tensor([t])
+        dist.all_reduce(t_max, op=dist.ReduceOp.MAX)
+        base = base or float(t_max)
+        if env.rank == 0:
+            print(f"A2A | 2 | {chunks} | {float(t_max) * 1e3:.1f} | {base / float(t_max):.2f} |", flush=True)
+    dist.destroy_process_group()
+
+
+def write_section(name: str, body: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    block = f"<!-- {name}:start -->\n{body}\n<!-- {name}:end -->"
+    pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
+    text = pattern.sub(block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)
+    print(f"wrote the '{name}' section of {DOC}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["moe", "a2a", "a2a-worker"])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    if args.what == "a2a-worker":
+        a2a_worker(args)
+        return
+    torch.set_num_threads(args.threads)
+    if args.what == "moe":
+        write_section(f"moe-{args.device}", bench_moe(args))
+    else:
+        write_section("a2a", bench_a2a(args))
+
+
+if __name__ == "__main__":
+    main()
