@@ -52,7 +52,11 @@ def expert_flops(tokens: int, k: int, d: int, f: int) -> float:
 class SwiGLU(nn.Module):
     def __init__(self, d: int, f: int) -> None:
         super().__init__()
-        self.w1, self.w3, self.w2 = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False), nn.Linear(f, d, bias=False)
+        self.w1, self.w3, self.w2 = (
+            nn.Linear(d, f, bias=False),
+            nn.Linear(d, f, bias=False),
+            nn.Linear(f, d, bias=False),
+        )
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -84,8 +88,18 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
 
     init_single_process_group()
     for label, cf, drop in (("cf 1.0", 1.0, True), ("cf 1.25", 1.25, True), ("dropless", 1.0, False)):
-        ds = MoE(d, SwiGLU(d, f), num_experts=E, ep_size=1, k=k, capacity_factor=cf, eval_capacity_factor=cf,
-                 drop_tokens=drop, use_rts=False, top2_2nd_expert_sampling=False).to(device)
+        ds = MoE(
+            d,
+            SwiGLU(d, f),
+            num_experts=E,
+            ep_size=1,
+            k=k,
+            capacity_factor=cf,
+            eval_capacity_factor=cf,
+            drop_tokens=drop,
+            use_rts=False,
+            top2_2nd_expert_sampling=False,
+        ).to(device)
         ds.set_deepspeed_parallelism()
         out.append((f"DeepSpeed MoE {label}", lambda x, m=ds: m(x.unsqueeze(0))[0][0]))
 
@@ -133,29 +147,45 @@ def bench_moe(args) -> str:
         "| d_model | d_ff | E | k | implementation | ms | fraction of dense bound | expert GFLOP/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {d} | {f} | {E} | {k} | {name} | {t * 1e3:.1f} | {frac:.2f} | {gf:.0f} |"
-              for d, f, E, k, name, t, frac, gf in rows]
+    lines += [
+        f"| {d} | {f} | {E} | {k} | {name} | {t * 1e3:.1f} | {frac:.2f} | {gf:.0f} |"
+        for d, f, E, k, name, t, frac, gf in rows
+    ]
     return "\n".join(lines)
 
 
 def bench_a2a(args) -> str:
     out = subprocess.run(
-        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", __file__, "a2a-worker",
-         "--tokens", str(args.tokens), "--iters", str(args.iters)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
+        [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            __file__,
+            "a2a-worker",
+            "--tokens",
+            str(args.tokens),
+            "--iters",
+            str(args.iters),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
     ).stdout
     rows = [line.removeprefix("A2A ") for line in out.splitlines() if line.startswith("A2A ")]
-    return "\n".join([
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 2 ranks (gloo), "
-        f"1 thread each; tokens={args.tokens} per rank, d_model=256, d_ff=512, E=8, k=2, dropless, "
-        "forward+backward, median.",
-        "",
-        f"Command: `python launch/bench.py a2a --tokens {args.tokens} --iters {args.iters}`",
-        "",
-        "| ep_size | a2a_chunks | ms | speed-up vs 1 chunk |",
-        "|---|---|---|---|",
-        *rows,
-    ])
+    return "\n".join(
+        [
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 2 ranks (gloo), "
+            f"1 thread each; tokens={args.tokens} per rank, d_model=256, d_ff=512, E=8, k=2, dropless, "
+            "forward+backward, median.",
+            "",
+            f"Command: `python launch/bench.py a2a --tokens {args.tokens} --iters {args.iters}`",
+            "",
+            "| ep_size | a2a_chunks | ms | speed-up vs 1 chunk |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def a2a_worker(args) -> None:

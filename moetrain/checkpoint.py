@@ -76,10 +76,13 @@ def resolve_resume(resume: str, default_root: Path) -> tuple[Path, str] | None:
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, env: LaunchEnv, keep: int) -> None:
+    def __init__(self, root: Path, env: LaunchEnv, keep: int, extra_state=None) -> None:
+        """``extra_state``: an optional component with ``save(dir)`` / ``load(dir)`` for state DeepSpeed does
+        not keep per rank (expert-parallel shards); it runs after DeepSpeed's own save/load."""
         self.root = root
         self.env = env
         self.keep = keep
+        self.extra_state = extra_state
 
     def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
         tag = tag_for(step)
@@ -88,6 +91,8 @@ class CheckpointManager:
         tmp = rank_file.with_name(rank_file.name + ".tmp")
         torch.save({"rng": rng_state()}, tmp)
         os.replace(tmp, rank_file)
+        if self.extra_state is not None:
+            self.extra_state.save(self.root / tag)
         barrier()  # every rank's files are on disk before the checkpoint is declared complete
         if self.env.is_main:
             atomic_write_text(self.root / "latest", tag)
@@ -108,6 +113,8 @@ class CheckpointManager:
         )
         if path is None:
             raise FileNotFoundError(f"trainer.resume: DeepSpeed found no checkpoint {tag} under {root}")
+        if self.extra_state is not None:
+            self.extra_state.load(root / tag)
         rank_file = root / tag / f"rank_state_{self.env.rank:05d}.pt"
         if rank_file.is_file():
             set_rng_state(torch.load(rank_file, weights_only=True)["rng"])

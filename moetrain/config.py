@@ -234,12 +234,6 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         moe.num_experts,
         f"is not divisible by parallel.ep_size={p.ep_size}",
     )
-    _require(
-        p.ep_size == 1,
-        "parallel.ep_size",
-        p.ep_size,
-        "is not supported by moe.backend=native yet; allowed: 1 (experts are data-parallel)",
-    )
     if world_size is not None:
         _require(
             world_size % p.ep_size == 0, "parallel.ep_size", p.ep_size, f"does not divide the world size {world_size}"

@@ -52,6 +52,20 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return groups
 
 
+def build_model_for_engine(cfg: TrainConfig):
+    """The model, sharded over ``parallel.ep_size`` ranks when asked, with its expert-parallel parameters
+    declared to DeepSpeed. Returns (model, expert-shard checkpoint component or None)."""
+    from moetrain.model import build_model
+
+    if cfg.parallel.ep_size == 1:
+        return build_model(cfg.model, cfg.moe), None
+    from moetrain.backends.deepspeed_ep import ExpertShards, create_expert_parallel_groups, mark_expert_parameters
+
+    model = build_model(cfg.model, cfg.moe, create_expert_parallel_groups(cfg.parallel.ep_size))
+    mark_expert_parameters(model, cfg.parallel.ep_size)
+    return model, ExpertShards(model, cfg.parallel.ep_size)
+
+
 def build_engine(model: nn.Module, cfg: TrainConfig):
     """``deepspeed.initialize`` with our optimizer and LR schedule; returns the engine."""
     import deepspeed

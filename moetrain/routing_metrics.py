@@ -29,13 +29,15 @@ class RoutingMetrics:
 
     def update(self, stats: list[MoEStats]) -> None:
         for i, s in enumerate(stats):
-            row = torch.cat([
-                s.routed_per_expert_E.detach().double().cpu(),
-                s.tokens_per_expert_E.detach().double().cpu(),
-                s.gate_mass_E.detach().double().cpu(),
-                s.saliency_sum_E.detach().double().cpu(),
-                torch.tensor([float(s.entropy_sum), s.num_tokens, s.dropped, s.rerouted], dtype=torch.float64),
-            ])
+            row = torch.cat(
+                [
+                    s.routed_per_expert_E.detach().double().cpu(),
+                    s.tokens_per_expert_E.detach().double().cpu(),
+                    s.gate_mass_E.detach().double().cpu(),
+                    s.saliency_sum_E.detach().double().cpu(),
+                    torch.tensor([float(s.entropy_sum), s.num_tokens, s.dropped, s.rerouted], dtype=torch.float64),
+                ]
+            )
             self.sums_LX[i] += row
 
     def reduce_and_reset(self) -> dict[str, float | list[float]]:

@@ -21,8 +21,8 @@ from moetrain.checkpoint import CheckpointManager, resolve_resume
 from moetrain.config import TrainConfig, validate
 from moetrain.data import DataPipeline, default_cache_dir, tokenize_splits
 from moetrain.distributed import all_reduce_sum, barrier, init_distributed
-from moetrain.engine import build_engine
-from moetrain.model import ModelOutput, build_model
+from moetrain.engine import build_engine, build_model_for_engine
+from moetrain.model import ModelOutput
 from moetrain.routing_metrics import RoutingMetrics
 from moetrain.tracking import build_logger
 
@@ -48,7 +48,7 @@ class Trainer:
             torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // self.env.local_world_size))
         torch.manual_seed(t.seed)  # identical initial weights on every rank
 
-        self.model = build_model(cfg.model, cfg.moe)
+        self.model, expert_shards = build_model_for_engine(cfg)
         self.engine = build_engine(self.model, cfg)
         # Every rank is a data-parallel rank (no tensor or pipeline parallelism).
         self.dp_rank, self.dp_size = self.env.rank, self.env.world_size
@@ -62,7 +62,7 @@ class Trainer:
         self.unigram_baseline = splits.unigram_baseline(cfg.model.vocab_size)
         self.data = DataPipeline(splits, cfg.model.seq_len, t.micro_batch_size, self.dp_rank, self.dp_size, t.seed)
 
-        self.checkpoints = CheckpointManager(run_dir / "checkpoints", self.env, t.keep_checkpoints)
+        self.checkpoints = CheckpointManager(run_dir / "checkpoints", self.env, t.keep_checkpoints, expert_shards)
         self.logger = build_logger(cfg, run_dir, self.env.is_main)
         self.moe_layers = self.model.moe_layers()
         self.routing = RoutingMetrics(len(self.moe_layers), cfg.moe.num_experts)
@@ -131,12 +131,21 @@ class Trainer:
         """Global L2 norm of the gradients before clipping, read after DeepSpeed's gradient all-reduce.
 
         ZeRO/bf16 optimizers compute it themselves (``get_global_grad_norm`` is then only valid after
-        ``step``); for plain fp32 ZeRO-0 the full averaged gradients are on every rank, so we take it here.
+        ``step``). For plain fp32 ZeRO-0 the averaged gradients are on every rank: replicated parameters
+        count once, expert-parallel shards are summed over their expert-parallel group.
         """
         if self.cfg.parallel.zero_stage > 0 or self.cfg.parallel.dtype != "fp32":
             return float("nan")  # filled in after engine.step()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        sq = torch.zeros(2, dtype=torch.float64)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                sq[int(getattr(p, "allreduce", True) is False)] += p.grad.detach().double().pow(2).sum().cpu()
+        ep_group = self.moe_layers[0].ep_group if self.moe_layers else None
+        if ep_group is not None:
+            expert_sq = sq[1:].clone()
+            torch.distributed.all_reduce(expert_sq, group=ep_group)
+            sq[1] = expert_sq[0]
+        return float(sq.sum().sqrt())
 
     @torch.no_grad()
     def validate(self) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,12 @@ def run_launcher(cmd: list[str], tmp_path: Path, timeout: int = 600, cwd: Path =
             f"\n--- stderr\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:

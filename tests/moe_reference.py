@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 
@@ -49,8 +48,10 @@ def reference_placement(choices, rankings, num_experts, capacity, policy):
     if capacity is None:
         return {(t, k): choices[t][k][0] for t in range(T) for k in range(K)}
     if policy == "probs":
-        order = sorted(((t, k) for t in range(T) for k in range(K)),
-                       key=lambda a: (-float(choices[a[0]][a[1]][1].detach()), a[1], a[0]))
+        order = sorted(
+            ((t, k) for t in range(T) for k in range(K)),
+            key=lambda a: (-float(choices[a[0]][a[1]][1].detach()), a[1], a[0]),
+        )
     else:  # position, and the first pass of reroute
         order = [(t, k) for k in range(K) for t in range(T)]
     load = [0] * num_experts
@@ -77,8 +78,20 @@ def reference_placement(choices, rankings, num_experts, capacity, policy):
     return placed
 
 
-def reference_moe(x_TD, router_ED, w1_EDF, w3_EDF, w2_EFD, top_k, renormalize=True, capacity=None,
-                  policy="probs", score_func="softmax", bias=None, active=None):
+def reference_moe(
+    x_TD,
+    router_ED,
+    w1_EDF,
+    w3_EDF,
+    w2_EFD,
+    top_k,
+    renormalize=True,
+    capacity=None,
+    policy="probs",
+    score_func="softmax",
+    bias=None,
+    active=None,
+):
     choices, rankings, scores = reference_choices(x_TD, router_ED, top_k, renormalize, score_func, bias, active)
     placed = reference_placement(choices, rankings, router_ED.shape[0], capacity, policy)
     rows, outputs = [], {}

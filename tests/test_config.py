@@ -83,10 +83,11 @@ def test_invalid_values_name_the_key(overrides, key_value, allowed):
     assert "\n" not in msg
 
 
-def test_expert_parallel_needs_a_backend_that_shards_experts():
-    with pytest.raises(ConfigError, match=r"^parallel.ep_size=2 is not supported by moe.backend=native"):
-        compose_config(["parallel.ep_size=2"])
-    validate(compose_config(), world_size=2)
+def test_ep_size_must_divide_the_world_size():
+    cfg = compose_config(["parallel.ep_size=4"])
+    validate(cfg, world_size=8)
+    with pytest.raises(ConfigError, match=r"^parallel.ep_size=4 does not divide the world size 2$"):
+        validate(cfg, world_size=2)
 
 
 def test_cli_bad_value_fails_fast_with_one_line(tmp_path):

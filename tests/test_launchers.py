@@ -112,3 +112,55 @@ def test_python_single_process_resume_auto(tmp_path):
     metrics = read_metrics(tmp_path / "run")
     assert sorted(k for k, row in metrics.items() if "train/loss" in row) == [1, 2, 3, 4]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+EP_RUN = [
+    *FAST,
+    "+recipe=top2_baseline",
+    "trainer.max_steps=6",
+    "trainer.save_every=3",
+    "trainer.eval_every=3",
+    "logging.wandb.mode=disabled",
+]
+
+
+@pytest.fixture(scope="module")
+def ep1_reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ep1")
+    run_launcher([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, *EP_RUN, f"hydra.run.dir={tmp}/run"], tmp)
+    return read_metrics(tmp / "run")
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_deepspeed_expert_parallel_equals_ep1_and_resumes(tmp_path, ep1_reference, zero):
+    """ep_size=2 shards each MoE layer's 8 experts over the 2 ranks (all-to-all dispatch, a2a_chunks=2):
+    training matches the unsharded run on the same initial weights, checkpoints keep every shard, and a
+    resumed run continues exactly."""
+    ep = [*EP_RUN, "parallel.ep_size=2", "moe.a2a_chunks=2", f"parallel.zero_stage={zero}"]
+    run_launcher([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, *ep, f"hydra.run.dir={tmp_path}/ep2"], tmp_path)
+    sharded = read_metrics(tmp_path / "ep2")
+    ckpt = tmp_path / "ep2" / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in ckpt.glob("experts_ep*")) == [
+        "experts_ep000-of-002.safetensors",
+        "experts_ep001-of-002.safetensors",
+    ]
+    for step in range(1, 7):
+        assert sharded[step]["train/loss"] == pytest.approx(ep1_reference[step]["train/loss"], abs=2e-5), step
+        assert sharded[step]["train/grad_norm"] == pytest.approx(ep1_reference[step]["train/grad_norm"], rel=1e-4)
+    assert sharded[6]["val/loss"] == pytest.approx(ep1_reference[6]["val/loss"], abs=2e-5)
+
+    run_launcher(
+        [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            TRAIN,
+            *ep,
+            f"trainer.resume={ckpt}",
+            f"hydra.run.dir={tmp_path}/resumed",
+        ],
+        tmp_path,
+    )
+    resumed = read_metrics(tmp_path / "resumed")
+    for step in range(4, 7):
+        assert resumed[step]["train/loss"] == pytest.approx(sharded[step]["train/loss"], abs=1e-6), step

@@ -31,9 +31,19 @@ def params64(layer):
 
 
 def run_reference(layer, x_TD, p64, capacity, **kw):
-    return reference_moe(x_TD, p64["router.weight_ED"], p64["experts.w1_EDF"], p64["experts.w3_EDF"],
-                         p64["experts.w2_EFD"], layer.top_k, layer.router.renormalize, capacity,
-                         layer.drop_policy, layer.router.score_func, **kw)
+    return reference_moe(
+        x_TD,
+        p64["router.weight_ED"],
+        p64["experts.w1_EDF"],
+        p64["experts.w3_EDF"],
+        p64["experts.w2_EFD"],
+        layer.top_k,
+        layer.router.renormalize,
+        capacity,
+        layer.drop_policy,
+        layer.router.score_func,
+        **kw,
+    )
 
 
 def assert_close(ours, ref, what, tol=2e-5):
@@ -54,8 +64,9 @@ CASES = [
 
 @pytest.mark.parametrize(("top_k", "score_func", "renormalize", "capacity_factor", "policy"), CASES)
 def test_layer_matches_per_token_reference(top_k, score_func, renormalize, capacity_factor, policy):
-    layer = make_layer(top_k, score_func=score_func, renormalize=renormalize, capacity_factor=capacity_factor,
-                       drop_policy=policy)
+    layer = make_layer(
+        top_k, score_func=score_func, renormalize=renormalize, capacity_factor=capacity_factor, drop_policy=policy
+    )
     torch.manual_seed(1)
     x = torch.randn(2, T // 2, D)
     upstream = torch.randn(2, T // 2, D)

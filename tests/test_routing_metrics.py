@@ -12,8 +12,9 @@ from moetrain.routing_metrics import RoutingMetrics
 
 def test_interval_metrics_from_two_forwards():
     torch.manual_seed(0)
-    layer = MoELayer(8, 12, MoEConfig(num_experts=4, top_k=2, capacity_factor=0.6, min_capacity=1,
-                                      drop_policy="reroute"))
+    layer = MoELayer(
+        8, 12, MoEConfig(num_experts=4, top_k=2, capacity_factor=0.6, min_capacity=1, drop_policy="reroute")
+    )
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.5)
     metrics = RoutingMetrics(num_layers=1, num_experts=4)

@@ -18,8 +18,9 @@ import torch
 from moetrain.config import DROP_POLICIES
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None,
-                    min_capacity: int = 4) -> int | None:
+def expert_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None, min_capacity: int = 4
+) -> int | None:
     """Slots per expert: ``max(min_capacity, ceil(capacity_factor * T * K / E))``; ``None`` when dropless.
 
     One definition for every k (DeepSpeed's top-1 and top-2 gates differ; see docs/design.md).
@@ -29,8 +30,9 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(min_capacity, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def _accept(expert_N: torch.Tensor, priority_N: torch.Tensor, room_E: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _accept(
+    expert_N: torch.Tensor, priority_N: torch.Tensor, room_E: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each expert takes candidates in priority order while it has room.
 
     ``priority_N`` lists candidate positions, most urgent first. Returns (accepted, rank within its expert
@@ -63,8 +65,9 @@ def _priority(policy: str, gates_TK: torch.Tensor) -> torch.Tensor:
     return rank_major
 
 
-def apply_capacity(expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor, selection_TE: torch.Tensor,
-                   capacity: int, policy: str) -> CapacityPlan:
+def apply_capacity(
+    expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor, selection_TE: torch.Tensor, capacity: int, policy: str
+) -> CapacityPlan:
     """Decide which assignments fit in ``capacity`` slots per expert.
 
     ``probs``: each expert keeps its highest-gate assignments (ties: choice rank, then token).
@@ -89,8 +92,9 @@ def apply_capacity(expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor, selectio
     if policy == "reroute":
         load_E = torch.bincount(expert_A[keep_A], minlength=E)
         # each token's experts outside its top-k, best first (masked experts rank last with -inf)
-        alternatives_TR = torch.sort(selection_TE.scatter(1, expert_idx_TK, float("-inf")), dim=1,
-                                     descending=True).indices[:, : E - K]
+        alternatives_TR = torch.sort(
+            selection_TE.scatter(1, expert_idx_TK, float("-inf")), dim=1, descending=True
+        ).indices[:, : E - K]
         alt_valid_TR = torch.isfinite(selection_TE.gather(1, alternatives_TR))
         pending_A = ~keep_A
         token_A = torch.arange(T * K, device=device) // K

@@ -26,8 +26,9 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x, out_splits: list[int], in_splits: list[int], group, handles: list | None):
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group,
-                                      async_op=handles is not None)
+        work = dist.all_to_all_single(
+            out, x.contiguous(), out_splits, in_splits, group=group, async_op=handles is not None
+        )
         if handles is not None:
             handles.append(work)
         return out
@@ -68,8 +69,9 @@ def _source_to_expert_order(recv_counts_PEl: torch.Tensor) -> torch.Tensor:
     return torch.sort(expert_major_key, stable=True).indices
 
 
-def expert_parallel_ffn(x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: GroupedExperts, group,
-                        chunks: int = 1) -> torch.Tensor:
+def expert_parallel_ffn(
+    x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: GroupedExperts, group, chunks: int = 1
+) -> torch.Tensor:
     """Expert outputs for this rank's sorted assignments, computed by the ranks that own the experts."""
     P = dist.get_world_size(group)
     El = tokens_per_expert_E.numel() // P
@@ -98,8 +100,7 @@ def expert_parallel_ffn(x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor, e
         order_R = _source_to_expert_order(recv_counts_PEl).to(device)
         y_sorted = experts(received[c][order_R], recv_counts_PEl.sum(0).to(device))
         y_R = torch.empty_like(y_sorted).index_copy(0, order_R, y_sorted)  # back to (source, expert) order
-        back = all_to_all(y_R, send_PCEl[:, c].sum(1).tolist(), recv_PCEl[:, c].sum(1).tolist(), group,
-                          combine_handles)
+        back = all_to_all(y_R, send_PCEl[:, c].sum(1).tolist(), recv_PCEl[:, c].sum(1).tolist(), group, combine_handles)
         outputs.append((chunk_rows[c].to(device), back))
     for work in combine_handles:
         work.wait()

@@ -54,8 +54,7 @@ class MoELayer(nn.Module):
         self.min_capacity = cfg.min_capacity
         self.padded = cfg.padded
         self.bias_update_rate = cfg.bias_update_rate
-        self.router = TopKRouter(d_model, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.score_func,
-                                 cfg.jitter_eps)
+        self.router = TopKRouter(d_model, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.score_func, cfg.jitter_eps)
         self.ep_group = ep_group
         ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
         self.ep_size = ep_size
@@ -121,12 +120,17 @@ class MoELayer(nn.Module):
         if plan is not None and self.padded and self.ep_size == 1:
             y_AD = self._padded_experts(x_TD, perm, plan, capacity)
         elif self.ep_size == 1:
-            y_AD = self.experts(x_TD[perm.token_A], perm.tokens_per_expert_E)
+            y_AD = self.experts(x_TD.index_select(0, perm.token_A), perm.tokens_per_expert_E)
         else:
             from moetrain.model.expert_parallel import expert_parallel_ffn
 
-            y_AD = expert_parallel_ffn(x_TD[perm.token_A], perm.tokens_per_expert_E, self.experts, self.ep_group,
-                                       self.a2a_chunks)
+            y_AD = expert_parallel_ffn(
+                x_TD.index_select(0, perm.token_A),
+                perm.tokens_per_expert_E,
+                self.experts,
+                self.ep_group,
+                self.a2a_chunks,
+            )
         out_TD = combine(y_AD, perm, gates_TK, T)
 
         # the balancing loss uses the routing *distribution*: sigmoid scores are normalised per token
@@ -158,7 +162,6 @@ class MoELayer(nn.Module):
         E, D = self.num_experts, x_TD.shape[1]
         slot_A = plan.slot_TK.reshape(-1)[perm.assignment_A]
         x_ECD = x_TD.new_zeros(E, capacity, D)
-        x_ECD[perm.expert_A, slot_A] = x_TD[perm.token_A]
+        x_ECD[perm.expert_A, slot_A] = x_TD.index_select(0, perm.token_A)
         y_ECD = self.experts.forward_padded(x_ECD)
         return y_ECD[perm.expert_A, slot_A]
-

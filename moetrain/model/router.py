@@ -74,8 +74,15 @@ class Routing:
 
 
 class TopKRouter(nn.Module):
-    def __init__(self, d_model: int, num_experts: int, top_k: int, renormalize: bool = True,
-                 score_func: str = "softmax", jitter_eps: float = 0.0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool = True,
+        score_func: str = "softmax",
+        jitter_eps: float = 0.0,
+    ) -> None:
         super().__init__()
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"moe.score_func={score_func} is not supported; allowed: {', '.join(SCORE_FUNCS)}")

@@ -91,11 +91,11 @@ class ModelOutput:
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, ep_group=None) -> None:
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, self._ffn(i, cfg, moe)) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, self._ffn(i, cfg, moe, ep_group)) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -106,26 +106,38 @@ class MoETransformer(nn.Module):
         self.reset_parameters()
 
     @staticmethod
-    def _ffn(i: int, cfg: ModelConfig, moe: MoEConfig) -> nn.Module:
+    def _ffn(i: int, cfg: ModelConfig, moe: MoEConfig, ep_group) -> nn.Module:
         if (i + 1) % cfg.moe_every:
             return DenseFFN(cfg.d_model, cfg.d_ff)
-        return MoELayer(cfg.d_model, cfg.d_ff, moe)
+        return MoELayer(cfg.d_model, cfg.d_ff, moe, ep_group=ep_group)
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Initialise every weight from the current RNG state, in parameter order.
+
+        An expert-parallel layer draws the full (E, ...) expert tensor and keeps its own slice, so a model
+        sharded over any ``parallel.ep_size`` starts from exactly the weights of the unsharded model.
+        """
         std = self.cfg.init_std
         # Output projections are scaled down with depth (GPT-2 style) so the residual stream starts small.
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        shards = {id(p): layer for layer in self.moe_layers() for p in layer.experts.parameters()}
         for name, p in self.named_parameters():
             if p.dim() == 1:  # norm weights
                 nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight", "w2_EFD")):
-                nn.init.normal_(p, std=out_std)
+                continue
+            layer_std = out_std if name.endswith(("wo.weight", "w2.weight", "w2_EFD")) else std
+            layer = shards.get(id(p))
+            if layer is not None and layer.ep_size > 1:
+                full = torch.empty(layer.num_experts, *p.shape[1:], dtype=p.dtype, device=p.device)
+                nn.init.normal_(full, std=layer_std)
+                first = layer.ep_rank * layer.num_local_experts
+                p.copy_(full[first : first + layer.num_local_experts])
             else:
-                nn.init.normal_(p, std=std)
+                nn.init.normal_(p, std=layer_std)
 
     def forward(self, input_ids_BS: torch.Tensor) -> ModelOutput:
         x = self.tok_emb(input_ids_BS)
@@ -141,5 +153,6 @@ class MoETransformer(nn.Module):
         return ModelOutput(logits, aux, z, stats)
 
 
-def build_model(cfg: ModelConfig, moe: MoEConfig) -> MoETransformer:
-    return MoETransformer(cfg, moe)
+def build_model(cfg: ModelConfig, moe: MoEConfig, ep_group=None) -> MoETransformer:
+    """The model; with ``ep_group`` its MoE layers hold only this rank's experts of that group."""
+    return MoETransformer(cfg, moe, ep_group)

@@ -1,0 +1,1 @@
+"""Adapters between our MoE layers and the engines/kernels that run them."""
