@@ -4,8 +4,9 @@
     python launch/bench.py a2a   [--tokens 4096] [--iters 5]     (spawns 2 ranks with torchrun)
 
 ``moe``: forward + backward of one MoE layer (fp32) against a dense-GEMM bound doing the same expert FLOPs
-(tokens * k rows through one SwiGLU FFN of the same width), for moetrain native, DeepSpeed's
-``deepspeed.moe.layer.MoE`` and transformers' ``MixtralSparseMoeBlock``.
+(tokens * k rows through one SwiGLU FFN of the same width), for moetrain native, moetrain's deepspeed
+backend (DeepSpeed's layer with our router), DeepSpeed's stock ``deepspeed.moe.layer.MoE`` and
+transformers' ``MixtralSparseMoeBlock``.
 ``a2a``: the expert-parallel layer with 2 ranks, ``moe.a2a_chunks`` 1 vs 2 vs 4.
 """
 
@@ -102,6 +103,13 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
         ).to(device)
         ds.set_deepspeed_parallelism()
         out.append((f"DeepSpeed MoE {label}", lambda x, m=ds: m(x.unsqueeze(0))[0][0]))
+
+    from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
+
+    ours_on_ds = DeepSpeedMoELayer(d, f, MoEConfig(num_experts=E, top_k=k), ep_size=1, ep_rank=0).to(device)
+    ours_on_ds.moe.set_deepspeed_parallelism()
+    ours_on_ds.gate.reset_parameters(0.02, 0.02)
+    out.append(("moetrain deepspeed backend dropless", lambda x, m=ours_on_ds: m(x.unsqueeze(0))[0][0]))
 
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock

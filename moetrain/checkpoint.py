@@ -14,6 +14,7 @@ save leaves the previous checkpoint as the one resume picks. Per-rank files are 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -76,12 +77,15 @@ def resolve_resume(resume: str, default_root: Path) -> tuple[Path, str] | None:
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, env: LaunchEnv, keep: int, extra_state=None) -> None:
-        """``extra_state``: an optional component with ``save(dir)`` / ``load(dir)`` for state DeepSpeed does
-        not keep per rank (expert-parallel shards); it runs after DeepSpeed's own save/load."""
+    def __init__(self, root: Path, env: LaunchEnv, keep: int, layout: dict[str, Any], extra_state=None) -> None:
+        """``layout``: what decides whether optimizer state can be restored (backend, ep_size, zero_stage,
+        world size); saved as ``layout.json`` beside each checkpoint. ``extra_state``: an optional component
+        with ``save(dir)`` / ``load(dir)`` for state DeepSpeed does not keep per rank (native expert-parallel
+        shards); it runs after DeepSpeed's own save/load."""
         self.root = root
         self.env = env
         self.keep = keep
+        self.layout = layout
         self.extra_state = extra_state
 
     def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
@@ -93,6 +97,8 @@ class CheckpointManager:
         os.replace(tmp, rank_file)
         if self.extra_state is not None:
             self.extra_state.save(self.root / tag)
+        if self.env.is_main:
+            atomic_write_text(self.root / tag / "layout.json", json.dumps(self.layout, sort_keys=True))
         barrier()  # every rank's files are on disk before the checkpoint is declared complete
         if self.env.is_main:
             atomic_write_text(self.root / "latest", tag)
@@ -106,16 +112,43 @@ class CheckpointManager:
             if old != keep_tag:
                 shutil.rmtree(self.root / old, ignore_errors=True)
 
-    def load(self, engine, root: Path, tag: str) -> dict[str, Any]:
-        """Restore model, optimizer, LR schedule (DeepSpeed) and this rank's RNG; return the client state."""
+    def load(self, engine, root: Path, tag: str) -> tuple[dict[str, Any], bool]:
+        """Restore model, optimizer and LR schedule (DeepSpeed) and this rank's RNG.
+
+        Returns (client state, whether optimizer state was restored). When the checkpoint was written with
+        another world size, ``parallel.ep_size``, ZeRO stage or backend, only the weights are loaded (where
+        the layout allows it) and the optimizer starts afresh: DeepSpeed does not reshard optimizer state.
+        """
+        saved = self.saved_layout(root / tag)
+        same = saved is None or saved == self.layout
+        if not same:
+            self._check_weights_portable(saved)
         path, client_state = engine.load_checkpoint(
-            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(root), tag=tag, load_optimizer_states=same, load_lr_scheduler_states=same, load_module_only=not same
         )
         if path is None:
             raise FileNotFoundError(f"trainer.resume: DeepSpeed found no checkpoint {tag} under {root}")
         if self.extra_state is not None:
             self.extra_state.load(root / tag)
         rank_file = root / tag / f"rank_state_{self.env.rank:05d}.pt"
-        if rank_file.is_file():
+        if same and rank_file.is_file():
             set_rng_state(torch.load(rank_file, weights_only=True)["rng"])
-        return client_state or {}
+        return client_state or {}, same
+
+    @staticmethod
+    def saved_layout(directory: Path) -> dict[str, Any] | None:
+        f = directory / "layout.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def _check_weights_portable(self, saved: dict[str, Any]) -> None:
+        if saved["backend"] != self.layout["backend"]:
+            raise ValueError(
+                f"trainer.resume: the checkpoint was written with moe.backend={saved['backend']}; "
+                f"resume with moe.backend={saved['backend']}"
+            )
+        if saved["backend"] == "native" and saved["ep_size"] != self.layout["ep_size"]:
+            raise ValueError(
+                f"trainer.resume: the checkpoint has parallel.ep_size={saved['ep_size']} expert shards; "
+                f"moe.backend=native resumes only with parallel.ep_size={saved['ep_size']} "
+                "(moe.backend=deepspeed stores one file per expert and loads at any ep_size)"
+            )

@@ -14,7 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-MOE_BACKENDS = ("native",)
+MOE_BACKENDS = ("native", "deepspeed")
 DROP_POLICIES = ("probs", "position", "reroute")
 SCORE_FUNCS = ("softmax", "sigmoid")
 DTYPES = ("fp32", "bf16")
@@ -223,6 +223,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _require(0 <= moe.jitter_eps < 1, "moe.jitter_eps", moe.jitter_eps, "must be in [0, 1)")
     _require(moe.bias_update_rate >= 0, "moe.bias_update_rate", moe.bias_update_rate, "must be >= 0 (0: off)")
     _require(moe.a2a_chunks >= 1, "moe.a2a_chunks", moe.a2a_chunks, "must be >= 1")
+    _require(
+        moe.backend != "deepspeed" or moe.a2a_chunks == 1,
+        "moe.a2a_chunks",
+        moe.a2a_chunks,
+        "is not supported by moe.backend=deepspeed (DeepSpeed's layer runs one all-to-all); allowed: 1",
+    )
     _one_of("moe.grouped_mm", moe.grouped_mm, ("auto", "grouped", "loop"))
     for key in ("aux_loss_coef", "z_loss_coef"):
         _require(getattr(moe, key) >= 0, f"moe.{key}", getattr(moe, key), "must be >= 0")

@@ -57,6 +57,8 @@ def build_model_for_engine(cfg: TrainConfig):
     declared to DeepSpeed. Returns (model, expert-shard checkpoint component or None)."""
     from moetrain.model import build_model
 
+    if cfg.moe.backend == "deepspeed":  # DeepSpeed's layer tags its experts and checkpoints them per expert
+        return build_model(cfg.model, cfg.moe, ep_size=cfg.parallel.ep_size), None
     if cfg.parallel.ep_size == 1:
         return build_model(cfg.model, cfg.moe), None
     from moetrain.backends.deepspeed_ep import ExpertShards, create_expert_parallel_groups, mark_expert_parameters

@@ -62,7 +62,15 @@ class Trainer:
         self.unigram_baseline = splits.unigram_baseline(cfg.model.vocab_size)
         self.data = DataPipeline(splits, cfg.model.seq_len, t.micro_batch_size, self.dp_rank, self.dp_size, t.seed)
 
-        self.checkpoints = CheckpointManager(run_dir / "checkpoints", self.env, t.keep_checkpoints, expert_shards)
+        layout = {
+            "backend": cfg.moe.backend,
+            "ep_size": cfg.parallel.ep_size,
+            "zero_stage": cfg.parallel.zero_stage,
+            "world_size": self.env.world_size,
+        }
+        self.checkpoints = CheckpointManager(
+            run_dir / "checkpoints", self.env, t.keep_checkpoints, layout, expert_shards
+        )
         self.logger = build_logger(cfg, run_dir, self.env.is_main)
         self.moe_layers = self.model.moe_layers()
         self.routing = RoutingMetrics(len(self.moe_layers), cfg.moe.num_experts)
@@ -81,11 +89,21 @@ class Trainer:
             if self.cfg.trainer.resume == "auto" and self.env.is_main:
                 log.info("trainer.resume=auto: no checkpoint under %s, starting from step 0", self.checkpoints.root)
             return
-        state = self.checkpoints.load(self.engine, *found)
+        state, with_optimizer = self.checkpoints.load(self.engine, *found)
         self.step = int(state["step"])
         self.data.load_state_dict(state["data"])
+        if not with_optimizer:
+            # the LR schedule is a pure function of the step: put it where the checkpoint left it
+            self.engine.lr_scheduler.last_epoch = self.step - 1
+            self.engine.lr_scheduler.step()
         if self.env.is_main:
             log.info("resumed from %s/%s at step %d", *found, self.step)
+            if not with_optimizer:
+                log.warning(
+                    "the checkpoint was written with another layout (%s): loaded the weights only; "
+                    "optimizer state is re-initialized",
+                    json.dumps(self.checkpoints.saved_layout(found[0] / found[1])),
+                )
 
     def save(self) -> None:
         self.last_checkpoint = self.checkpoints.save(self.engine, self.step, self.client_state())

@@ -5,10 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import BIN, FAST, ROOT, read_metrics, run_launcher
+from conftest import BIN, FAST, ROOT, free_port, read_metrics, run_launcher
 
 pytestmark = pytest.mark.slow
 TRAIN = str(ROOT / "launch" / "train.py")
+
+
+class _DeepSpeed2:
+    """``deepspeed --num_gpus 2 --master_port <free>``: a fresh port per launch, so a socket still held by
+    the previous run (or another job on the machine) cannot break the next one."""
+
+    def __iter__(self):
+        return iter([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())])
+
+
+DEEPSPEED_2 = _DeepSpeed2()
 
 
 def only_run_dir(base):
@@ -34,9 +45,7 @@ def test_deepspeed_two_ranks_checkpoint_and_exact_resume(tmp_path, precision):
     ]
     first = tmp_path / "first"
     first.mkdir()
-    run_launcher(
-        [str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, *common, "logging.wandb.mode=offline"], tmp_path, cwd=first
-    )
+    run_launcher([*DEEPSPEED_2, TRAIN, *common, "logging.wandb.mode=offline"], tmp_path, cwd=first)
     run_dir = only_run_dir(first)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000012"
@@ -127,7 +136,7 @@ EP_RUN = [
 @pytest.fixture(scope="module")
 def ep1_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ep1")
-    run_launcher([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, *EP_RUN, f"hydra.run.dir={tmp}/run"], tmp)
+    run_launcher([*DEEPSPEED_2, TRAIN, *EP_RUN, f"hydra.run.dir={tmp}/run"], tmp)
     return read_metrics(tmp / "run")
 
 
@@ -137,7 +146,7 @@ def test_deepspeed_expert_parallel_equals_ep1_and_resumes(tmp_path, ep1_referenc
     training matches the unsharded run on the same initial weights, checkpoints keep every shard, and a
     resumed run continues exactly."""
     ep = [*EP_RUN, "parallel.ep_size=2", "moe.a2a_chunks=2", f"parallel.zero_stage={zero}"]
-    run_launcher([str(BIN / "deepspeed"), "--num_gpus", "2", TRAIN, *ep, f"hydra.run.dir={tmp_path}/ep2"], tmp_path)
+    run_launcher([*DEEPSPEED_2, TRAIN, *ep, f"hydra.run.dir={tmp_path}/ep2"], tmp_path)
     sharded = read_metrics(tmp_path / "ep2")
     ckpt = tmp_path / "ep2" / "checkpoints" / "step_00000003"
     assert sorted(p.name for p in ckpt.glob("experts_ep*")) == [
@@ -164,3 +173,32 @@ def test_deepspeed_expert_parallel_equals_ep1_and_resumes(tmp_path, ep1_referenc
     resumed = read_metrics(tmp_path / "resumed")
     for step in range(4, 7):
         assert resumed[step]["train/loss"] == pytest.approx(sharded[step]["train/loss"], abs=1e-6), step
+
+
+def test_deepspeed_backend_trains_checkpoints_per_expert_and_resumes(tmp_path):
+    """moe.backend=deepspeed (DeepSpeed's MoE layer, our router as gate), ep_size=2, ZeRO-2, bf16: DeepSpeed's
+    per-expert checkpoint files; exact resume; weights-only resume at another ep_size."""
+    run = [*EP_RUN, "moe.backend=deepspeed", "parallel.zero_stage=2", "parallel.dtype=bf16"]
+    run_launcher([*DEEPSPEED_2, TRAIN, *run, "parallel.ep_size=2", f"hydra.run.dir={tmp_path}/a"], tmp_path)
+    full = read_metrics(tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoints" / "step_00000003"
+    assert len(list(ckpt.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 2 * 8  # 2 MoE layers x 8 experts
+    assert "val/loss" in full[6] and full[6]["train/loss"] < full[1]["train/loss"]
+
+    run_launcher(
+        [*DEEPSPEED_2, TRAIN, *run, "parallel.ep_size=2", f"trainer.resume={ckpt}", f"hydra.run.dir={tmp_path}/b"],
+        tmp_path,
+    )
+    resumed = read_metrics(tmp_path / "b")
+    for step in range(4, 7):
+        assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], abs=1e-6), step
+
+    proc = run_launcher(
+        [*DEEPSPEED_2, TRAIN, *run, "parallel.ep_size=1", f"trainer.resume={ckpt}", f"hydra.run.dir={tmp_path}/c"],
+        tmp_path,
+    )
+    assert "loaded the weights only; optimizer state is re-initialized" in proc.stdout + proc.stderr
+    other_ep = read_metrics(tmp_path / "c")
+    # the first step after loading sees the same weights (forward loss equal), then the fresh optimizer differs
+    assert other_ep[4]["train/loss"] == pytest.approx(full[4]["train/loss"], abs=1e-6)
+    assert other_ep[4]["train/lr"] == pytest.approx(full[4]["train/lr"])

@@ -17,9 +17,10 @@ import torch.distributed as dist
 from torch import nn
 
 from moetrain.config import MoEConfig
-from moetrain.model.dispatch import apply_capacity, combine, expert_capacity, permute
+from moetrain.model.dispatch import CapacityPlan, apply_capacity, combine, expert_capacity, permute
 from moetrain.model.experts import GroupedExperts
 from moetrain.model.router import (
+    Routing,
     TopKRouter,
     balancing_bias_update,
     load_balancing_loss,
@@ -44,24 +45,34 @@ class MoEStats:
     rerouted: int  # assignments computed by another expert than the router chose
 
 
-class MoELayer(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, ep_group: dist.ProcessGroup | None = None) -> None:
+@dataclass
+class Routed:
+    """One call's routing decisions, before any expert runs."""
+
+    routing: Routing
+    plan: CapacityPlan | None  # None: dropless
+    capacity: int | None
+    expert_idx_TK: torch.Tensor  # the expert computing each assignment (after rerouting)
+    routed_per_expert_E: torch.Tensor  # the router's choices, before capacity
+
+    @property
+    def keep_TK(self) -> torch.Tensor | None:
+        return self.plan.keep_TK if self.plan is not None else None
+
+
+class RoutingCore(nn.Module):
+    """Router, capacity and drop policy, runtime controls and statistics: everything of an MoE layer but the
+    experts. Backends that run experts elsewhere (DeepSpeed's MoE layer) reuse it as their gate."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.num_experts = cfg.num_experts
         self.capacity_factor = cfg.capacity_factor
         self.eval_capacity_factor = cfg.eval_capacity_factor
         self.drop_policy = cfg.drop_policy
         self.min_capacity = cfg.min_capacity
-        self.padded = cfg.padded
         self.bias_update_rate = cfg.bias_update_rate
         self.router = TopKRouter(d_model, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.score_func, cfg.jitter_eps)
-        self.ep_group = ep_group
-        ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
-        self.ep_size = ep_size
-        self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
-        self.a2a_chunks = cfg.a2a_chunks
-        self.num_local_experts = cfg.num_experts // ep_size
-        self.experts = GroupedExperts(self.num_local_experts, d_model, d_ff, cfg.grouped_mm)
         # aux-loss-free balancing: token counts of training forwards since the last optimizer step
         self.register_buffer("_load_since_step_E", torch.zeros(cfg.num_experts), persistent=False)
 
@@ -79,10 +90,10 @@ class MoELayer(nn.Module):
 
     def set_expert_mask(self, active_E: torch.Tensor) -> None:
         """Only experts with ``active_E[i]`` True can be selected from now on."""
-        active_E = active_E.to(self.router.expert_mask_E)
+        active_E = active_E.to(self.router.active_E)
         if int(active_E.sum()) < self.top_k:
             raise ValueError(f"the expert mask leaves {int(active_E.sum())} experts, fewer than moe.top_k={self.top_k}")
-        self.router.expert_mask_E.copy_(active_E)
+        self.router.active_E.copy_(active_E)
 
     def current_capacity_factor(self) -> float | None:
         return self.capacity_factor if self.training else self.eval_capacity_factor
@@ -96,29 +107,92 @@ class MoELayer(nn.Module):
         load = self._load_since_step_E.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(load)
-        self.router.bias_E += balancing_bias_update(load, self.router.expert_mask_E, self.bias_update_rate)
+        self.router.bias_E += balancing_bias_update(load, self.router.active_E, self.bias_update_rate)
         self._load_since_step_E.zero_()
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        B, S, D = x_BSD.shape
-        T, E = B * S, self.num_experts
-        x_TD = x_BSD.reshape(T, D)
+    def ffn_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of this MoE FFN (router and experts), initialised together by ``reset_parameters``."""
+        return list(self.parameters())
+
+    # ------------------------------------------------------------------ routing and statistics
+    def route(self, x_TD: torch.Tensor) -> Routed:
+        T, E = x_TD.shape[0], self.num_experts
         routing = self.router(x_TD)
         K = routing.expert_idx_TK.shape[1]
         routed_E = torch.bincount(routing.expert_idx_TK.reshape(-1), minlength=E)
         if self.training:
             self._load_since_step_E += routed_E
-
         capacity = expert_capacity(T, E, K, self.current_capacity_factor(), self.min_capacity)
-        expert_idx_TK, gates_TK, plan = routing.expert_idx_TK, routing.gates_TK, None
+        plan = None
         if capacity is not None:
-            plan = apply_capacity(expert_idx_TK, gates_TK, routing.selection_TE, capacity, self.drop_policy)
-            expert_idx_TK = plan.expert_idx_TK
-        perm = permute(expert_idx_TK, E, plan.keep_TK if plan is not None else None)
+            plan = apply_capacity(
+                routing.expert_idx_TK, routing.gates_TK, routing.selection_TE, capacity, self.drop_policy
+            )
+        expert_idx_TK = plan.expert_idx_TK if plan is not None else routing.expert_idx_TK
+        return Routed(routing, plan, capacity, expert_idx_TK, routed_E)
 
-        if plan is not None and self.padded and self.ep_size == 1:
-            y_AD = self._padded_experts(x_TD, perm, plan, capacity)
+    def stats(self, routed: Routed, tokens_per_expert_E: torch.Tensor, saliency_sum_E: torch.Tensor) -> MoEStats:
+        """Losses (differentiable) and metrics of one call. ``saliency_sum_E``: sum over computed assignments
+        of gate * ||expert output||, which only the code that ran the experts can measure."""
+        routing, E = routed.routing, self.num_experts
+        T, K = routing.expert_idx_TK.shape
+        # the balancing loss uses the routing *distribution*: sigmoid scores are normalised per token
+        dist_TE = routing.probs_TE
+        if self.router.score_func == "sigmoid":
+            dist_TE = dist_TE / dist_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+        aux_loss = load_balancing_loss(dist_TE, routing.expert_idx_TK, E)
+        z_loss = router_z_loss(routing.logits_TE)
+        with torch.no_grad():
+            computed = int(tokens_per_expert_E.sum())
+            gate_mass_E = torch.zeros(E, device=dist_TE.device).index_add(
+                0, routing.expert_idx_TK.reshape(-1), routing.gates_TK.reshape(-1)
+            )
+            return MoEStats(
+                aux_loss=aux_loss,
+                z_loss=z_loss,
+                routed_per_expert_E=routed.routed_per_expert_E,
+                tokens_per_expert_E=tokens_per_expert_E,
+                gate_mass_E=gate_mass_E,
+                saliency_sum_E=saliency_sum_E,
+                entropy_sum=router_entropy(dist_TE) * T,
+                num_tokens=T,
+                dropped=T * K - computed,
+                rerouted=int(routed.plan.rerouted_TK.sum()) if routed.plan is not None else 0,
+            )
+
+
+class MoELayer(RoutingCore):
+    """``moe.backend=native``: our own experts, sorted grouped GEMM, optional expert parallelism."""
+
+    def __init__(self, d_model: int, d_ff: int, cfg: MoEConfig, ep_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(d_model, cfg)
+        self.padded = cfg.padded
+        self.ep_group = ep_group
+        self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
+        self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+        self.a2a_chunks = cfg.a2a_chunks
+        self.num_local_experts = cfg.num_experts // self.ep_size
+        self.experts = GroupedExperts(self.num_local_experts, d_model, d_ff, cfg.grouped_mm)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """Router, then the full (E, ...) w1, w3, w2 tensors drawn in that order; this rank keeps its slice,
+        so any ``parallel.ep_size`` starts from the weights of the unsharded layer."""
+        nn.init.normal_(self.router.weight_ED, std=std)
+        first = self.ep_rank * self.num_local_experts
+        for w, w_std in ((self.experts.w1_EDF, std), (self.experts.w3_EDF, std), (self.experts.w2_EFD, out_std)):
+            full = torch.empty(self.num_experts, *w.shape[1:], dtype=w.dtype, device=w.device)
+            nn.init.normal_(full, std=w_std)
+            w.copy_(full[first : first + self.num_local_experts])
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        B, S, D = x_BSD.shape
+        T, E = B * S, self.num_experts
+        x_TD = x_BSD.reshape(T, D)
+        routed = self.route(x_TD)
+        perm = permute(routed.expert_idx_TK, E, routed.keep_TK)
+        if routed.plan is not None and self.padded and self.ep_size == 1:
+            y_AD = self._padded_experts(x_TD, perm, routed.plan, routed.capacity)
         elif self.ep_size == 1:
             y_AD = self.experts(x_TD.index_select(0, perm.token_A), perm.tokens_per_expert_E)
         else:
@@ -131,31 +205,14 @@ class MoELayer(nn.Module):
                 self.ep_group,
                 self.a2a_chunks,
             )
+        gates_TK = routed.routing.gates_TK
         out_TD = combine(y_AD, perm, gates_TK, T)
-
-        # the balancing loss uses the routing *distribution*: sigmoid scores are normalised per token
-        dist_TE = routing.probs_TE
-        if self.router.score_func == "sigmoid":
-            dist_TE = dist_TE / dist_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-        aux_loss = load_balancing_loss(dist_TE, routing.expert_idx_TK, E)
-        z_loss = router_z_loss(routing.logits_TE)
         with torch.no_grad():
             gate_A = gates_TK.reshape(-1)[perm.assignment_A]
-            zeros_E = torch.zeros(E, device=x_TD.device)
-            computed = int(perm.tokens_per_expert_E.sum())
-            stats = MoEStats(
-                aux_loss=aux_loss,
-                z_loss=z_loss,
-                routed_per_expert_E=routed_E,
-                tokens_per_expert_E=perm.tokens_per_expert_E,
-                gate_mass_E=zeros_E.index_add(0, routing.expert_idx_TK.reshape(-1), routing.gates_TK.reshape(-1)),
-                saliency_sum_E=zeros_E.index_add(0, perm.expert_A, gate_A * y_AD.float().norm(dim=-1)),
-                entropy_sum=router_entropy(dist_TE) * T,
-                num_tokens=T,
-                dropped=T * K - computed,
-                rerouted=int(plan.rerouted_TK.sum()) if plan is not None else 0,
+            saliency_E = torch.zeros(E, device=x_TD.device).index_add(
+                0, perm.expert_A, gate_A * y_AD.float().norm(dim=-1)
             )
-        return out_TD.view(B, S, D), stats
+        return out_TD.view(B, S, D), self.stats(routed, perm.tokens_per_expert_E, saliency_E)
 
     def _padded_experts(self, x_TD: torch.Tensor, perm, plan, capacity: int) -> torch.Tensor:
         """Fixed-shape path: tokens laid out in an (E, C, D) buffer, one batched GEMM per weight."""

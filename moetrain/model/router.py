@@ -93,11 +93,11 @@ class TopKRouter(nn.Module):
         self.jitter_eps = jitter_eps
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("bias_E", torch.zeros(num_experts))
-        self.register_buffer("expert_mask_E", torch.ones(num_experts, dtype=torch.bool))
+        self.register_buffer("active_E", torch.ones(num_experts, dtype=torch.bool))
 
     @property
     def num_active(self) -> int:
-        return int(self.expert_mask_E.sum())
+        return int(self.active_E.sum())
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         x_TD = x_TD.float()
@@ -105,7 +105,7 @@ class TopKRouter(nn.Module):
             # Switch-style multiplicative input jitter, training only.
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         logits_TE = F.linear(x_TD, self.weight_ED.float())
-        masked = ~self.expert_mask_E
+        masked = ~self.active_E
         logits_TE = logits_TE.masked_fill(masked, float("-inf"))
         if self.score_func == "softmax":
             probs_TE = torch.softmax(logits_TE, dim=-1)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import ModelConfig, MoEConfig
-from moetrain.model.moe import MoELayer, MoEStats
+from moetrain.model.moe import MoELayer, MoEStats, RoutingCore
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,11 +91,14 @@ class ModelOutput:
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, ep_group=None) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, ep_group=None, ep_size: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
+        # Initial weights depend only on the RNG state at entry, not on what the modules' constructors draw
+        # (DeepSpeed's experts build nn.Linear layers, ours do not): every backend starts from the same weights.
+        rng_at_entry = torch.get_rng_state()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, self._ffn(i, cfg, moe, ep_group)) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, self._ffn(i, cfg, moe, ep_group, ep_size)) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -103,41 +106,46 @@ class MoETransformer(nn.Module):
         cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        torch.set_rng_state(rng_at_entry)
         self.reset_parameters()
 
     @staticmethod
-    def _ffn(i: int, cfg: ModelConfig, moe: MoEConfig, ep_group) -> nn.Module:
+    def _ffn(i: int, cfg: ModelConfig, moe: MoEConfig, ep_group, ep_size: int) -> nn.Module:
         if (i + 1) % cfg.moe_every:
             return DenseFFN(cfg.d_model, cfg.d_ff)
+        if moe.backend == "deepspeed":
+            from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
+
+            # DeepSpeed's expert-parallel groups are consecutive ranks: the expert-parallel rank is rank % size
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            return DeepSpeedMoELayer(cfg.d_model, cfg.d_ff, moe, ep_size, rank % ep_size)
         return MoELayer(cfg.d_model, cfg.d_ff, moe, ep_group=ep_group)
 
-    def moe_layers(self) -> list[MoELayer]:
-        return [m for m in self.modules() if isinstance(m, MoELayer)]
+    def moe_layers(self) -> list[RoutingCore]:
+        """The routing core of every MoE layer, in depth order: what schedules switch (top_k, capacity,
+        expert mask) whatever the backend."""
+        return [m for m in self.modules() if isinstance(m, RoutingCore)]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialise every weight from the current RNG state, in parameter order.
-
-        An expert-parallel layer draws the full (E, ...) expert tensor and keeps its own slice, so a model
-        sharded over any ``parallel.ep_size`` starts from exactly the weights of the unsharded model.
-        """
+        """Initialise every weight from the current RNG state, in parameter order. MoE layers initialise
+        themselves as a unit (router, then full expert tensors) so every backend and expert-parallel size
+        starts from the same weights."""
         std = self.cfg.init_std
         # Output projections are scaled down with depth (GPT-2 style) so the residual stream starts small.
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        shards = {id(p): layer for layer in self.moe_layers() for p in layer.experts.parameters()}
+        owner = {id(p): layer for layer in self.moe_layers() for p in layer.ffn_parameters()}
+        done: set[int] = set()
         for name, p in self.named_parameters():
-            if p.dim() == 1:  # norm weights
+            layer = owner.get(id(p))
+            if layer is not None:
+                if id(layer) not in done:
+                    layer.reset_parameters(std, out_std)
+                    done.add(id(layer))
+            elif p.dim() == 1:  # norm weights
                 nn.init.ones_(p)
-                continue
-            layer_std = out_std if name.endswith(("wo.weight", "w2.weight", "w2_EFD")) else std
-            layer = shards.get(id(p))
-            if layer is not None and layer.ep_size > 1:
-                full = torch.empty(layer.num_experts, *p.shape[1:], dtype=p.dtype, device=p.device)
-                nn.init.normal_(full, std=layer_std)
-                first = layer.ep_rank * layer.num_local_experts
-                p.copy_(full[first : first + layer.num_local_experts])
             else:
-                nn.init.normal_(p, std=layer_std)
+                nn.init.normal_(p, std=out_std if name.endswith(("wo.weight", "w2.weight")) else std)
 
     def forward(self, input_ids_BS: torch.Tensor) -> ModelOutput:
         x = self.tok_emb(input_ids_BS)
@@ -153,6 +161,7 @@ class MoETransformer(nn.Module):
         return ModelOutput(logits, aux, z, stats)
 
 
-def build_model(cfg: ModelConfig, moe: MoEConfig, ep_group=None) -> MoETransformer:
-    """The model; with ``ep_group`` its MoE layers hold only this rank's experts of that group."""
-    return MoETransformer(cfg, moe, ep_group)
+def build_model(cfg: ModelConfig, moe: MoEConfig, ep_group=None, ep_size: int = 1) -> MoETransformer:
+    """The model. Native MoE layers hold only this rank's experts of ``ep_group``; DeepSpeed MoE layers
+    are built for ``ep_size`` and get their group when the engine starts."""
+    return MoETransformer(cfg, moe, ep_group, ep_size)
