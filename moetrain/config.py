@@ -95,10 +95,35 @@ class ParallelConfig:
 
 
 @dataclass
+class RampConfig:
+    """A value over a stage: ``start`` (constant when ``end`` is null) or ``start -> end`` over ``steps``."""
+
+    start: float = 0.0
+    end: float | None = None
+    steps: int = 0
+    shape: str = "linear"  # linear | cosine
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    steps: int = 1
+    # runtime MoE values from this stage on: top_k, capacity_factor (null: dropless), eval_capacity_factor,
+    # drop_policy, min_capacity
+    moe: dict[str, Any] = field(default_factory=dict)
+    aux_loss_coef: RampConfig | None = None
+    z_loss_coef: RampConfig | None = None
+    lr_mult: RampConfig | None = None
+    trainable: str = "all"  # all | router | experts | non_experts
+    freeze: list[str] = field(default_factory=list)  # parameter-name patterns (fnmatch) that do not train
+
+
+@dataclass
 class ScheduleConfig:
     warmup_steps: int = 20
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
+    stages: list[StageConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -289,6 +314,10 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         f"conflicts with data.path={d.path}; set only one data source",
     )
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+
+    from moetrain.stages import validate_stages
+
+    validate_stages(cfg)
 
     mode = cfg.logging.wandb.mode
     if mode is not None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from moetrain.config import TrainConfig
 from moetrain.lr import lr_multiplier
+from moetrain.stages import StageSchedule
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -35,21 +36,30 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     return ds
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: matrices decay, vectors (norm weights) do not. Expert-parallel parameters (marked
-    ``allreduce=False`` by the layer that shards them) are split into their own groups with DeepSpeed's
-    helper so ZeRO reduces them over the expert-data-parallel group only."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def parameter_groups(model: nn.Module, weight_decay: float, schedule: StageSchedule) -> list[dict[str, Any]]:
+    """AdamW groups: matrices decay, vectors (norm weights) do not; parameters are further grouped by the
+    stages that freeze them (a frozen group's learning rate is 0 in those stages). Expert-parallel parameters
+    (tagged ``allreduce=False``) go to DeepSpeed's MoE groups so ZeRO reduces them over the
+    expert-data-parallel group only. Every group carries ``frozen_by_stage`` for the LR schedule."""
+    buckets: dict[tuple, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = (p.dim() >= 2, schedule.param_frozen_pattern(name))
+            buckets.setdefault(key, []).append(p)
     groups = [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        {
+            "name": f"{'decay' if decay else 'no_decay'}-frozen{''.join(str(int(f)) for f in frozen)}",
+            "params": params,
+            "weight_decay": weight_decay if decay else 0.0,
+            "frozen_by_stage": frozen,
+        }
+        for (decay, frozen), params in buckets.items()
     ]
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
     if any(is_moe_param(p) for p in model.parameters()):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return groups
+    return [g for g in groups if g["params"]]
 
 
 def build_model_for_engine(cfg: TrainConfig):
@@ -68,15 +78,20 @@ def build_model_for_engine(cfg: TrainConfig):
     return model, ExpertShards(model, cfg.parallel.ep_size)
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig):
-    """``deepspeed.initialize`` with our optimizer and LR schedule; returns the engine."""
+def group_lr_factor(step: int, cfg: TrainConfig, stages: StageSchedule, frozen_by_stage: tuple[bool, ...]) -> float:
+    """LR multiplier of one parameter group at ``step``: warmup/decay x the stage's LR ramp (0 when frozen)."""
+    return lr_multiplier(step, cfg.schedule, cfg.trainer.max_steps) * stages.lr_factor(step, frozen_by_stage)
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, stages: StageSchedule):
+    """``deepspeed.initialize`` with our optimizer and per-group LR schedule; returns the engine."""
     import deepspeed
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_multiplier, schedule=cfg.schedule, max_steps=cfg.trainer.max_steps)
-    )
+    groups = parameter_groups(model, o.weight_decay, stages)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    lambdas = [partial(group_lr_factor, cfg=cfg, stages=stages, frozen_by_stage=g["frozen_by_stage"]) for g in groups]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
     )

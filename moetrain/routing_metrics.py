@@ -40,11 +40,15 @@ class RoutingMetrics:
             )
             self.sums_LX[i] += row
 
-    def reduce_and_reset(self) -> dict[str, float | list[float]]:
-        """Collective: every rank must call it at the same step. Returns the interval's metrics."""
+    def reduce_and_reset_sums(self) -> torch.Tensor:
+        """Collective: every rank must call it at the same step. Returns the summed (L, X) table."""
         sums = all_reduce_sum(self.sums_LX.clone())
         self.sums_LX.zero_()
-        return metrics_from_sums(sums, self.E)
+        return sums
+
+    def reduce_and_reset(self) -> dict[str, float | list[float]]:
+        """Collective: every rank must call it at the same step. Returns the interval's metrics."""
+        return metrics_from_sums(self.reduce_and_reset_sums(), self.E)
 
 
 def metrics_from_sums(sums_LX: torch.Tensor, E: int) -> dict[str, float | list[float]]:

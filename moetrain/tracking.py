@@ -21,6 +21,8 @@ Metrics = dict[str, Any]
 class Sink(Protocol):
     def log(self, metrics: Metrics, step: int) -> None: ...
 
+    def log_report(self, images: dict[str, Path], columns: list[str], rows: list[list[str]]) -> None: ...
+
     def finish(self) -> None: ...
 
 
@@ -33,6 +35,9 @@ class JsonlSink:
 
     def log(self, metrics: Metrics, step: int) -> None:
         self._f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def log_report(self, images: dict[str, Path], columns: list[str], rows: list[list[str]]) -> None:
+        """The report's files already sit in the run folder beside metrics.jsonl."""
 
     def finish(self) -> None:
         self._f.close()
@@ -84,9 +89,19 @@ class WandbSink:
         for k, v in metrics.items():
             if isinstance(v, list | tuple):
                 out[k] = self._wandb.Histogram(np_histogram=(np.asarray(v, dtype=float), np.arange(len(v) + 1)))
+            elif isinstance(v, dict):
+                out[k] = json.dumps(v)
             else:
                 out[k] = v
         self.run.log(out, step=step)
+
+    def log_report(self, images: dict[str, Path], columns: list[str], rows: list[list[str]]) -> None:
+        self.run.log(
+            {
+                **{f"report/{name}": self._wandb.Image(str(path)) for name, path in images.items()},
+                "report/stages": self._wandb.Table(columns=columns, data=rows),
+            }
+        )
 
     def finish(self) -> None:
         self.run.finish()
@@ -101,6 +116,10 @@ class MetricsLogger:
     def log(self, metrics: Metrics, step: int) -> None:
         for s in self.sinks:
             s.log(metrics, step)
+
+    def log_report(self, images: dict[str, Path], columns: list[str], rows: list[list[str]]) -> None:
+        for s in self.sinks:
+            s.log_report(images, columns, rows)
 
     def finish(self) -> None:
         for s in self.sinks:

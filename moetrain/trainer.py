@@ -24,6 +24,8 @@ from moetrain.distributed import all_reduce_sum, barrier, init_distributed
 from moetrain.engine import build_engine, build_model_for_engine
 from moetrain.model import ModelOutput
 from moetrain.routing_metrics import RoutingMetrics
+from moetrain.stage_runner import StageRunner
+from moetrain.stages import StageSchedule, StageState
 from moetrain.tracking import build_logger
 
 log = logging.getLogger("moetrain")
@@ -49,7 +51,9 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
 
         self.model, expert_shards = build_model_for_engine(cfg)
-        self.engine = build_engine(self.model, cfg)
+        names = [n for n, _ in self.model.named_parameters()]
+        self.schedule = StageSchedule(cfg.schedule, cfg.moe, t.max_steps, names)
+        self.engine = build_engine(self.model, cfg, self.schedule)
         # Every rank is a data-parallel rank (no tensor or pipeline parallelism).
         self.dp_rank, self.dp_size = self.env.rank, self.env.world_size
 
@@ -74,6 +78,7 @@ class Trainer:
         self.logger = build_logger(cfg, run_dir, self.env.is_main)
         self.moe_layers = self.model.moe_layers()
         self.routing = RoutingMetrics(len(self.moe_layers), cfg.moe.num_experts)
+        self.stages = StageRunner(self.schedule, self.moe_layers, cfg.model.d_model, cfg.model.d_ff, self.env.is_main)
         self.step = 0
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
@@ -81,7 +86,13 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def client_state(self) -> dict:
-        return {"step": self.step, "data": self.data.state_dict(), "config": asdict(self.cfg)}
+        """Collective (the stage runner sums its interval over ranks)."""
+        return {
+            "step": self.step,
+            "data": self.data.state_dict(),
+            "stages": self.stages.state_dict(),
+            "config": asdict(self.cfg),
+        }
 
     def resume(self) -> None:
         found = resolve_resume(self.cfg.trainer.resume, self.checkpoints.root)
@@ -92,6 +103,8 @@ class Trainer:
         state, with_optimizer = self.checkpoints.load(self.engine, *found)
         self.step = int(state["step"])
         self.data.load_state_dict(state["data"])
+        if "stages" in state:
+            self.stages.load_state_dict(state["stages"])
         if not with_optimizer:
             # the LR schedule is a pure function of the step: put it where the checkpoint left it
             self.engine.lr_scheduler.last_epoch = self.step - 1
@@ -109,16 +122,16 @@ class Trainer:
         self.last_checkpoint = self.checkpoints.save(self.engine, self.step, self.client_state())
 
     # ---------------------------------------------------------------- steps
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, stage: StageState) -> dict[str, float]:
         t0 = time.perf_counter()
         self.engine.train()
-        moe = self.cfg.moe
         sums = torch.zeros(3, dtype=torch.float64)
         grad_norm = float("nan")
+        step_stats = []
         for _ in range(self.cfg.trainer.grad_accum_steps):
             inputs, labels = (x.to(self.engine.device) for x in self.data.next_train_batch())
             out = self.engine(inputs)
-            loss, parts = training_loss(out, labels, moe.aux_loss_coef, moe.z_loss_coef)
+            loss, parts = training_loss(out, labels, stage.aux_loss_coef, stage.z_loss_coef)
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()
             if boundary:
@@ -128,6 +141,7 @@ class Trainer:
                 for layer in self.moe_layers:
                     layer.after_optimizer_step()
             self.routing.update(out.moe_stats)
+            step_stats.append(out.moe_stats)
             sums += torch.stack([parts["ce"], parts["aux"], parts["z"]]).double().cpu()
         self.step += 1
         if grad_norm != grad_norm:  # NaN: the engine's optimizer measured it during step()
@@ -135,6 +149,7 @@ class Trainer:
             grad_norm = float(measured) if measured is not None else float("nan")
         sums = all_reduce_sum(sums) / (self.cfg.trainer.grad_accum_steps * self.dp_size)
         dt = time.perf_counter() - t0
+        self.stages.record(step_stats, dt, self.tokens_per_step)
         return {
             "train/loss": float(sums[0]),
             "train/aux_loss": float(sums[1]),
@@ -143,6 +158,9 @@ class Trainer:
             "train/grad_norm": grad_norm,
             "train/tokens_per_s": self.tokens_per_step / dt,
             "train/epoch": self.data.epoch,
+            "train/aux_loss_coef": stage.aux_loss_coef,
+            "train/z_loss_coef": stage.z_loss_coef,
+            "stage/index": stage.index,
         }
 
     def _grad_norm(self) -> float:
@@ -194,26 +212,82 @@ class Trainer:
             )
             self.logger.log({"data/unigram_baseline": self.unigram_baseline}, step=self.step)
         bar = self._progress_bar()
+        self.stages.apply(self.step)
         while self.step < t.max_steps:
-            metrics = self.train_step()
+            stage = self.stages.apply(self.step)
+            metrics = self.train_step(stage)
             if self.step % t.expert_stats_every == 0:
                 metrics.update(self.routing.reduce_and_reset())
-            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+            stage_end = self.stages.is_stage_end(self.step)
+            if self.step % t.eval_every == 0 or stage_end:
                 metrics["val/loss"] = self.validate()
             if self.step % t.log_every == 0 or "val/loss" in metrics:
                 self.logger.log(metrics, step=self.step)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(
+                    stage=stage.name,
                     loss=f"{metrics['train/loss']:.3f}",
                     val=f"{self.last_val_loss or float('nan'):.3f}",
                     tok_s=f"{metrics['train/tokens_per_s']:.0f}",
                 )
-            if self.step % t.save_every == 0 or self.step == t.max_steps:
+            if stage_end:
+                self._end_stage()
+            if self.step % t.save_every == 0 or stage_end:
                 self.save()
         if bar is not None:
             bar.close()
         return self._finish()
+
+    def _end_stage(self) -> None:
+        """At a stage boundary (and at the end): summarise the stage; if another follows, switch to it and
+        record what changed (log line, ``metrics.jsonl`` and W&B event)."""
+        summary = self.stages.close_stage(self.step, self.last_val_loss)
+        if self.env.is_main:
+            log.info(
+                "stage '%s' done at step %d: val loss %.4f, %.0f tokens/s, %.3g expert FLOPs/token, dropped %.4f",
+                summary["stage"],
+                self.step,
+                summary["val_loss"],
+                summary["tokens_per_s"],
+                summary["expert_flops_per_token"],
+                summary["dropped_frac"],
+            )
+        if self.step >= self.cfg.trainer.max_steps:
+            return
+        event = self.stages.begin_stage(self, self.step)
+        if self.env.is_main:
+            changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in event["changes"].items()) or "nothing"
+            log.info("stage %d '%s' begins at step %d: %s", event["index"], event["stage"], self.step, changes)
+            self.logger.log(
+                {
+                    "event": "stage_start",
+                    "stage/name": event["stage"],
+                    "stage/index": event["index"],
+                    "stage/changes": event["changes"],
+                },
+                step=self.step,
+            )
+
+    def _report(self) -> None:
+        from moetrain.report import COLUMNS, table_rows, write_report
+
+        if not self.stages.summaries:  # resumed at the very end: nothing ran
+            return
+        extra = {
+            "steps": self.step,
+            "unigram baseline (nats/token)": f"{self.unigram_baseline:.4f}",
+            "backend": self.cfg.moe.backend,
+            "ranks": self.env.world_size,
+            "ep_size": self.cfg.parallel.ep_size,
+        }
+        files = write_report(self.run_dir, self.stages.summaries, extra)
+        self.logger.log_report(
+            {k: v for k, v in files.items() if v.suffix == ".png"},
+            [c for c, _, _ in COLUMNS],
+            table_rows(self.stages.summaries),
+        )
+        log.info("report: %s", files["report"])
 
     def _progress_bar(self):
         if not (self.env.is_main and self.cfg.logging.progress_bar):
@@ -232,7 +306,9 @@ class Trainer:
             "wandb": self.logger.wandb_location(),
         }
         if self.env.is_main:
+            summary["stages"] = self.stages.summaries
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self._report()
             log.info(
                 "done: val loss %s (unigram baseline %.4f) | checkpoint %s | W&B %s",
                 summary["val_loss"],

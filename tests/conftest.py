@@ -72,6 +72,12 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
     return by_step
 
 
+def assert_same_losses(actual: dict[int, dict], expected: dict[int, dict], steps, tol: float = 1e-6) -> None:
+    """Training losses of two runs agree step by step (resume against the uninterrupted run)."""
+    for step in steps:
+        assert actual[step]["train/loss"] == pytest.approx(expected[step]["train/loss"], abs=tol), step
+
+
 # Small, fast runs for launcher tests: a 2-layer model, short sequences.
 FAST = [
     "model.n_layers=2",

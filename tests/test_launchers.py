@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import BIN, FAST, ROOT, free_port, read_metrics, run_launcher
+from conftest import BIN, FAST, ROOT, assert_same_losses, free_port, read_metrics, run_launcher
 
 pytestmark = pytest.mark.slow
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -64,9 +64,7 @@ def test_deepspeed_two_ranks_checkpoint_and_exact_resume(tmp_path, precision):
     resumed = tmp_path / "resumed"
     run_launcher(
         [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            "2",
+            *DEEPSPEED_2,
             TRAIN,
             *common,
             "logging.wandb.mode=disabled",
@@ -77,9 +75,8 @@ def test_deepspeed_two_ranks_checkpoint_and_exact_resume(tmp_path, precision):
     )
     again = read_metrics(resumed)
     assert min(k for k, row in again.items() if "train/loss" in row) == 7, "the resumed run must continue at step 7"
-    for step in range(7, 13):
-        assert again[step]["train/loss"] == pytest.approx(full[step]["train/loss"], abs=1e-6), step
-        assert again[step]["train/lr"] == pytest.approx(full[step]["train/lr"], rel=1e-9), step
+    assert_same_losses(again, full, range(7, 13))
+    assert [again[s]["train/lr"] for s in range(7, 13)] == pytest.approx([full[s]["train/lr"] for s in range(7, 13)])
     assert again[12]["val/loss"] == pytest.approx(full[12]["val/loss"], abs=1e-6)
 
 
@@ -125,8 +122,15 @@ def test_python_single_process_resume_auto(tmp_path):
 
 # No gradient clipping here: DeepSpeed's ZeRO-0 clips MoE models by the mean of per-rank norms (its
 # convention), which would make ep_size=2 differ from ep_size=1 by design rather than by error.
-EP_RUN = [*FAST, "+recipe=top2_baseline", "trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3",
-          "logging.wandb.mode=disabled", "optim.grad_clip=0"]
+EP_RUN = [
+    *FAST,
+    "+recipe=top2_baseline",
+    "trainer.max_steps=6",
+    "trainer.save_every=3",
+    "trainer.eval_every=3",
+    "logging.wandb.mode=disabled",
+    "optim.grad_clip=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +160,7 @@ def test_deepspeed_expert_parallel_equals_ep1_and_resumes(tmp_path, ep1_referenc
 
     run_launcher(
         [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            "2",
+            *DEEPSPEED_2,
             TRAIN,
             *ep,
             f"trainer.resume={ckpt}",
@@ -167,8 +169,7 @@ def test_deepspeed_expert_parallel_equals_ep1_and_resumes(tmp_path, ep1_referenc
         tmp_path,
     )
     resumed = read_metrics(tmp_path / "resumed")
-    for step in range(4, 7):
-        assert resumed[step]["train/loss"] == pytest.approx(sharded[step]["train/loss"], abs=1e-6), step
+    assert_same_losses(resumed, sharded, range(4, 7))
 
 
 def test_deepspeed_backend_trains_checkpoints_per_expert_and_resumes(tmp_path):
@@ -186,8 +187,7 @@ def test_deepspeed_backend_trains_checkpoints_per_expert_and_resumes(tmp_path):
         tmp_path,
     )
     resumed = read_metrics(tmp_path / "b")
-    for step in range(4, 7):
-        assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], abs=1e-6), step
+    assert_same_losses(resumed, full, range(4, 7))
 
     proc = run_launcher(
         [*DEEPSPEED_2, TRAIN, *run, "parallel.ep_size=1", f"trainer.resume={ckpt}", f"hydra.run.dir={tmp_path}/c"],
@@ -198,3 +198,74 @@ def test_deepspeed_backend_trains_checkpoints_per_expert_and_resumes(tmp_path):
     # the first step after loading sees the same weights (forward loss equal), then the fresh optimizer differs
     assert other_ep[4]["train/loss"] == pytest.approx(full[4]["train/loss"], abs=1e-6)
     assert other_ep[4]["train/lr"] == pytest.approx(full[4]["train/lr"])
+
+
+STAGED = [
+    *FAST,
+    "logging.wandb.mode=disabled",
+    "trainer.max_steps=9",
+    "trainer.save_every=2",
+    "trainer.keep_checkpoints=10",
+    "trainer.eval_every=100",
+    "schedule.stages=[{name:top2,steps:3},"
+    "{name:top1,steps:3,moe:{top_k:1,capacity_factor:1.25,drop_policy:reroute},"
+    "aux_loss_coef:{start:0.01,end:0.05,steps:3}},"
+    "{name:router_only,steps:3,trainable:router}]",
+]
+
+
+def test_staged_run_resumes_mid_stage_exactly_and_reports(tmp_path):
+    import torch
+
+    run_launcher([str(BIN / "python"), TRAIN, *STAGED, f"hydra.run.dir={tmp_path}/a"], tmp_path)
+    full = read_metrics(tmp_path / "a")
+    events = [r for r in full.values() if r.get("event") == "stage_start"]
+    assert [(e["step"], e["stage/name"]) for e in events] == [(3, "top1"), (6, "router_only")]
+    assert events[0]["stage/changes"]["moe.top_k"] == [2, 1]
+    # row N logs optimizer step N, which ran with the schedule at step N - 1 (step 4 = 2nd step of "top1")
+    assert full[5]["train/aux_loss_coef"] == pytest.approx(0.01 + 0.04 / 3)
+
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    stages = summary["stages"]
+    assert [s["stage"] for s in stages] == ["top2", "top1", "router_only"]
+    assert [s["end_step"] for s in stages] == [3, 6, 9]
+    assert all(s["val_loss"] is not None for s in stages)
+    # top-1 computes half the expert FLOPs per token of top-2 (reroute keeps every assignment here)
+    assert stages[1]["expert_flops_per_token"] <= 0.5 * stages[0]["expert_flops_per_token"] + 1e-6
+    # 2 MoE layers x k=2 assignments x 3 GEMMs x 2 x d_model 128 x d_ff 160
+    assert stages[0]["expert_flops_per_token"] == pytest.approx(2 * 2 * 3 * 2 * 128 * 160)
+    for s in stages:
+        assert all(sum(row) == pytest.approx(1.0) for row in s["utilization"])
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert report.count("\n| top") == 2 and "| router_only |" in report
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 0 and (tmp_path / "a" / "utilization.png").stat().st_size > 0
+
+    # the router-only stage leaves experts untouched
+    def weights(step):
+        path = tmp_path / "a" / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"
+        return torch.load(path, weights_only=True)["module"]
+
+    w6, w9 = weights(6), weights(9)
+    assert torch.equal(w6["layers.0.ffn.experts.w1_EDF"], w9["layers.0.ffn.experts.w1_EDF"])
+    assert torch.equal(w6["layers.0.attn.wq.weight"], w9["layers.0.attn.wq.weight"])
+    assert not torch.equal(w6["layers.0.ffn.router.weight_ED"], w9["layers.0.ffn.router.weight_ED"])
+
+    # resume in the middle of the second stage: the same losses and the same per-stage report
+    run_launcher(
+        [
+            str(BIN / "python"),
+            TRAIN,
+            *STAGED,
+            f"trainer.resume={tmp_path}/a/checkpoints/step_00000004",
+            f"hydra.run.dir={tmp_path}/b",
+        ],
+        tmp_path,
+    )
+    again = read_metrics(tmp_path / "b")
+    assert_same_losses(again, full, range(5, 10))
+    resumed_stages = json.loads((tmp_path / "b" / "summary.json").read_text())["stages"]
+    for s, r in zip(stages, resumed_stages, strict=True):
+        for key in ("stage", "end_step", "val_loss", "expert_flops_per_token", "dropped_frac", "entropy"):
+            assert r[key] == pytest.approx(s[key], abs=1e-6), (s["stage"], key)
+        for row_r, row_s in zip(r["utilization"], s["utilization"], strict=True):
+            assert row_r == pytest.approx(row_s, abs=1e-9)
