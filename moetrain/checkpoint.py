@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fault_point(name: str, step: int) -> None:
+    """Crash-test hook: ``MOETRAIN_FAULT=kill-during-save:<step>`` SIGKILLs rank 0 at this point of that
+    step's save (all files written, checkpoint not yet committed). Used by the tests that prove a crash
+    during a checkpoint write leaves the previous checkpoint as the one ``trainer.resume=auto`` picks."""
+    if os.environ.get("MOETRAIN_FAULT") == f"{name}:{step}" and int(os.environ.get("RANK", "0")) == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,6 +106,7 @@ class CheckpointManager:
         os.replace(tmp, rank_file)
         if self.extra_state is not None:
             self.extra_state.save(self.root / tag)
+        fault_point("kill-during-save", step)
         if self.env.is_main:
             atomic_write_text(self.root / tag / "layout.json", json.dumps(self.layout, sort_keys=True))
         barrier()  # every rank's files are on disk before the checkpoint is declared complete

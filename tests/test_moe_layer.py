@@ -230,3 +230,31 @@ def test_empty_experts_and_bf16_run():
     y, stats = layer(x)
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and int(stats.tokens_per_expert_E.sum()) == 3
+
+
+def test_router_gets_task_gradient_after_switch_to_top1():
+    """With renormalised gates, top-1 would make every gate 1.0 and cut the router off from the LM loss.
+    Our top-1 gate is the raw probability p1 (Switch), so the task loss alone still trains the router."""
+    layer = make_layer(2, renormalize=True)
+    x = torch.randn(2, 16, D)
+    target = torch.randn(2, 16, D)
+
+    def task_grad_norm():
+        layer.zero_grad()
+        y, _ = layer(x)
+        ((y - target) ** 2).mean().backward()  # task loss only: no aux, no z
+        return float(layer.router.weight_ED.grad.norm())
+
+    assert task_grad_norm() > 1e-3
+    layer.top_k = 1
+    grad_top1 = task_grad_norm()
+    assert grad_top1 > 1e-3
+    assert torch.allclose(
+        layer.router(x.view(-1, D)).gates_TK[:, 0], layer.router(x.view(-1, D)).probs_TE.max(-1).values
+    )
+    # the trap it avoids: renormalising a single gate gives exactly 1.0 and no router gradient
+    layer.zero_grad()
+    routing = layer.router(x.view(-1, D))
+    renormed = routing.gates_TK / routing.gates_TK.sum(-1, keepdim=True)
+    (renormed * torch.randn_like(renormed)).sum().backward()
+    assert float(layer.router.weight_ED.grad.norm()) < 1e-6 * grad_top1
