@@ -286,3 +286,15 @@ def test_staged_run_two_ranks_resumes_exactly_and_reports(tmp_path):
     run_launcher(crash, tmp_path)
     assert_same_losses(read_metrics(tmp_path / "crash"), full, range(7, 10))
     assert (ckpts / "latest").read_text() == "step_00000009"
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_deepspeed_backend_single_rank_zero_stages(tmp_path, zero):
+    """DeepSpeed's MoE layer with ZeRO-0 and ZeRO-1 (MoE parameter groups) trains and equals native."""
+    base = [*FAST, "logging.wandb.mode=disabled", "trainer.max_steps=3", f"parallel.zero_stage={zero}"]
+    for backend in ("native", "deepspeed"):
+        run_launcher(
+            [str(BIN / "python"), TRAIN, *base, f"moe.backend={backend}", f"hydra.run.dir={tmp_path}/{backend}"],
+            tmp_path,
+        )
+    assert_same_losses(read_metrics(tmp_path / "deepspeed"), read_metrics(tmp_path / "native"), range(1, 4), 1e-5)

@@ -3,7 +3,8 @@
 Usage: torchrun --nproc_per_node 2 tests/dist/ds_backend_equivalence.py EP_SIZE
 For k in {1, 2} and for dropless plus each drop policy at a small capacity: outputs, input and router
 gradients, expert gradients (summed over the expert-parallel group, as the native test does), token counts
-and drops are equal; then top_k is switched 2 -> 1 at run time and compared again.
+and drops are equal; then top_k is switched 2 -> 1 at run time, then two experts are masked, and both are
+compared again.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ def main(ep_size: int) -> None:
             if k == 2 and cf is None:
                 native.top_k = ds.gate.top_k = 1  # the top-2 -> top-1 switch, at run time
                 compare(native, ds, ep_size, env.rank, "switched to k=1")
+                active = torch.tensor([True, False, True, True, True, True, False, True])
+                native.set_expert_mask(active)  # pruned experts are never selected, on either backend
+                ds.gate.set_expert_mask(active)
+                compare(native, ds, ep_size, env.rank, "expert mask")
     dist.barrier()
     if env.rank == 0:
         print(f"DS-BACKEND-OK ep={ep_size}")
