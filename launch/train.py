@@ -27,13 +27,13 @@ def main(dcfg: DictConfig) -> float | None:
     try:
         cfg = to_typed(dcfg)
         validate(cfg, world_size=env.world_size)
-    except ConfigError as e:
+        from moetrain.trainer import Trainer  # heavy imports (deepspeed) only once the config is valid
+
+        summary = Trainer(cfg, Path(HydraConfig.get().runtime.output_dir)).fit()
+    except ConfigError as e:  # also raised by checks that need the data or the launch (every rank agrees)
         if env.is_main:
             print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    from moetrain.trainer import Trainer  # heavy imports (deepspeed) only once the config is valid
-
-    summary = Trainer(cfg, Path(HydraConfig.get().runtime.output_dir)).fit()
     return summary["val_loss"]
 
 

@@ -117,7 +117,9 @@ class CheckpointManager:
         return self.root / tag
 
     def _prune(self, keep_tag: str) -> None:
-        tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+        """Keep the newest ``keep`` committed checkpoints up to ``keep_tag``. Folders after it (left by a crash
+        mid-save, before a resume from an earlier checkpoint) are neither counted nor deleted."""
+        tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_RE.match(p.name) and p.name <= keep_tag)
         for old in tags[: max(0, len(tags) - self.keep)]:
             if old != keep_tag:
                 shutil.rmtree(self.root / old, ignore_errors=True)

@@ -249,6 +249,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _require(moe.bias_update_rate >= 0, "moe.bias_update_rate", moe.bias_update_rate, "must be >= 0 (0: off)")
     _require(moe.a2a_chunks >= 1, "moe.a2a_chunks", moe.a2a_chunks, "must be >= 1")
     _require(
+        not (moe.padded and p.ep_size > 1),
+        "moe.padded",
+        moe.padded,
+        f"is not supported with parallel.ep_size={p.ep_size} (the expert-parallel path is sorted); allowed: false",
+    )
+    _require(
         moe.backend != "deepspeed" or moe.a2a_chunks == 1,
         "moe.a2a_chunks",
         moe.a2a_chunks,

@@ -61,8 +61,9 @@ def init_distributed(env: LaunchEnv | None = None) -> LaunchEnv:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with torchrun, deepspeed or srun")
         os.environ["MASTER_PORT"] = str(_free_port())
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    # With CUDA, small bookkeeping collectives (counts, metrics) still run on CPU tensors: gloo serves those.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
         torch.cuda.set_device(device_for(env))
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
     return env

@@ -119,10 +119,37 @@ def frozen_parameters(stage: StageConfig, names: list[str]) -> list[str]:
     return [n for n in names if not in_set(n) or any(fnmatch.fnmatch(n, pat) for pat in stage.freeze)]
 
 
+def _check_stage_moe(key: str, moe: dict[str, Any], num_experts: int) -> None:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if "top_k" in moe and not (is_int(moe["top_k"]) and 1 <= moe["top_k"] <= num_experts):
+        raise ConfigError(
+            f"{key}.moe.top_k={moe['top_k']} must be an integer between 1 and moe.num_experts={num_experts}"
+        )
+    if "min_capacity" in moe and not (is_int(moe["min_capacity"]) and moe["min_capacity"] >= 1):
+        raise ConfigError(f"{key}.moe.min_capacity={moe['min_capacity']} must be an integer >= 1")
+    for cf_key in ("capacity_factor", "eval_capacity_factor"):
+        v = moe.get(cf_key)
+        if cf_key in moe and v is not None and not (isinstance(v, int | float) and not isinstance(v, bool) and v > 0):
+            raise ConfigError(f"{key}.moe.{cf_key}={v} must be a number > 0, or null for dropless")
+    if "drop_policy" in moe and moe["drop_policy"] not in ("probs", "position", "reroute"):
+        raise ConfigError(
+            f"{key}.moe.drop_policy={moe['drop_policy']} is not supported; allowed: probs, position, reroute"
+        )
+
+
 def validate_stages(cfg: TrainConfig) -> None:
     """One-line errors naming ``schedule.stages[i].key``."""
     names = set()
+    start = 0
     for i, st in enumerate(cfg.schedule.stages):
+        if start >= cfg.trainer.max_steps:
+            raise ConfigError(
+                f"schedule.stages[{i}] ({st.name}) would start at step {start}, after trainer.max_steps="
+                f"{cfg.trainer.max_steps}; shorten earlier stages or raise trainer.max_steps"
+            )
+        start += st.steps
         key = f"schedule.stages[{i}]"
         if st.steps <= 0:
             raise ConfigError(f"{key}.steps={st.steps} must be > 0")
@@ -134,16 +161,7 @@ def validate_stages(cfg: TrainConfig) -> None:
                 raise ConfigError(
                     f"{key}.moe.{k}={v} cannot change during a run; allowed: {', '.join(RUNTIME_MOE_KEYS)}"
                 )
-        top_k = st.moe.get("top_k")
-        if top_k is not None and not 1 <= int(top_k) <= cfg.moe.num_experts:
-            raise ConfigError(f"{key}.moe.top_k={top_k} must be between 1 and moe.num_experts={cfg.moe.num_experts}")
-        for cf_key in ("capacity_factor", "eval_capacity_factor"):
-            if cf_key in st.moe and st.moe[cf_key] is not None and float(st.moe[cf_key]) <= 0:
-                raise ConfigError(f"{key}.moe.{cf_key}={st.moe[cf_key]} must be > 0, or null for dropless")
-        if "drop_policy" in st.moe and st.moe["drop_policy"] not in ("probs", "position", "reroute"):
-            raise ConfigError(
-                f"{key}.moe.drop_policy={st.moe['drop_policy']} is not supported; allowed: probs, position, reroute"
-            )
+        _check_stage_moe(key, st.moe, cfg.moe.num_experts)
         if st.trainable not in TRAINABLE:
             raise ConfigError(f"{key}.trainable={st.trainable} is not supported; allowed: {', '.join(TRAINABLE)}")
         for rk in ("aux_loss_coef", "z_loss_coef", "lr_mult"):

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from moetrain.checkpoint import CheckpointManager, resolve_resume
-from moetrain.config import TrainConfig, validate
+from moetrain.config import ConfigError, TrainConfig, validate
 from moetrain.data import DataPipeline, default_cache_dir, tokenize_splits
-from moetrain.distributed import all_reduce_sum, barrier, init_distributed
+from moetrain.distributed import all_reduce_sum, broadcast_object, init_distributed
 from moetrain.engine import build_engine, build_model_for_engine
 from moetrain.model import ModelOutput
 from moetrain.routing_metrics import RoutingMetrics
@@ -40,6 +40,25 @@ def training_loss(
     return total, {"ce": ce.detach(), "aux": out.aux_loss.detach(), "z": out.z_loss.detach()}
 
 
+def load_splits_rank0_first(cfg_data, is_main: bool):
+    """Rank 0 tokenizes first and fills the datasets cache; the others then read it. A failure on rank 0 is
+    broadcast, so the other ranks stop with the same message instead of waiting at a barrier."""
+    cache = Path(cfg_data.cache_dir) if cfg_data.cache_dir else default_cache_dir()
+    splits, error = None, None
+    if is_main:
+        try:
+            splits = tokenize_splits(cfg_data, cache)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error = e
+    failure = broadcast_object(None if error is None else (type(error) is ConfigError, str(error)))
+    if error is not None:
+        raise error
+    if failure is not None:
+        is_config, message = failure
+        raise (ConfigError if is_config else RuntimeError)(message)
+    return splits if is_main else tokenize_splits(cfg_data, cache)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
@@ -57,20 +76,18 @@ class Trainer:
         # Every rank is a data-parallel rank (no tensor or pipeline parallelism).
         self.dp_rank, self.dp_size = self.env.rank, self.env.world_size
 
-        # Rank 0 tokenizes first and fills the datasets cache; the others then read it.
-        if not self.env.is_main:
-            barrier()
-        splits = tokenize_splits(cfg.data, Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir())
-        if self.env.is_main:
-            barrier()
+        splits = load_splits_rank0_first(cfg.data, self.env.is_main)
         self.unigram_baseline = splits.unigram_baseline(cfg.model.vocab_size)
         self.data = DataPipeline(splits, cfg.model.seq_len, t.micro_batch_size, self.dp_rank, self.dp_size, t.seed)
 
+        # what must match for optimizer state to be restored (else: weights only, logged)
         layout = {
             "backend": cfg.moe.backend,
             "ep_size": cfg.parallel.ep_size,
             "zero_stage": cfg.parallel.zero_stage,
+            "dtype": cfg.parallel.dtype,
             "world_size": self.env.world_size,
+            "param_groups": sorted({"".join(map(str, map(int, self.schedule.param_frozen_pattern(n)))) for n in names}),
         }
         self.checkpoints = CheckpointManager(
             run_dir / "checkpoints", self.env, t.keep_checkpoints, layout, expert_shards

@@ -298,3 +298,26 @@ def test_deepspeed_backend_single_rank_zero_stages(tmp_path, zero):
             tmp_path,
         )
     assert_same_losses(read_metrics(tmp_path / "deepspeed"), read_metrics(tmp_path / "native"), range(1, 4), 1e-5)
+
+
+def test_bad_data_path_stops_every_rank_with_one_line(tmp_path):
+    """Rank 0 finds the problem while loading data; the other rank must not hang at a barrier."""
+    import subprocess
+
+    from conftest import launcher_env
+
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        TRAIN,
+        *FAST,
+        f"data.path={tmp_path}/missing",
+        "logging.wandb.mode=disabled",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert f"config error: data.path={tmp_path}/missing matches no .txt/.jsonl/.json/.parquet file" in proc.stderr

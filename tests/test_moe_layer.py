@@ -155,11 +155,38 @@ def test_expert_mask_and_selection_bias_match_reference():
     y, stats = layer(x.view(1, T, D))
     assert stats.routed_per_expert_E[~active].sum() == 0 and stats.tokens_per_expert_E[~active].sum() == 0
     p64 = params64(layer)
-    capacity = expert_capacity(T, E, 2, 0.75, 1)
+    capacity = expert_capacity(T, int(active.sum()), 2, 0.75, 1)  # slots are shared among active experts
     y_ref, *_ = run_reference(layer, x.double(), p64, capacity, bias=bias.tolist(), active=active.tolist())
     assert_close(y.view(T, D).detach(), y_ref.detach(), "masked + biased output")
     with pytest.raises(ValueError, match="fewer than moe.top_k=2"):
         layer.set_expert_mask(torch.arange(E) == 0)
+
+
+def test_reroute_never_uses_a_tokens_own_or_a_masked_expert():
+    inf = float("-inf")
+    expert_idx = torch.tensor([[0, 1], [0, 1], [0, 2]])
+    gates = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.6, 0.4]])
+    masked = [inf, inf, inf]  # experts 3, 4, 5 are masked
+    selection = torch.tensor([[0.5, 0.3, 0.1, *masked], [0.5, 0.3, 0.1, *masked], [0.5, 0.2, 0.3, *masked]])
+    # capacity 2: token 2's first choice overflows expert 0; its only alternative (expert 1) is full; expert 2
+    # has room but is token 2's own second choice, and 3-5 are masked: the assignment must be dropped
+    plan = apply_capacity(expert_idx, gates, selection, capacity=2, policy="reroute")
+    assert plan.keep_TK.tolist() == [[True, True], [True, True], [False, True]]
+    assert not plan.rerouted_TK.any()
+
+
+def test_capacity_and_balance_count_only_active_experts():
+    layer = make_layer(1, capacity_factor=1.0)
+    layer.set_expert_mask(torch.arange(E) < 4)
+    x = torch.randn(1, T, D)
+    _, stats = layer(x)
+    # 40 tokens over 4 active experts: 10 slots each (not 5, as 8 experts would give)
+    assert stats.tokens_per_expert_E[:4].max() <= 10 and stats.dropped == T - int(stats.tokens_per_expert_E.sum())
+    uniform = torch.zeros(8, E)
+    uniform[:, :4] = 0.25
+    from moetrain.model.router import load_balancing_loss
+
+    assert float(load_balancing_loss(uniform, torch.arange(8).remainder(4).unsqueeze(1), 4)) == pytest.approx(1.0)
 
 
 def test_bias_changes_selection_not_gates():

@@ -77,7 +77,14 @@ STAGE_ERRORS = [
         "schedule.stages=[{name:a,steps:2,moe:{num_experts:4}}]",
         r"^schedule.stages\[0\].moe.num_experts=4 cannot change",
     ),
-    ("schedule.stages=[{name:a,steps:2,moe:{top_k:9}}]", r"^schedule.stages\[0\].moe.top_k=9 must be between 1 and"),
+    ("schedule.stages=[{name:a,steps:2,moe:{top_k:9}}]", r"^schedule.stages\[0\].moe.top_k=9 must be an integer betw"),
+    ("schedule.stages=[{name:a,steps:2,moe:{top_k:1.5}}]", r"^schedule.stages\[0\].moe.top_k=1.5 must be an integer"),
+    ("schedule.stages=[{name:a,steps:2,moe:{min_capacity:null}}]", r"^schedule.stages\[0\].moe.min_capacity=None must"),
+    (
+        "schedule.stages=[{name:a,steps:2,moe:{capacity_factor:abc}}]",
+        r"^schedule.stages\[0\].moe.capacity_factor=abc must",
+    ),
+    ("schedule.stages=[{name:a,steps:500},{name:b,steps:2}]", r"^schedule.stages\[1\] \(b\) would start at step 500"),
     ("schedule.stages=[{name:a,steps:2,trainable:gates}]", r"^schedule.stages\[0\].trainable=gates is not supported"),
     ("schedule.stages=[{name:a,steps:2,lr_mult:{start:1,shape:step}}]", r"^schedule.stages\[0\].lr_mult.shape=step"),
 ]

@@ -92,10 +92,10 @@ def apply_capacity(
     if policy == "reroute":
         load_E = torch.bincount(expert_A[keep_A], minlength=E)
         # each token's experts outside its top-k, best first (masked experts rank last with -inf)
-        alternatives_TR = torch.sort(
-            selection_TE.scatter(1, expert_idx_TK, float("-inf")), dim=1, descending=True
-        ).indices[:, : E - K]
-        alt_valid_TR = torch.isfinite(selection_TE.gather(1, alternatives_TR))
+        outside_topk_TE = selection_TE.scatter(1, expert_idx_TK, float("-inf"))
+        alternatives_TR = torch.sort(outside_topk_TE, dim=1, descending=True).indices[:, : E - K]
+        # -inf marks both the token's own top-k and masked experts: neither is ever an alternative
+        alt_valid_TR = torch.isfinite(outside_topk_TE.gather(1, alternatives_TR))
         pending_A = ~keep_A
         token_A = torch.arange(T * K, device=device) // K
         for r in range(E - K):

@@ -122,7 +122,8 @@ class RoutingCore(nn.Module):
         routed_E = torch.bincount(routing.expert_idx_TK.reshape(-1), minlength=E)
         if self.training:
             self._load_since_step_E += routed_E
-        capacity = expert_capacity(T, E, K, self.current_capacity_factor(), self.min_capacity)
+        # capacity shares the assignments among the experts that can be selected (pruned ones cannot)
+        capacity = expert_capacity(T, self.router.num_active, K, self.current_capacity_factor(), self.min_capacity)
         plan = None
         if capacity is not None:
             plan = apply_capacity(
@@ -140,7 +141,7 @@ class RoutingCore(nn.Module):
         dist_TE = routing.probs_TE
         if self.router.score_func == "sigmoid":
             dist_TE = dist_TE / dist_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-        aux_loss = load_balancing_loss(dist_TE, routing.expert_idx_TK, E)
+        aux_loss = load_balancing_loss(dist_TE, routing.expert_idx_TK, self.router.num_active)
         z_loss = router_z_loss(routing.logits_TE)
         with torch.no_grad():
             computed = int(tokens_per_expert_E.sum())

@@ -30,10 +30,11 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num
     and E when every token goes to one expert. The trainer multiplies it by ``moe.aux_loss_coef``.
 
     Computed over the tokens of one forward call: one micro-batch on one data-parallel rank, before any
-    expert-parallel exchange (so it does not depend on ``parallel.ep_size``).
+    expert-parallel exchange (so it does not depend on ``parallel.ep_size``). ``num_experts`` is the number
+    of experts that can be selected (masked experts have f_i = P_i = 0), so balance over them scores 1.0.
     """
     T, K = expert_idx_TK.shape
-    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
+    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=probs_TE.shape[1]).to(probs_TE.dtype)
     f_E = counts_E / (T * K)
     P_E = probs_TE.mean(dim=0)
     return num_experts * torch.sum(f_E * P_E)
