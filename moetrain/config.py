@@ -41,6 +41,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # "hf:PATH": start from a local Hugging Face Mixtral directory (config.json + safetensors); its
+    # architecture replaces the model.* / moe.* architecture keys (model.seq_len stays the training length)
+    init_from: str | None = None
 
 
 @dataclass
@@ -181,6 +184,10 @@ def to_typed(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
     container.pop("hydra", None)
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
     typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if typed.model.init_from:
+        from moetrain.hf import apply_hf_architecture
+
+        apply_hf_architecture(typed)
     validate(typed)
     return typed
 
@@ -232,6 +239,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     )
 
     _one_of("moe.backend", moe.backend, MOE_BACKENDS)
+    _require(
+        not (m.init_from and moe.backend != "native"),
+        "model.init_from",
+        m.init_from,
+        f"is supported with moe.backend=native only (not {moe.backend}) for now",
+    )
     _require(moe.num_experts >= 1, "moe.num_experts", moe.num_experts, "must be >= 1")
     _require(
         1 <= moe.top_k <= moe.num_experts,

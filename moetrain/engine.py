@@ -63,8 +63,17 @@ def parameter_groups(model: nn.Module, weight_decay: float, schedule: StageSched
 
 
 def build_model_for_engine(cfg: TrainConfig):
-    """The model, sharded over ``parallel.ep_size`` ranks when asked, with its expert-parallel parameters
-    declared to DeepSpeed. Returns (model, expert-shard checkpoint component or None)."""
+    """The model (from ``model.init_from`` when set), sharded over ``parallel.ep_size`` ranks when asked, with
+    its expert-parallel parameters declared to DeepSpeed. Returns (model, expert-shard checkpoint component)."""
+    model, shards = _build_model_for_engine(cfg)
+    if cfg.model.init_from:
+        from moetrain.hf import load_hf_weights
+
+        load_hf_weights(model, cfg)
+    return model, shards
+
+
+def _build_model_for_engine(cfg: TrainConfig):
     from moetrain.model import build_model
 
     if cfg.moe.backend == "deepspeed":  # DeepSpeed's layer tags its experts and checkpoints them per expert

@@ -59,6 +59,8 @@ INVALID = [
     (["moe.eval_capacity_factor=0"], "moe.eval_capacity_factor=0.0", "must be > 0, or null"),
     (["moe.a2a_chunks=0"], "moe.a2a_chunks=0", "must be >= 1"),
     (["moe.padded=true", "parallel.ep_size=2"], "moe.padded=True", "allowed: false"),
+    (["model.init_from=hf:/nonexistent"], "model.init_from=hf:/nonexistent", "has no config.json"),
+    (["model.init_from=s3://bucket/m"], "model.init_from=s3://bucket/m", "allowed: hf:PATH"),
     (["parallel.dtype=fp8"], "parallel.dtype=fp8", "allowed: fp32, bf16"),
     (["model.d_model=130"], "model.d_model=130", "not divisible by model.n_heads=4"),
     (["model.n_kv_heads=3"], "model.n_kv_heads=3", "must divide model.n_heads=4"),
