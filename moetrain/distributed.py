@@ -29,7 +29,8 @@ class LaunchEnv:
         rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
         world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
         local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
-        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", world)))
+        # torchrun: LOCAL_WORLD_SIZE; deepspeed launcher: LOCAL_SIZE; srun: SLURM_NTASKS_PER_NODE
+        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env.get("SLURM_NTASKS_PER_NODE", world))))
         return cls(rank, world, local, local_world)
 
     @property
