@@ -21,6 +21,7 @@ from moetrain.config import ConfigError, MoEConfig, RampConfig, ScheduleConfig, 
 # MoE values a stage may change at run time without rebuilding the model.
 RUNTIME_MOE_KEYS = ("top_k", "capacity_factor", "eval_capacity_factor", "drop_policy", "min_capacity")
 TRAINABLE = ("all", "router", "experts", "non_experts")
+RAMP_SHAPES = ("linear", "cosine")
 
 
 def ramp_value(ramp: RampConfig, step_in_stage: int) -> float:
@@ -72,9 +73,6 @@ class StageSchedule:
     def boundaries(self) -> list[int]:
         """Steps at which a stage after the first begins (within the run)."""
         return [s for s in self.starts[1:] if s < self.max_steps]
-
-    def end_of(self, index: int) -> int:
-        return self.starts[index + 1] if index + 1 < len(self.stages) else self.max_steps
 
     def at(self, step: int) -> StageState:
         i = self.index_at(step)
@@ -168,7 +166,7 @@ def validate_stages(cfg: TrainConfig) -> None:
             r = getattr(st, rk)
             if r is None:
                 continue
-            if r.shape not in ("linear", "cosine"):
-                raise ConfigError(f"{key}.{rk}.shape={r.shape} is not supported; allowed: linear, cosine")
+            if r.shape not in RAMP_SHAPES:
+                raise ConfigError(f"{key}.{rk}.shape={r.shape} is not supported; allowed: {', '.join(RAMP_SHAPES)}")
             if min(r.start, r.end if r.end is not None else r.start) < 0:
                 raise ConfigError(f"{key}.{rk}.start={r.start} / end={r.end} must be >= 0")

@@ -20,7 +20,7 @@ from torch import nn
 
 from moetrain.config import MoEConfig
 from moetrain.model.dispatch import apply_capacity
-from moetrain.model.moe import MoEStats, RoutingCore
+from moetrain.model.moe import MoEStats, RoutingCore, init_expert_slices
 from moetrain.model.transformer import DenseFFN
 
 
@@ -43,21 +43,15 @@ class RouterGate(RoutingCore):
 
     @torch.no_grad()
     def reset_parameters(self, std: float, out_std: float) -> None:
-        """Same draws as the native layer (router, then full E-expert w1, w3, w2 tensors); keep this rank's."""
-        nn.init.normal_(self.router.weight_ED, std=std)
+        """Same draws as the native layer; each local expert takes its slice (transposed to nn.Linear layout)."""
         local = self._experts[0].deepspeed_experts
         ep_rank = dist.get_rank(self.ep_group) if self.ep_group is not None else self._ep_rank_hint
-        first = ep_rank * len(local)
-        d_model, d_ff = local[0].w1.in_features, local[0].w1.out_features
-        for name, shape, w_std in (
-            ("w1", (d_model, d_ff), std),
-            ("w3", (d_model, d_ff), std),
-            ("w2", (d_ff, d_model), out_std),
-        ):
-            full = torch.empty(self.num_experts, *shape)
-            nn.init.normal_(full, std=w_std)
+        stacked = init_expert_slices(
+            self, ep_rank, len(local), local[0].w1.in_features, local[0].w1.out_features, std, out_std
+        )
+        for name, w in zip(("w1", "w3", "w2"), stacked):
             for j, expert in enumerate(local):
-                getattr(expert, name).weight.copy_(full[first + j].t())
+                getattr(expert, name).weight.copy_(w[j].t())
 
     def forward(self, x_SM: torch.Tensor, used_token=None, sparse_routes: bool = True, use_tutel: bool = False):
         if used_token is not None or not sparse_routes or use_tutel:

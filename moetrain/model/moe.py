@@ -162,6 +162,23 @@ class RoutingCore(nn.Module):
             )
 
 
+@torch.no_grad()
+def init_expert_slices(
+    core: RoutingCore, ep_rank: int, num_local: int, d_model: int, d_ff: int, std: float, out_std: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Initialise the router, then draw the full (E, D, F) w1, (E, D, F) w3 and (E, F, D) w2 in that order and
+    return this rank's ``num_local`` experts of each: every backend and expert-parallel size gets the same
+    weights from the same RNG state."""
+    nn.init.normal_(core.router.weight_ED, std=std)
+    first = ep_rank * num_local
+    out = []
+    for shape, w_std in (((d_model, d_ff), std), ((d_model, d_ff), std), ((d_ff, d_model), out_std)):
+        full = torch.empty(core.num_experts, *shape)
+        nn.init.normal_(full, std=w_std)
+        out.append(full[first : first + num_local])
+    return out[0], out[1], out[2]
+
+
 class MoELayer(RoutingCore):
     """``moe.backend=native``: our own experts, sorted grouped GEMM, optional expert parallelism."""
 
@@ -179,12 +196,11 @@ class MoELayer(RoutingCore):
     def reset_parameters(self, std: float, out_std: float) -> None:
         """Router, then the full (E, ...) w1, w3, w2 tensors drawn in that order; this rank keeps its slice,
         so any ``parallel.ep_size`` starts from the weights of the unsharded layer."""
-        nn.init.normal_(self.router.weight_ED, std=std)
-        first = self.ep_rank * self.num_local_experts
-        for w, w_std in ((self.experts.w1_EDF, std), (self.experts.w3_EDF, std), (self.experts.w2_EFD, out_std)):
-            full = torch.empty(self.num_experts, *w.shape[1:], dtype=w.dtype, device=w.device)
-            nn.init.normal_(full, std=w_std)
-            w.copy_(full[first : first + self.num_local_experts])
+        d_ff, d_model = self.experts.w2_EFD.shape[1:]
+        w1, w3, w2 = init_expert_slices(self, self.ep_rank, self.num_local_experts, d_model, d_ff, std, out_std)
+        self.experts.w1_EDF.copy_(w1)
+        self.experts.w3_EDF.copy_(w3)
+        self.experts.w2_EFD.copy_(w2)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, S, D = x_BSD.shape
