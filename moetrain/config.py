@@ -274,6 +274,20 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         "is not supported by moe.backend=deepspeed (DeepSpeed's layer runs one all-to-all); allowed: 1",
     )
     _one_of("moe.grouped_mm", moe.grouped_mm, ("auto", "grouped", "loop"))
+    # settings of our own expert compute: DeepSpeed's layer would silently ignore them
+    if moe.backend == "deepspeed":
+        _require(
+            not moe.padded,
+            "moe.padded",
+            moe.padded,
+            "is not supported by moe.backend=deepspeed (its capacity buffer is always padded); allowed: false",
+        )
+        _require(
+            moe.grouped_mm == "auto",
+            "moe.grouped_mm",
+            moe.grouped_mm,
+            "is not supported by moe.backend=deepspeed (its experts are nn.Linear modules); allowed: auto",
+        )
     for key in ("aux_loss_coef", "z_loss_coef"):
         _require(getattr(moe, key) >= 0, f"moe.{key}", getattr(moe, key), "must be >= 0")
 
@@ -326,6 +340,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         _positive("trainer.num_threads", t.num_threads)
 
     _one_of("data.tokenizer", d.tokenizer, TOKENIZERS)
+    _require(
+        d.hf_config is None or d.hf_name is not None,
+        "data.hf_config",
+        d.hf_config,
+        "needs data.hf_name (it selects a configuration of that hub dataset)",
+    )
     _require(
         not (d.path and d.hf_name),
         "data.hf_name",
