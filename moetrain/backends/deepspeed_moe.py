@@ -27,12 +27,13 @@ from moetrain.model.transformer import DenseFFN
 class RouterGate(RoutingCore):
     """Our routing core speaking DeepSpeed's gate protocol (sparse routes)."""
 
-    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+    def __init__(self, d_model: int, cfg: MoEConfig, ep_rank: int = 0) -> None:
         super().__init__(d_model, cfg)
         self.ep_group = None
         self.last_routed = None
         self.last_slots = None
-        self._ep_rank_hint = 0  # DeepSpeed assigns the group at engine start; init needs the rank before
+        # DeepSpeed assigns the expert-parallel group at engine start; initialisation needs the rank before
+        self.ep_rank = ep_rank
         self._experts: list[nn.Module] = []  # DeepSpeed's Experts, held unregistered (it is not ours)
 
     def _set_ep_group(self, ep_group) -> None:  # called by DeepSpeed's MOELayer
@@ -45,9 +46,8 @@ class RouterGate(RoutingCore):
     def reset_parameters(self, std: float, out_std: float) -> None:
         """Same draws as the native layer; each local expert takes its slice (transposed to nn.Linear layout)."""
         local = self._experts[0].deepspeed_experts
-        ep_rank = dist.get_rank(self.ep_group) if self.ep_group is not None else self._ep_rank_hint
         stacked = init_expert_slices(
-            self, ep_rank, len(local), local[0].w1.in_features, local[0].w1.out_features, std, out_std
+            self, self.ep_rank, len(local), local[0].w1.in_features, local[0].w1.out_features, std, out_std
         )
         for name, w in zip(("w1", "w3", "w2"), stacked):
             for j, expert in enumerate(local):
@@ -99,8 +99,7 @@ class DeepSpeedMoELayer(nn.Module):
             use_rts=False,
             top2_2nd_expert_sampling=False,
         )
-        gate = RouterGate(d_model, cfg)
-        gate._ep_rank_hint = ep_rank
+        gate = RouterGate(d_model, cfg, ep_rank)
         gate._experts.append(self.moe.deepspeed_moe.experts)
         self.moe.deepspeed_moe.gate = gate  # replaces DeepSpeed's TopKGate
         self._norms: torch.Tensor | None = None
