@@ -8,7 +8,7 @@ No parallelism code lives here: the layers are plain modules; distribution is th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,29 @@ class Block(nn.Module):
         return x_BSD + h, stats
 
 
+def is_moe_layer(i: int, cfg: ModelConfig) -> bool:
+    """Layer ``i`` (0-based) has an MoE FFN when ``(i + 1) % model.moe_every == 0``."""
+    return (i + 1) % cfg.moe_every == 0
+
+
+def moe_layer_config(moe: MoEConfig, moe_index: int) -> MoEConfig:
+    """The MoE config of the ``moe_index``-th MoE layer: a pruned layer has its own expert count."""
+    if moe_index < 0 or not moe.expert_ids:
+        return moe
+    return replace(moe, num_experts=moe.experts_in_layer(moe_index), expert_ids=[])
+
+
+def build_moe_ffn(cfg: ModelConfig, moe: MoEConfig, ep_group=None, ep_size: int = 1) -> nn.Module:
+    """One MoE FFN of ``moe.num_experts`` experts on the configured backend."""
+    if moe.backend == "deepspeed":
+        from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
+
+        # DeepSpeed's expert-parallel groups are consecutive ranks: the expert-parallel rank is rank % size
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return DeepSpeedMoELayer(cfg.d_model, cfg.d_ff, moe, ep_size, rank % ep_size)
+    return MoELayer(cfg.d_model, cfg.d_ff, moe, ep_group=ep_group)
+
+
 @dataclass
 class ModelOutput:
     logits_BSV: torch.Tensor
@@ -98,7 +121,11 @@ class MoETransformer(nn.Module):
         # (DeepSpeed's experts build nn.Linear layers, ours do not): every backend starts from the same weights.
         rng_at_entry = torch.get_rng_state()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, self._ffn(i, cfg, moe, ep_group, ep_size)) for i in range(cfg.n_layers))
+        moe_index = [sum(1 for j in range(i + 1) if is_moe_layer(j, cfg)) - 1 for i in range(cfg.n_layers)]
+        self.layers = nn.ModuleList(
+            Block(cfg, self._ffn(i, cfg, moe_layer_config(moe, moe_index[i]), ep_group, ep_size))
+            for i in range(cfg.n_layers)
+        )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -111,15 +138,9 @@ class MoETransformer(nn.Module):
 
     @staticmethod
     def _ffn(i: int, cfg: ModelConfig, moe: MoEConfig, ep_group, ep_size: int) -> nn.Module:
-        if (i + 1) % cfg.moe_every:
+        if not is_moe_layer(i, cfg):
             return DenseFFN(cfg.d_model, cfg.d_ff)
-        if moe.backend == "deepspeed":
-            from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
-
-            # DeepSpeed's expert-parallel groups are consecutive ranks: the expert-parallel rank is rank % size
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            return DeepSpeedMoELayer(cfg.d_model, cfg.d_ff, moe, ep_size, rank % ep_size)
-        return MoELayer(cfg.d_model, cfg.d_ff, moe, ep_group=ep_group)
+        return build_moe_ffn(cfg, moe, ep_group, ep_size)
 
     def moe_layers(self) -> list[RoutingCore]:
         """The routing core of every MoE layer, in depth order: what schedules switch (top_k, capacity,
