@@ -46,8 +46,13 @@ def fault_point(name: str, step: int) -> None:
     """Crash-test hook: ``MOETRAIN_FAULT=kill-during-save:<step>`` SIGKILLs rank 0 at this point of that
     step's save (all files written, checkpoint not yet committed). Used by the tests that prove a crash
     during a checkpoint write leaves the previous checkpoint as the one ``trainer.resume=auto`` picks."""
-    if os.environ.get("MOETRAIN_FAULT") == f"{name}:{step}" and int(os.environ.get("RANK", "0")) == 0:
+    if fault_requested(name, step) and int(os.environ.get("RANK", "0")) == 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_requested(name: str, arg: int) -> bool:
+    """Crash and damage tests: ``MOETRAIN_FAULT=<name>:<arg>`` asks for the fault ``name`` at ``arg``."""
+    return os.environ.get("MOETRAIN_FAULT") == f"{name}:{arg}"
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,6 +9,7 @@ The entry point converts the composed DictConfig into these dataclasses once (:f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -206,6 +207,8 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress_bar: bool = True
+    # a finished run folder (its summary.json) shown as the reference row of the report's quality table
+    baseline_run: str | None = None
 
 
 @dataclass
@@ -409,6 +412,13 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     validate_stages(cfg)
     _validate_structure(cfg)
 
+    base = cfg.logging.baseline_run
+    _require(
+        base is None or (Path(base) / "summary.json").is_file(),
+        "logging.baseline_run",
+        base,
+        "is not a finished run folder (no summary.json in it)",
+    )
     mode = cfg.logging.wandb.mode
     if mode is not None:
         _one_of("logging.wandb.mode", mode, WANDB_MODES)

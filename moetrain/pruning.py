@@ -31,8 +31,10 @@ from typing import Any
 
 import torch
 
+from moetrain.checkpoint import fault_requested
 from moetrain.config import PruneConfig
 from moetrain.distributed import all_reduce_sum, barrier
+from moetrain.expert_surgery import expert_pieces
 from moetrain.stages import StageState
 
 log = logging.getLogger("moetrain")
@@ -149,6 +151,7 @@ class PruneHook:
             "criterion": cfg.criterion,
             "val_loss_before": v0,
             "experts_before": [len(ids) for ids in before_ids],
+            "expert_ids_before": before_ids,
             "shares": [s.tolist() for s in shares],
             "profile": profile.as_dict(),
             "removed": [
@@ -160,6 +163,11 @@ class PruneHook:
             record.update(val_loss_after=v0, experts_after=record["experts_before"], outcome="nothing to prune")
         else:
             trainer.remove_experts(keep)
+            if fault_requested("hurt-prune-round", number):  # tests: make this round damage the model
+                with torch.no_grad():
+                    for layer in trainer.moe_layers:
+                        for p, _ in expert_pieces(layer)["w2_EFD"]:
+                            p.mul_(100.0)
             v1 = trainer.validate()
             record.update(val_loss_after=v1, experts_after=[len(k) for k in keep])
             if v1 - v0 > cfg.max_loss_increase:

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -190,7 +190,6 @@ class Trainer:
     def _make_teacher(self, expert_ids: list[list[int]], from_model: bool) -> None:
         """A frozen copy of the model with ``expert_ids`` structure (weights copied from the live model, or
         loaded later from a checkpoint)."""
-        from dataclasses import replace
 
         cfg = replace(self.cfg, moe=replace(self.cfg.moe, expert_ids=expert_ids))
         teacher, _ = build_model_for_engine(cfg, load_init=False)
@@ -237,8 +236,9 @@ class Trainer:
                     "prune/outcome": record["outcome"],
                     "prune/val_loss_before": record["val_loss_before"],
                     "prune/val_loss_after": record["val_loss_after"],
-                    "prune/experts_after": record["experts_after"],
-                    "prune/removed": record["removed"],
+                    # per-layer lists of different lengths: logged as JSON text, shares as histograms
+                    "prune/experts_after": {"per_layer": record["experts_after"]},
+                    "prune/removed": {"per_layer": record["removed"]},
                     **{f"prune/layer{j}/share": sh for j, sh in enumerate(record["shares"])},
                 },
                 step=self.step,
@@ -411,7 +411,10 @@ class Trainer:
         """Collective: the final model (pruned, adapters merged) as safetensors + config in ``export/``."""
         from moetrain.export import export_model
 
-        directory = export_model(self.model, self.cfg.model, self.cfg.moe, self.run_dir / "export", self.env.is_main)
+        # the routing in force at the end (top-k, capacities, drop policy) is what the exported model runs
+        final = self.schedule.at(max(self.step - 1, 0)).moe
+        moe = replace(self.cfg.moe, **final)
+        directory = export_model(self.model, self.cfg.model, moe, self.run_dir / "export", self.env.is_main)
         barrier()
         if self.env.is_main:
             log.info("exported the final model to %s (moetrain.export.load_exported)", directory)
@@ -463,7 +466,12 @@ class Trainer:
             "ranks": self.env.world_size,
             "ep_size": self.cfg.parallel.ep_size,
         }
-        files = write_report(self.run_dir, self.stages.summaries, extra)
+        baseline = None
+        if self.cfg.logging.baseline_run:  # a reference run (e.g. top2_baseline at the same total steps)
+            path = Path(self.cfg.logging.baseline_run)
+            baseline = {"name": path.name, **json.loads((path / "summary.json").read_text())}
+        rounds = [{k: v for k, v in r.items() if k != "profile"} for r in self.pruner.rounds]
+        files = write_report(self.run_dir, self.stages.summaries, extra, rounds, baseline)
         self.logger.log_report(
             {k: v for k, v in files.items() if v.suffix == ".png"},
             [c for c, _, _ in COLUMNS],
