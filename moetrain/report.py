@@ -125,9 +125,12 @@ def plot_pruning(path: Path, rounds: list[dict[str, Any]]) -> None:
     n = len(rounds)
     fig, axes = plt.subplots(1, n, figsize=(3.8 * n + 1.5, 3.4), squeeze=False, constrained_layout=True)
     im = None
+    vmax = max(max(max(layer) for layer in r["shares"]) for r in rounds)
     for ax, r in zip(axes[0], rounds):
         shares = _ragged(r["shares"])
-        im = ax.imshow(shares, aspect="auto", cmap="magma", vmin=0)
+        im = ax.imshow(shares, aspect="auto", cmap="magma", vmin=0, vmax=vmax)
+        ax.set_yticks(range(shares.shape[0]))
+        ax.set_xticks(range(shares.shape[1]))
         for layer, (gone, ids) in enumerate(zip(r["removed"], r["expert_ids_before"])):
             for e in gone:
                 ax.plot(ids.index(e), layer, "x", color="cyan", ms=9, mew=2)
