@@ -3,7 +3,8 @@
 # Sets and exports what every rank needs, derived once from the job so that all ranks agree:
 #   MASTER_ADDR  address of the allocation's first node (its NodeAddr: the node name unless slurm.conf sets one)
 #   MASTER_PORT  10000 + SLURM_JOB_ID % 20000 (the formula of moetrain.slurm.master_port)
-#   RUN_DIR      outputs/slurm-$SLURM_JOB_ID, or the hydra.run.dir=... given among the arguments
+#   RUN_DIR      $MOETRAIN_OUTPUTS/slurm-$SLURM_JOB_ID (MOETRAIN_OUTPUTS default: outputs), or the
+#                hydra.run.dir=... given among the arguments
 # and TRAIN_ARGS: the arguments of the script (recipe + overrides), with hydra.run.dir=$RUN_DIR added.
 # PYTHON (default: .venv/bin/python of the submit folder) is the interpreter that runs launch/train.py.
 
@@ -16,12 +17,7 @@ cd "$MOETRAIN_ROOT" || die "MOETRAIN_ROOT=$MOETRAIN_ROOT is not a folder"
 PYTHON=${PYTHON:-$MOETRAIN_ROOT/.venv/bin/python}
 [ -x "$PYTHON" ] || die "PYTHON=$PYTHON is not executable; set PYTHON=/path/to/venv/bin/python"
 
-first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_ADDR=$(scontrol show node -o "$first_node" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
-export MASTER_ADDR=${MASTER_ADDR:-$first_node}
-export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
-
-RUN_DIR=outputs/slurm-$SLURM_JOB_ID
+RUN_DIR=${MOETRAIN_OUTPUTS:-outputs}/slurm-$SLURM_JOB_ID
 TRAIN_ARGS=()
 for arg in "$@"; do
   case "$arg" in
@@ -31,5 +27,11 @@ for arg in "$@"; do
   esac
 done
 TRAIN_ARGS+=("hydra.run.dir=$RUN_DIR")
+
+first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show node -o "$first_node" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+export MASTER_ADDR=${MASTER_ADDR:-$first_node}
+export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+
 export RUN_DIR
 echo "job $SLURM_JOB_ID: $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT, run folder $RUN_DIR"
