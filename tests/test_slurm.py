@@ -160,6 +160,8 @@ def test_submitit_capacity_factor_sweep(slurm_env, tmp_path):
             f"| {num} | {cf} | train | 0-{steps} | {cf} | {stage['val_loss']:.4f} | {stage['tokens_per_s']:.0f} | "
             f"{stage['dropped_frac']:.4f} |" in report
         )
+        # both tasks opened the point's train.log; rank 1 dropped it when its job started
+        assert (sweep / str(num) / "train.log").read_text().count("Job completed successfully") == 1
         job = result_file.parent.name  # <array job>_<index>
         assert job_nodes(job, slurm_env) == NODES
     drops = [json.loads((sweep / str(n) / "summary.json").read_text())["stages"][0]["dropped_frac"] for n in (0, 1)]
