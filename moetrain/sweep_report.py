@@ -156,8 +156,12 @@ def _plot(files: dict[str, Path], rows: list[Row], key: str, order: list[str]) -
     fig.savefig(files["sweep"], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(stages), figsize=(4.6 * len(stages), 3.8), squeeze=False, constrained_layout=True)
-    for ax, name in zip(axes[0], stages):
+    cols = min(len(stages), 3)  # a staged recipe (e.g. 5 stages) wraps into rows of 3 panels
+    rows_n = -(-len(stages) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.8 * rows_n), squeeze=False, constrained_layout=True)
+    for ax in axes.flat[len(stages) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, stages):
         group = [r for r in rows if r.stage["stage"] == name]
         for r in group:
             x, y = _speed_loss(r)
