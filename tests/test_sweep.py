@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BIN, FAST, ROOT, launcher_env, read_metrics, run_launcher
+from conftest import BIN, FAST, RECIPES, ROOT, launcher_env, read_metrics, run_launcher
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
 
 from moetrain import slurm
@@ -285,3 +287,22 @@ def test_sbatch_scripts_reject_bad_input_with_one_line(env, args, error):
             text=True,
         )
         assert proc.returncode == 2 and proc.stderr.strip() == error, (script, proc.stderr)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "expected"),
+    [
+        ("slurm", {"nodes": 2, "tasks_per_node": 8, "gpus_per_node": 8, "cpus_per_task": 12, "timeout_min": 240}),
+        ("slurm_cpu", {"nodes": 2, "tasks_per_node": 1, "gpus_per_node": None, "cpus_per_task": 1, "timeout_min": 30}),
+    ],
+)
+def test_slurm_launcher_configs_compose(launcher, expected):
+    """The launcher configs compose against hydra-submitit-launcher's schema (an unknown key would fail)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
+        overrides = [f"hydra/launcher={launcher}", "hydra/callbacks=sweep_report"]
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher_cfg = cfg.hydra.launcher
+    assert launcher_cfg._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert {k: launcher_cfg[k] for k in expected} == expected
+    assert cfg.hydra.callbacks.sweep_report._target_ == "moetrain.sweep_report.SweepReportCallback"
