@@ -27,6 +27,11 @@ COLUMNS = [
 ]
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: header, separator, one line per row."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def table_rows(summaries: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for s in summaries:
@@ -206,17 +211,13 @@ def write_report(
             "",
             "Validation loss (nats/token) and perplexity at each stage end and right after each pruning round.",
             "",
-            "| " + " | ".join(q_header) + " |",
-            "|" + "---|" * len(q_header),
-            *("| " + " | ".join(r) + " |" for r in quality_rows(summaries, rounds, baseline)),
+            *markdown_table(q_header, quality_rows(summaries, rounds, baseline)),
             "",
         ]
     if rounds:
         files["pruning"] = run_dir / "pruning.png"
         plot_pruning(files["pruning"], rounds)
         quality += ["![pruning rounds](pruning.png)", ""]
-    header = "| " + " | ".join(c for c, _, _ in COLUMNS) + " |"
-    sep = "|" + "---|" * len(COLUMNS)
     lines = [
         f"# Run report: {run_dir.name}",
         "",
@@ -228,9 +229,7 @@ def write_report(
         "FLOPs per token counted from the assignments actually computed (after top-k, drops and rerouting);",
         "dropped = fraction of routed assignments dropped; entropy = mean routing entropy per token and layer.",
         "",
-        header,
-        sep,
-        *("| " + " | ".join(r) + " |" for r in table_rows(summaries)),
+        *markdown_table([c for c, _, _ in COLUMNS], table_rows(summaries)),
         "",
         *quality,
         "![loss](loss.png)",

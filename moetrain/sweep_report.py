@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
+from moetrain.report import markdown_table
+
 log = logging.getLogger("moetrain")
 
 PREFERRED_X = "moe.capacity_factor"
@@ -222,9 +224,7 @@ def write_sweep_report(sweep_dir: str | Path) -> dict[str, Path]:
         "computed. Pareto = no other point of the same stage is at least as fast with at most the same validation",
         "loss (and better in one).",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in table),
+        *markdown_table(header, table),
         "",
     ]
     if rows:
