@@ -72,7 +72,19 @@ class RoutingCore(nn.Module):
         self.drop_policy = cfg.drop_policy
         self.min_capacity = cfg.min_capacity
         self.bias_update_rate = cfg.bias_update_rate
-        self.router = TopKRouter(d_model, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.score_func, cfg.jitter_eps)
+        self.router = TopKRouter(
+            d_model,
+            cfg.num_experts,
+            cfg.top_k,
+            cfg.renormalize,
+            cfg.score_func,
+            cfg.jitter_eps,
+            renormalize_top1=cfg.renormalize_top1,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            group_score=cfg.group_score,
+        )
         # aux-loss-free balancing: token counts of training forwards since the last optimizer step
         self.register_buffer("_load_since_step_E", torch.zeros(cfg.num_experts), persistent=False)
 
