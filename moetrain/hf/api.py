@@ -125,7 +125,8 @@ def _load_converted(model: MoETransformer, state: dict[str, torch.Tensor]) -> No
                 key = f"{name}.experts.{w}"
                 state[key] = state[key][first : first + layer.num_local_experts].contiguous()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.endswith(("bias_E", "active_E"))]:
+    tied = ("lm_head.weight",) if model.cfg.tie_embeddings else ()  # the embedding's own tensor
+    if unexpected or [k for k in missing if not k.endswith(("bias_E", "active_E")) and k not in tied]:
         raise ValueError(f"model.init_from: weights do not match the model: missing {missing}, unexpected {unexpected}")
 
 
@@ -252,6 +253,13 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, max_shard_byte
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _canonical_keys(model_type: str):
+    from transformers import CONFIG_MAPPING
+
+    aliases = CONFIG_MAPPING[model_type].attribute_map
+    return lambda key: aliases.get(key, key)
+
+
 def save_hf(
     model: MoETransformer,
     model_cfg: ModelConfig,
@@ -281,11 +289,13 @@ def save_hf(
     hf_cfg = spec.to_hf(model_cfg, now)
     state = moetrain_to_hf(_kept_state(model, keep), model_cfg, spec.layout)
 
-    # keep what our configs do not hold (token ids, initializer range...) from a source of the same family
+    # keep what our configs do not hold (token ids, initializer range...) from a source of the same family;
+    # keys go by their canonical names (config.json may spell num_experts as num_local_experts, say)
+    canonical = _canonical_keys(family)
     same = base.get("model_type") == family
-    config = {k: v for k, v in base.items() if same and k not in ("transformers_version", "torch_dtype")}
+    config = {canonical(k): v for k, v in base.items() if same and k not in ("transformers_version", "torch_dtype")}
     keep_max_positions = config.get("max_position_embeddings")  # the training seq_len is not the model's limit
-    config.update(hf_cfg)
+    config.update({canonical(k): v for k, v in hf_cfg.items()})
     if keep_max_positions:
         config["max_position_embeddings"] = keep_max_positions
     config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
