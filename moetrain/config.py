@@ -384,12 +384,6 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     )
 
     _one_of("moe.backend", moe.backend, MOE_BACKENDS)
-    _require(
-        not (m.init_from and moe.backend != "native"),
-        "model.init_from",
-        m.init_from,
-        f"is supported with moe.backend=native only (not {moe.backend}) for now",
-    )
     _require(moe.num_experts >= 1, "moe.num_experts", moe.num_experts, "must be >= 1")
     _require(
         1 <= moe.top_k <= moe.num_experts,

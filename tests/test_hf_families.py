@@ -260,3 +260,21 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
         ConfigError, match=r"^moe.top_k=2 with renormalised gates .* cannot be expressed as deepseek_v2"
     ):
         save_hf(v2, v2_model, v2_moe, tmp_path / "out")
+
+
+def test_deepspeed_backend_imports_and_exports(tmp_path):
+    """model.init_from with moe.backend=deepspeed: DeepSpeed's per-expert layers get the same weights."""
+    from dataclasses import replace
+
+    from moetrain.config import TrainConfig
+    from moetrain.hf import load_hf_weights
+    from moetrain.model import build_model
+
+    hf = tiny_checkpoint("deepseek_v3", tmp_path / "hf")
+    _, model_cfg, moe_cfg = load_hf(tmp_path / "hf")
+    cfg = TrainConfig(model=model_cfg, moe=replace(moe_cfg, backend="deepspeed"))
+    model = build_model(cfg.model, cfg.moe)
+    load_hf_weights(model, cfg)
+    assert_logits_close(logits(model), logits(hf))
+    save_hf(model, cfg.model, cfg.moe, tmp_path / "out")
+    assert_logits_close(logits(reload(tmp_path / "out")), logits(hf))

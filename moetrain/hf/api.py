@@ -17,8 +17,8 @@ from torch import nn
 
 from moetrain.config import ConfigError, ModelConfig, MoEConfig, TrainConfig
 from moetrain.hf import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moetrain.hf.backend_names import moe_parts, native_state, to_model_names
 from moetrain.hf.common import EXPERT_TENSORS, Family, hf_to_moetrain, moetrain_to_hf, read_safetensors, unused_tensors
-from moetrain.model.moe import MoELayer, RoutingCore
 from moetrain.model.transformer import MoETransformer, build_model
 
 FAMILIES: dict[str, Family] = {
@@ -117,14 +117,8 @@ def _convert(hf_state: dict[str, torch.Tensor], family: Family, cfg: TrainConfig
 
 
 def _load_converted(model: MoETransformer, state: dict[str, torch.Tensor]) -> None:
-    """Copy our-named tensors into ``model``; expert-parallel layers keep their own experts' slice."""
-    for name, layer in model.named_modules():
-        if getattr(layer, "ep_size", 1) > 1 and hasattr(layer, "experts"):
-            first = layer.ep_rank * layer.num_local_experts
-            for w in EXPERT_TENSORS:
-                key = f"{name}.experts.{w}"
-                state[key] = state[key][first : first + layer.num_local_experts].contiguous()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Copy native-named tensors into ``model`` (any backend; expert-parallel layers take their slice)."""
+    missing, unexpected = model.load_state_dict(to_model_names(model, state), strict=False)
     tied = ("lm_head.weight",) if model.cfg.tie_embeddings else ()  # the embedding's own tensor
     if unexpected or [k for k in missing if not k.endswith(("bias_E", "active_E")) and k not in tied]:
         raise ValueError(f"model.init_from: weights do not match the model: missing {missing}, unexpected {unexpected}")
@@ -169,25 +163,10 @@ def load_mixtral(path: str | Path) -> tuple[MoETransformer, ModelConfig, MoEConf
 
 
 # ---------------------------------------------------------------------------------------------- export
-def _moe_blocks(model: MoETransformer) -> list[tuple[int, MoELayer]]:
-    blocks = []
-    for i, block in enumerate(model.layers):
-        if isinstance(block.ffn, MoELayer):
-            if block.ffn.ep_size > 1:
-                raise ConfigError(
-                    f"parallel.ep_size={block.ffn.ep_size} is not supported by the export; allowed: 1 (a model "
-                    "holding every expert)"
-                )
-            blocks.append((i, block.ffn))
-        elif any(isinstance(m, RoutingCore) for m in block.ffn.modules()):
-            raise ConfigError("moe.backend=deepspeed is not supported by the export; allowed: native")
-    return blocks
-
-
 def routing_now(model: MoETransformer, moe_cfg: MoEConfig) -> tuple[MoEConfig, dict[int, torch.Tensor]]:
     """The MoE config as the model routes *now* (runtime top-k, experts left unmasked, the routers' gating)
     and each MoE layer's kept-expert mask. Fails when layers disagree: a family's config has one value."""
-    blocks = _moe_blocks(model)
+    blocks = [(i, core) for i, core, _ in moe_parts(model)]
     keep = {i: layer.router.active_E.detach().cpu().clone() for i, layer in blocks}
     counts = {i: int(k.sum()) for i, k in keep.items()}
     top_ks = {i: layer.top_k for i, layer in blocks}
@@ -218,7 +197,7 @@ def routing_now(model: MoETransformer, moe_cfg: MoEConfig) -> tuple[MoEConfig, d
 
 def _kept_state(model: MoETransformer, keep: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict with only the unmasked experts of each MoE layer (router rows and expert weights)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = native_state(model)
     for i, k in keep.items():
         prefix = f"layers.{i}.ffn."
         for name in ("router.weight_ED", "router.bias_E", *(f"experts.{w}" for w in EXPERT_TENSORS)):
@@ -280,7 +259,7 @@ def save_hf(
         raise ConfigError(f"save_hf: family=None needs a source directory; allowed: {', '.join(FAMILIES)}")
     spec = family_of(family)
     now, keep = routing_now(model, moe_cfg)
-    biased = any(bool(layer.router.bias_E.any()) for _, layer in _moe_blocks(model))
+    biased = any(bool(core.router.bias_E.any()) for _, core, _ in moe_parts(model))
     if biased and spec.layout.router_bias is None:
         raise ConfigError(
             f"moe.bias_update_rate={moe_cfg.bias_update_rate}: the routers' selection bias (nonzero) cannot be "
