@@ -66,6 +66,10 @@ def resolve_tokenizer(tokenizer: str, init_from: str | None) -> str:
     source = Path(init_from[3:]).expanduser() if init_from and init_from.startswith("hf:") else None
     if source is not None and has_hf_tokenizer(source):
         return f"hf:{source}"
+    if tokenizer == "hf" and source is None:
+        raise ConfigError(
+            "data.tokenizer=hf needs model.init_from=hf:PATH (whose tokenizer it means); allowed: byte, hf:PATH"
+        )
     if tokenizer == "hf":
         raise ConfigError(
             f"data.tokenizer=hf finds no {' or '.join(HF_TOKENIZER_FILES)} in model.init_from={init_from}; "

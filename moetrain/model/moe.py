@@ -98,6 +98,9 @@ class RoutingCore(nn.Module):
         active = self.router.num_active
         if not 1 <= k <= active:
             raise ValueError(f"moe.top_k={k} must be between 1 and the number of active experts ({active})")
+        router = self.router
+        if router.n_group > 1 and k > router.topk_group * router.num_experts // router.n_group:
+            raise ValueError(f"moe.top_k={k} exceeds the experts of moe.topk_group={router.topk_group} groups")
         self.router.top_k = k
 
     def set_expert_mask(self, active_E: torch.Tensor) -> None:
