@@ -22,12 +22,31 @@ LR_DECAYS = ("cosine", "linear", "constant")
 WANDB_MODES = ("online", "offline", "disabled")
 TOKENIZERS = ("byte", "hf", "auto")  # or hf:PATH
 ATTENTIONS = ("gqa", "mla")
+ROPE_SCALINGS = ("default", "yarn")
 QK_NORMS = ("none", "head", "full")
 GROUP_SCORES = ("max", "top2_sum")
 
 
 class ConfigError(ValueError):
     """A config value is invalid. The message is one line: ``key=value <problem>; allowed: ...``."""
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for context extension. ``default``: none. ``yarn`` (YaRN, as transformers computes
+    it): per-dim blend of interpolated and original frequencies between the ``beta_fast`` / ``beta_slow``
+    rotation bounds over ``original_max_position_embeddings``, cos/sin scaled by an attention factor, and
+    (latent attention) the softmax scale by ``mscale(factor, mscale_all_dim)^2``."""
+
+    type: str = "default"  # default | yarn
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None  # null: model.seq_len
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None  # null: derived from factor, mscale and mscale_all_dim
+    truncate: bool = True  # round the blend range to whole dims
 
 
 @dataclass
@@ -74,6 +93,7 @@ class ModelConfig:
     qk_norm: str = "none"  # none | head (RMSNorm over each head's q/k, Qwen3-MoE) | full (over all of q / k, OLMoE)
     clip_qkv: float | None = None  # clamp q, k, v projections to [-c, c] (OLMoE)
     rope_interleave: bool = False  # rotate pairs (x[2i], x[2i+1]) (DeepSeek) instead of (x[i], x[i + Hd/2])
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)
 
 
@@ -303,6 +323,9 @@ def _validate_architecture(m: ModelConfig) -> None:
         _require(m.qk_norm == "none", "model.qk_norm", m.qk_norm, "is not supported with model.attention=mla")
         _require(m.clip_qkv is None, "model.clip_qkv", m.clip_qkv, "is not supported with model.attention=mla")
     _require(m.clip_qkv is None or m.clip_qkv > 0, "model.clip_qkv", m.clip_qkv, "must be > 0, or null")
+    _one_of("model.rope_scaling.type", m.rope_scaling.type, ROPE_SCALINGS)
+    if m.rope_scaling.type == "yarn":
+        _positive("model.rope_scaling.factor", m.rope_scaling.factor)
     if m.dense_d_ff is not None:
         _positive("model.dense_d_ff", m.dense_d_ff)
     _require(m.first_dense_layers >= 0, "model.first_dense_layers", m.first_dense_layers, "must be >= 0")

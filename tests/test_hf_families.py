@@ -26,6 +26,15 @@ DEEPSEEK = dict(
     qk_rope_head_dim=4,
     v_head_dim=6,
 )
+# YaRN with every knob that changes numbers: blended frequencies, cos/sin factor, MLA softmax scale
+YARN = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=4.0,
+    original_max_position_embeddings=16,
+    mscale=0.707,
+    mscale_all_dim=1.0,
+)
 # (model_type, config kwargs): together they cover every variant the importer knows
 FAMILIES = {
     "mixtral": ("mixtral", dict(num_key_value_heads=2, intermediate_size=24, num_local_experts=4)),
@@ -56,6 +65,12 @@ FAMILIES = {
             attention_bias=True,
         ),
     ),
+    "qwen3_moe_yarn": (
+        "qwen3_moe",
+        dict(
+            num_key_value_heads=2, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, rope_parameters=YARN
+        ),
+    ),
     "olmoe": (
         "olmoe",
         dict(
@@ -83,6 +98,10 @@ FAMILIES = {
     "deepseek_v3": (
         "deepseek_v3",
         dict(**DEEPSEEK, n_shared_experts=1, q_lora_rank=12, n_group=2, topk_group=1, norm_topk_prob=True),
+    ),
+    "deepseek_v3_yarn": (
+        "deepseek_v3",
+        dict(**DEEPSEEK, n_shared_experts=1, q_lora_rank=12, n_group=1, topk_group=1, rope_parameters=YARN),
     ),
     "deepseek_v3_plain": (
         "deepseek_v3",

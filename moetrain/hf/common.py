@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moetrain.config import ConfigError, ModelConfig, MoEConfig, is_moe_layer
+from moetrain.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig, is_moe_layer
 
 EXPERT_TENSORS = ("w1_EDF", "w3_EDF", "w2_EFD")  # our stacked expert weights, in the order of Layout.experts
 
@@ -60,20 +60,49 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise unsupported(key, value, allowed)
 
 
-def rope_theta(c: Any) -> float:
-    """The RoPE base of a transformers config; only plain RoPE is supported."""
+YARN_KEYS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
+
+
+def rope_settings(c: Any) -> tuple[float, RopeScalingConfig]:
+    """The RoPE base and scaling of a transformers config: plain RoPE or YaRN."""
     rope = dict(getattr(c, "rope_parameters", None) or {})
     kind = rope.get("rope_type", rope.get("type", "default"))
-    require(kind == "default", "rope_parameters.rope_type", kind, "default")
+    require(kind in ("default", "yarn"), "rope_parameters.rope_type", kind, "default, yarn")
     factor = rope.get("partial_rotary_factor", 1.0)
     require(factor == 1.0, "rope_parameters.partial_rotary_factor", factor, "1.0")
-    return float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+    theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+    if kind == "default":
+        return theta, RopeScalingConfig()
+    original = rope.get("original_max_position_embeddings") or c.max_position_embeddings
+    scaling = RopeScalingConfig(
+        type="yarn",
+        factor=float(rope.get("factor") or c.max_position_embeddings / original),
+        original_max_position_embeddings=int(original),
+        **{k: rope[k] for k in YARN_KEYS if rope.get(k) is not None},
+    )
+    return theta, scaling
+
+
+def rope_parameters_hf(m: ModelConfig) -> dict[str, Any]:
+    """transformers' ``rope_parameters`` for our RoPE settings."""
+    s = m.rope_scaling
+    if s.type == "default":
+        return {"rope_type": "default", "rope_theta": m.rope_theta}
+    params = {k: getattr(s, k) for k in YARN_KEYS if getattr(s, k) is not None}
+    return {
+        "rope_type": "yarn",
+        "rope_theta": m.rope_theta,
+        "factor": s.factor,
+        "original_max_position_embeddings": s.original_max_position_embeddings or m.seq_len,
+        **params,
+    }
 
 
 def common_model_config(c: Any, **arch: Any) -> ModelConfig:
     """Our model config from the keys every family shares, plus the family's ``arch`` keys."""
     act = getattr(c, "hidden_act", "silu")
     require(act == "silu", "hidden_act", act, "silu (SwiGLU experts)")
+    theta, scaling = rope_settings(c)
     return ModelConfig(
         d_model=c.hidden_size,
         n_layers=c.num_hidden_layers,
@@ -81,7 +110,8 @@ def common_model_config(c: Any, **arch: Any) -> ModelConfig:
         n_kv_heads=arch.pop("n_kv_heads", c.num_key_value_heads),
         vocab_size=c.vocab_size,
         seq_len=c.max_position_embeddings,
-        rope_theta=rope_theta(c),
+        rope_theta=theta,
+        rope_scaling=scaling,
         norm_eps=c.rms_norm_eps,
         tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         **arch,
@@ -106,7 +136,7 @@ def common_hf_config(m: ModelConfig) -> dict[str, Any]:
         "rms_norm_eps": m.norm_eps,
         "hidden_act": "silu",
         "tie_word_embeddings": m.tie_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_parameters": rope_parameters_hf(m),
     }
 
 

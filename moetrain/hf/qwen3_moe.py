@@ -25,7 +25,9 @@ NAME = "qwen3_moe"
 def to_moetrain(c: Any) -> tuple[ModelConfig, MoEConfig]:
     require_full_attention(c)
     bias = bool(c.attention_bias)
-    model = common_model_config(c, **qwen_layers(c), head_dim=c.head_dim, qk_norm="head", qkv_bias=bias, out_bias=bias)
+    model = common_model_config(
+        c, **qwen_layers(c), head_dim=getattr(c, "head_dim", None), qk_norm="head", qkv_bias=bias, out_bias=bias
+    )
     return model, routing_config(c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)
 
 

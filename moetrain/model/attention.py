@@ -7,21 +7,63 @@ L latent (low-rank) dim.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.config import ModelConfig
+from moetrain.config import ModelConfig, RopeScalingConfig
 
 # DeepSeek normalises its q and kv latents with RMSNorm at a fixed eps (its reference code and transformers
 # alike), not the model's rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction ``0.1 * mscale * ln(scale) + 1`` (1 when not extending)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_frequencies(dim: int, theta: float, s: RopeScalingConfig, seq_len: int) -> tuple[torch.Tensor, float]:
+    """YaRN inverse frequencies and cos/sin factor (transformers' ``_compute_yarn_parameters``).
+
+    With ``f_i = theta^(-2i/dim)`` and ``L`` the original context: the dims between ``low`` and ``high`` (where
+    ``d(r) = dim * ln(L / (2 pi r)) / (2 ln theta)`` for r = beta_fast, beta_slow) blend linearly from ``f_i``
+    (extrapolated, below ``low``) to ``f_i / factor`` (interpolated, above ``high``). The factor on cos/sin is
+    ``attention_factor``, else ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` when both are set,
+    else ``mscale(factor)``.
+    """
+    L = s.original_max_position_embeddings or seq_len
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 0.001)).clamp(0, 1)
+    inv_freq = (1.0 / (s.factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * (1 - ramp)
+    factor = s.attention_factor
+    if factor is None:
+        if s.mscale and s.mscale_all_dim:
+            factor = yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+        else:
+            factor = yarn_mscale(s.factor)
+    return inv_freq, factor
+
+
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, scaling: RopeScalingConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if scaling is not None and scaling.type == "yarn":
+        inv_freq, factor = yarn_frequencies(head_dim, theta, scaling, seq_len)
+    else:
+        inv_freq, factor = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)), 1.0
     angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-    return angles_SH.cos().float(), angles_SH.sin().float()
+    return (angles_SH.cos() * factor).float(), (angles_SH.sin() * factor).float()
 
 
 def apply_rope(x_BHSd: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
@@ -117,6 +159,9 @@ class LatentAttention(nn.Module):
         self.wkv_b = nn.Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
         self.scale = qk_dim**-0.5
+        yarn = cfg.rope_scaling
+        if yarn.type == "yarn" and yarn.mscale_all_dim:  # DeepSeek's YaRN also sharpens the softmax
+            self.scale *= yarn_mscale(yarn.factor, yarn.mscale_all_dim) ** 2
         self.rope = apply_rope_interleaved if cfg.rope_interleave else apply_rope
 
     def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:

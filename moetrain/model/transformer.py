@@ -108,7 +108,7 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.seq_len, rope_dim(cfg), cfg.rope_theta)
+        cos, sin = rope_tables(cfg.seq_len, rope_dim(cfg), cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         torch.set_rng_state(rng_at_entry)
