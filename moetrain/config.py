@@ -399,8 +399,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         d.tokenizer,
         "needs model.init_from=hf:PATH (the directory whose tokenizer it means); or use hf:PATH",
     )
+    byte_tokens = d.tokenizer == "byte" or (d.tokenizer == "auto" and not m.init_from)  # auto: resolved by to_typed
     _require(
-        m.vocab_size >= 257 or d.tokenizer not in ("byte", "auto") or bool(m.init_from and d.tokenizer == "auto"),
+        m.vocab_size >= 257 or not byte_tokens,
         "model.vocab_size",
         m.vocab_size,
         "is smaller than the byte tokenizer's 257 ids (256 bytes + end-of-text)",

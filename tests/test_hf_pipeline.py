@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, FAST, ROOT, compose_config, read_metrics, run_launcher
+from conftest import BIN, FAST, ROOT, compose_config, free_port, read_metrics, run_launcher
 from test_hf_families import assert_logits_close, tiny_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,3 +114,12 @@ def test_a_recipe_trains_an_imported_deepseek_v3_and_exports_it(imported_dir, tm
         imported = AutoModelForCausalLM.from_pretrained(str(imported_dir)).model.layers[1].mlp.gate.weight
         assert 0 < (trained - imported).abs().max() < 0.05  # trained a few steps from the imported weights
     assert (tmp_path / "out" / "tokenizer.json").is_file()  # the directory's tokenizer travels along
+
+
+@pytest.mark.slow
+def test_an_expert_parallel_model_imports_its_slice(tmp_path):
+    tiny_checkpoint("deepseek_v3", tmp_path / "hf")
+    script = ROOT / "tests" / "dist" / "hf_expert_parallel.py"
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    proc = run_launcher([*torchrun, str(script), str(tmp_path / "hf")], tmp_path, timeout=180)
+    assert "HF-EP-OK rank=0" in proc.stdout and "HF-EP-OK rank=1" in proc.stdout
