@@ -239,6 +239,15 @@ def _canonical_keys(model_type: str):
     return lambda key: aliases.get(key, key)
 
 
+def _source_dir(model_cfg: ModelConfig, source: str | Path | None) -> Path | None:
+    """The Hugging Face directory a model came from: ``source``, else ``model.init_from``'s when it still exists."""
+    if source is not None:
+        return hf_path(f"hf:{source}")
+    init_from = model_cfg.init_from or ""
+    path = Path(init_from[3:]).expanduser()
+    return path if init_from.startswith("hf:") and (path / "config.json").is_file() else None
+
+
 def save_hf(
     model: MoETransformer,
     model_cfg: ModelConfig,
@@ -252,8 +261,8 @@ def save_hf(
     (masked experts are left out) and its current top-k, safetensors in the family's on-disk layout, and the
     source's tokenizer files. Raises :class:`ConfigError` naming the field when the family cannot express
     the model (e.g. a raw top-1 gate as Mixtral)."""
-    src = Path(source).expanduser() if source else (hf_path(model_cfg.init_from) if model_cfg.init_from else None)
-    base = read_config(src) if src is not None and (src / "config.json").is_file() else {}
+    src = _source_dir(model_cfg, source)
+    base = read_config(src) if src is not None else {}
     family = family or base.get("model_type")
     if family is None:
         raise ConfigError(f"save_hf: family=None needs a source directory; allowed: {', '.join(FAMILIES)}")
@@ -282,7 +291,7 @@ def save_hf(
     out.mkdir(parents=True, exist_ok=True)
     as_transformers_config({"model_type": family, **config}).save_pretrained(str(out))
     write_safetensors(state, out)
-    for name in TOKENIZER_FILES if src is not None else ():
+    for name in TOKENIZER_FILES if src is not None and src.resolve() != out.resolve() else ():
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
     return out
