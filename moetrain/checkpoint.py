@@ -46,8 +46,13 @@ def fault_point(name: str, step: int) -> None:
     """Crash-test hook: ``MOETRAIN_FAULT=kill-during-save:<step>`` SIGKILLs rank 0 at this point of that
     step's save (all files written, checkpoint not yet committed). Used by the tests that prove a crash
     during a checkpoint write leaves the previous checkpoint as the one ``trainer.resume=auto`` picks."""
-    if os.environ.get("MOETRAIN_FAULT") == f"{name}:{step}" and int(os.environ.get("RANK", "0")) == 0:
+    if fault_requested(name, step) and int(os.environ.get("RANK", "0")) == 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_requested(name: str, arg: int) -> bool:
+    """Crash and damage tests: ``MOETRAIN_FAULT=<name>:<arg>`` asks for the fault ``name`` at ``arg``."""
+    return os.environ.get("MOETRAIN_FAULT") == f"{name}:{arg}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,31 +91,39 @@ def resolve_resume(resume: str, default_root: Path) -> tuple[Path, str] | None:
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, env: LaunchEnv, keep: int, layout: dict[str, Any], extra_state=None) -> None:
+    def __init__(
+        self, root: Path, env: LaunchEnv, keep: int, layout: dict[str, Any], extra_state=(), structure=None
+    ) -> None:
         """``layout``: what decides whether optimizer state can be restored (backend, ep_size, zero_stage,
-        world size); saved as ``layout.json`` beside each checkpoint. ``extra_state``: an optional component
-        with ``save(dir)`` / ``load(dir)`` for state DeepSpeed does not keep per rank (native expert-parallel
-        shards); it runs after DeepSpeed's own save/load."""
+        world size); saved as ``layout.json`` beside each checkpoint. ``extra_state``: components with
+        ``save(dir)`` / ``load(dir)`` for state DeepSpeed does not keep per rank (native expert-parallel shards,
+        a distillation teacher); they run after DeepSpeed's own save/load. ``structure``: the model's shape
+        beyond the config (pruned experts, adapters), saved as ``structure.json``: a resume rebuilds it first."""
         self.root = root
         self.env = env
         self.keep = keep
         self.layout = layout
-        self.extra_state = extra_state
+        self.extra_state = [c for c in extra_state if c is not None]
+        self.structure = structure or {}
 
-    def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
-        tag = tag_for(step)
+    def save(self, engine, step: int, client_state: dict[str, Any], tag: str | None = None) -> Path:
+        """Write a checkpoint. With the default ``step_*`` tag it becomes ``latest`` once every rank is done;
+        a named ``tag`` (a rollback snapshot) is written the same way but never becomes ``latest``."""
+        commit = tag is None
+        tag = tag or tag_for(step)
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         rank_file = self.root / tag / f"rank_state_{self.env.rank:05d}.pt"
         tmp = rank_file.with_name(rank_file.name + ".tmp")
         torch.save({"rng": rng_state()}, tmp)
         os.replace(tmp, rank_file)
-        if self.extra_state is not None:
-            self.extra_state.save(self.root / tag)
+        for component in self.extra_state:
+            component.save(self.root / tag)
         fault_point("kill-during-save", step)
         if self.env.is_main:
             atomic_write_text(self.root / tag / "layout.json", json.dumps(self.layout, sort_keys=True))
+            atomic_write_text(self.root / tag / "structure.json", json.dumps(self.structure, sort_keys=True))
         barrier()  # every rank's files are on disk before the checkpoint is declared complete
-        if self.env.is_main:
+        if self.env.is_main and commit:
             atomic_write_text(self.root / "latest", tag)
             self._prune(keep_tag=tag)
         barrier()
@@ -140,8 +153,8 @@ class CheckpointManager:
         )
         if path is None:
             raise FileNotFoundError(f"trainer.resume: DeepSpeed found no checkpoint {tag} under {root}")
-        if self.extra_state is not None:
-            self.extra_state.load(root / tag)
+        for component in self.extra_state:
+            component.load(root / tag)
         rank_file = root / tag / f"rank_state_{self.env.rank:05d}.pt"
         if same and rank_file.is_file():
             set_rng_state(torch.load(rank_file, weights_only=True)["rng"])
@@ -151,6 +164,11 @@ class CheckpointManager:
     def saved_layout(directory: Path) -> dict[str, Any] | None:
         f = directory / "layout.json"
         return json.loads(f.read_text()) if f.is_file() else None
+
+    @staticmethod
+    def saved_structure(directory: Path) -> dict[str, Any]:
+        f = directory / "structure.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
 
     def _check_weights_portable(self, saved: dict[str, Any]) -> None:
         if saved["backend"] != self.layout["backend"]:

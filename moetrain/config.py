@@ -9,6 +9,7 @@ The entry point converts the composed DictConfig into these dataclasses once (:f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -25,6 +26,9 @@ ATTENTIONS = ("gqa", "mla")
 ROPE_SCALINGS = ("default", "yarn")
 QK_NORMS = ("none", "head", "full")
 GROUP_SCORES = ("max", "top2_sum")
+PRUNE_CRITERIA = ("frequency", "gate_weighted", "saliency")
+PRUNE_RANKINGS = ("layer", "global")
+LORA_TARGETS = ("router", "experts", "attention")
 
 
 class ConfigError(ValueError):
@@ -96,6 +100,13 @@ class ModelConfig:
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)
 
+    def __post_init__(self) -> None:
+        # ModelConfig(**asdict(cfg)) round-trips (exported config.json files are read that way)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig(**self.mla)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
+
 
 @dataclass
 class MoEConfig:
@@ -123,6 +134,14 @@ class MoEConfig:
     # Expert GEMM path: "auto" picks torch._grouped_mm where device and dtype support it, else a loop.
     grouped_mm: str = "auto"
     a2a_chunks: int = 1  # expert-parallel dispatch split into chunks to overlap all-to-all with compute
+    # Structure after expert pruning (written by the pruner, read when a pruned model is rebuilt): per MoE
+    # layer the experts it keeps, as ids of the original num_experts experts, in their new order. Empty: every
+    # layer has all num_experts experts.
+    expert_ids: list[list[int]] = field(default_factory=list)
+
+    def experts_in_layer(self, moe_index: int) -> int:
+        """Experts of the ``moe_index``-th MoE layer (pruned layers may have fewer than ``num_experts``)."""
+        return len(self.expert_ids[moe_index]) if self.expert_ids else self.num_experts
 
 
 @dataclass
@@ -179,6 +198,8 @@ class StageConfig:
     lr_mult: RampConfig | None = None
     trainable: str = "all"  # all | router | experts | non_experts
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns (fnmatch) that do not train
+    prune: bool = False  # the stage starts with a pruning round (profile, prune, validate, maybe roll back)
+    lora: bool = False  # only LoRA adapters (lora.*) train in this stage; merged into the weights at its end
 
 
 @dataclass
@@ -187,6 +208,40 @@ class ScheduleConfig:
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
     stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class PruneConfig:
+    """Staged expert pruning; a stage with ``prune: true`` runs one round at its start."""
+
+    profile_tokens: int = 65536  # tokens (over all ranks) whose routing is profiled before each round
+    criterion: str = "frequency"  # frequency | gate_weighted | saliency
+    # an expert is cold when its share of its layer's criterion total (shares sum to 1 per layer) is below this;
+    # for "frequency" that is the fraction of the layer's routed tokens
+    threshold: float = 0.005
+    max_fraction: float = 0.25  # at most this fraction of a layer's experts (global: of all experts) per round
+    min_experts: int = 2  # a layer never drops below this many experts
+    ranking: str = "layer"  # layer: threshold and caps per layer | global: one ranking over every layer
+    max_loss_increase: float = 0.05  # validation loss rise (nats) right after a round that triggers a rollback
+
+
+@dataclass
+class LoRAConfig:
+    """Adapters trained in stages with ``lora: true`` (peft), merged into the base weights when the stage ends."""
+
+    targets: list[str] = field(default_factory=lambda: ["router"])  # router | experts | attention
+    rank: int = 8
+    alpha: float = 16.0
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from the model as it was before the first pruning round, in every stage after it:
+    ``loss = (1 - beta) * CE + beta * T^2 * KL(teacher || student)`` at temperature ``T``."""
+
+    enabled: bool = False
+    beta: float = 0.5
+    temperature: float = 2.0
 
 
 @dataclass
@@ -219,6 +274,8 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress_bar: bool = True
+    # a finished run folder (its summary.json) shown as the reference row of the report's quality table
+    baseline_run: str | None = None
 
 
 @dataclass
@@ -231,6 +288,9 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def register_configs() -> None:
@@ -283,7 +343,7 @@ def _one_of_or_prefixed(key: str, value: Any, allowed: tuple[str, ...], prefix: 
     )
 
 
-def is_moe_layer(m: ModelConfig, i: int) -> bool:
+def is_moe_layer(i: int, m: ModelConfig) -> bool:
     """Whether layer ``i`` (0-based) has a routed MoE FFN: every ``moe_every``-th layer, except the first
     ``first_dense_layers`` and those listed in ``dense_layers``."""
     return (i + 1) % m.moe_every == 0 and i >= m.first_dense_layers and i not in m.dense_layers
@@ -387,7 +447,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         f"leaves no MoE layer with model.n_layers={m.n_layers}; allowed: 1..{m.n_layers}",
     )
     _require(
-        any(is_moe_layer(m, i) for i in range(m.n_layers)),
+        any(is_moe_layer(i, m) for i in range(m.n_layers)),
         "model.first_dense_layers",
         m.first_dense_layers,
         f"leaves no MoE layer with model.n_layers={m.n_layers}, model.dense_layers={m.dense_layers}",
@@ -520,7 +580,59 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     from moetrain.stages import validate_stages
 
     validate_stages(cfg)
+    _validate_structure(cfg)
 
+    base = cfg.logging.baseline_run
+    _require(
+        base is None or (Path(base) / "summary.json").is_file(),
+        "logging.baseline_run",
+        base,
+        "is not a finished run folder (no summary.json in it)",
+    )
     mode = cfg.logging.wandb.mode
     if mode is not None:
         _one_of("logging.wandb.mode", mode, WANDB_MODES)
+
+
+def _validate_structure(cfg: TrainConfig) -> None:
+    """Pruning, LoRA and distillation settings, and a pruned structure (``moe.expert_ids``)."""
+    pr, lo, di, moe = cfg.prune, cfg.lora, cfg.distill, cfg.moe
+    _positive("prune.profile_tokens", pr.profile_tokens)
+    _one_of("prune.criterion", pr.criterion, PRUNE_CRITERIA)
+    _one_of("prune.ranking", pr.ranking, PRUNE_RANKINGS)
+    _require(0 <= pr.threshold <= 1, "prune.threshold", pr.threshold, "must be in [0, 1] (a share of the layer)")
+    _require(0 < pr.max_fraction < 1, "prune.max_fraction", pr.max_fraction, "must be in (0, 1)")
+    _require(
+        max(moe.top_k, 1) <= pr.min_experts <= moe.num_experts,
+        "prune.min_experts",
+        pr.min_experts,
+        f"must be between moe.top_k={moe.top_k} and moe.num_experts={moe.num_experts}",
+    )
+    _require(pr.max_loss_increase >= 0, "prune.max_loss_increase", pr.max_loss_increase, "must be >= 0 (nats)")
+    for t in lo.targets:
+        _one_of("lora.targets", t, LORA_TARGETS)
+    _require(bool(lo.targets), "lora.targets", lo.targets, f"is empty; allowed: {', '.join(LORA_TARGETS)}")
+    _positive("lora.rank", lo.rank)
+    _positive("lora.alpha", lo.alpha)
+    _require(0 <= di.beta <= 1, "distill.beta", di.beta, "must be in [0, 1]")
+    _positive("distill.temperature", di.temperature)
+    stages = cfg.schedule.stages
+    if stages and stages[0].prune:
+        raise ConfigError("schedule.stages[0].prune=true is not supported: a round needs a trained model to profile")
+    _require(
+        not di.enabled or any(st.prune for st in stages),
+        "distill.enabled",
+        di.enabled,
+        "needs a stage with prune: true (the teacher is the model before the first pruning round)",
+    )
+    for j, ids in enumerate(moe.expert_ids):
+        key = f"moe.expert_ids[{j}]"
+        _require(len(set(ids)) == len(ids), key, ids, "repeats an expert id")
+        _require(all(0 <= e < moe.num_experts for e in ids), key, ids, f"has ids outside 0..{moe.num_experts - 1}")
+        _require(
+            len(ids) % cfg.parallel.ep_size == 0,
+            key,
+            ids,
+            f"keeps {len(ids)} experts, not divisible by parallel.ep_size={cfg.parallel.ep_size}",
+        )
+        _require(len(ids) >= moe.top_k, key, ids, f"keeps fewer experts than moe.top_k={moe.top_k}")

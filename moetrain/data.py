@@ -278,6 +278,8 @@ class DataPipeline:
         self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
         self.train_order = ShardedOrder(len(self.train), seed)
         self.val_order = ShardedOrder(len(self.val), seed, shuffle=False)
+        # a fixed sample of training sequences for expert profiling, independent of the training position
+        self.profile_order = ShardedOrder(len(self.train), seed + 7919)
         self.position = 0
 
     @property
@@ -298,6 +300,14 @@ class DataPipeline:
         for b in range(num_batches):
             idx = self.val_order.rank_indices(b * self.global_micro_batch, self.micro_batch, self.dp_rank)
             yield self.val.batch(idx)
+
+    def profile_batches(self, num_tokens: int):
+        """This rank's share of a fixed sample of ``num_tokens`` training tokens (whole micro-batches, rounded
+        up): the same sequences whenever it is asked, so profiling never moves the training position."""
+        tokens_per_batch = self.global_micro_batch * self.train.seq_len
+        for b in range(-(-num_tokens // tokens_per_batch)):
+            idx = self.profile_order.rank_indices(b * self.global_micro_batch, self.micro_batch, self.dp_rank)
+            yield self.train.batch(idx)
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position}

@@ -62,34 +62,53 @@ def parameter_groups(model: nn.Module, weight_decay: float, schedule: StageSched
     return [g for g in groups if g["params"]]
 
 
-def build_model_for_engine(cfg: TrainConfig):
-    """The model (from ``model.init_from`` when set), sharded over ``parallel.ep_size`` ranks when asked, with
-    its expert-parallel parameters declared to DeepSpeed. Returns (model, expert-shard checkpoint component)."""
-    model, shards = _build_model_for_engine(cfg)
-    if cfg.model.init_from:
+def build_model_for_engine(cfg: TrainConfig, load_init: bool = True):
+    """The model (from ``model.init_from`` when set and ``load_init``), sharded over ``parallel.ep_size`` ranks
+    when asked, with its expert-parallel parameters declared to DeepSpeed. Returns (model, expert-shard
+    checkpoint component or None)."""
+    from moetrain.model import build_model
+
+    ep_group = None
+    if cfg.moe.backend == "native" and cfg.parallel.ep_size > 1:
+        from moetrain.backends.deepspeed_ep import create_expert_parallel_groups
+
+        ep_group = create_expert_parallel_groups(cfg.parallel.ep_size)
+    # DeepSpeed's MoE layers are built for ep_size and get their group when the engine starts
+    model = build_model(cfg.model, cfg.moe, ep_group, ep_size=cfg.parallel.ep_size)
+    if cfg.model.init_from and load_init:
         from moetrain.hf import load_hf_weights
 
         load_hf_weights(model, cfg)
-    return model, shards
+    return model, prepare_model_for_engine(model, cfg)
 
 
-def _build_model_for_engine(cfg: TrainConfig):
-    from moetrain.model import build_model
-
+def prepare_model_for_engine(model: nn.Module, cfg: TrainConfig):
+    """Declare native expert-parallel parameters (expert weights and their adapters) to DeepSpeed; returns the
+    component that checkpoints their shards (None without native expert parallelism). Run again after a
+    structure change (pruning, adapters)."""
     if cfg.moe.backend == "deepspeed":  # DeepSpeed's layer tags its experts and checkpoints them per expert
-        return build_model(cfg.model, cfg.moe, ep_size=cfg.parallel.ep_size), None
+        return None
     if cfg.parallel.ep_size == 1:
-        return build_model(cfg.model, cfg.moe), None
-    from moetrain.backends.deepspeed_ep import ExpertShards, create_expert_parallel_groups, mark_expert_parameters
+        return None
+    from moetrain.backends.deepspeed_ep import ExpertShards, mark_expert_parameters
 
-    model = build_model(cfg.model, cfg.moe, create_expert_parallel_groups(cfg.parallel.ep_size))
     mark_expert_parameters(model, cfg.parallel.ep_size)
-    return model, ExpertShards(model, cfg.parallel.ep_size)
+    return ExpertShards(model, cfg.parallel.ep_size)
 
 
 def group_lr_factor(step: int, cfg: TrainConfig, stages: StageSchedule, frozen_by_stage: tuple[bool, ...]) -> float:
     """LR multiplier of one parameter group at ``step``: warmup/decay x the stage's LR ramp (0 when frozen)."""
     return lr_multiplier(step, cfg.schedule, cfg.trainer.max_steps) * stages.lr_factor(step, frozen_by_stage)
+
+
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+    """Put a step-indexed LR schedule at ``step`` (every group's LR set from its lambda; nothing else moves)."""
+    import warnings
+
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, stages: StageSchedule):

@@ -1,5 +1,7 @@
-"""The end-of-run report: ``report.md`` with the per-stage table, ``loss.png`` (loss curve with stage
-boundaries) and ``utilization.png`` (per-layer expert utilization heatmap, one panel per stage)."""
+"""The end-of-run report: ``report.md`` with the per-stage table and the quality table (validation loss and
+perplexity at each stage end and right after each pruning round, experts per layer, parameters, optionally a
+baseline run), ``loss.png`` (loss curve with stage boundaries), ``utilization.png`` (per-layer expert
+utilization heatmap, one panel per stage) and ``pruning.png`` (each round's profile, removed experts marked)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ COLUMNS = [
     ("expert FLOPs/token", "expert_flops_per_token", "{:.4g}"),
     ("dropped", "dropped_frac", "{:.4f}"),
     ("entropy (nats)", "entropy", "{:.3f}"),
+    ("experts/layer", "experts_per_layer", "{}"),
+    ("params", "params", "{:,}"),
 ]
 
 
@@ -84,14 +88,13 @@ def plot_utilization(path: Path, summaries: list[dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     n = len(summaries)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 1.5, 3.4), squeeze=False, constrained_layout=True)
     vmax = max((max(max(r) for r in s["utilization"]) for s in summaries if s["utilization"]), default=1.0)
     im = None
     for ax, s in zip(axes[0], summaries):
-        u = np.asarray(s["utilization"], dtype=float)
+        u = _ragged(s["utilization"])
         im = ax.imshow(u, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         ax.set_title(f"{s['stage']} (k={s.get('moe.top_k')})", fontsize=9)
         ax.set_xticks(range(u.shape[1]))
@@ -104,11 +107,119 @@ def plot_utilization(path: Path, summaries: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: Path, summaries: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Path]:
+def _ragged(rows: list[list[float]]):
+    """Rows of different lengths (pruned layers) as one array, missing experts as NaN (blank in the heatmap)."""
+    import numpy as np
+
+    width = max((len(r) for r in rows), default=0)
+    return np.asarray([list(r) + [float("nan")] * (width - len(r)) for r in rows], dtype=float)
+
+
+def plot_pruning(path: Path, rounds: list[dict[str, Any]]) -> None:
+    """One panel per round: each layer's criterion share per expert before the cut; removed experts crossed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(rounds)
+    fig, axes = plt.subplots(1, n, figsize=(3.8 * n + 1.5, 3.4), squeeze=False, constrained_layout=True)
+    im = None
+    for ax, r in zip(axes[0], rounds):
+        shares = _ragged(r["shares"])
+        im = ax.imshow(shares, aspect="auto", cmap="magma", vmin=0)
+        for layer, (gone, ids) in enumerate(zip(r["removed"], r["expert_ids_before"])):
+            for e in gone:
+                ax.plot(ids.index(e), layer, "x", color="cyan", ms=9, mew=2)
+        ax.set_title(f"round {r['round']} ({r['criterion']}): {r['outcome'].split(' (')[0]}", fontsize=9)
+        ax.set_xlabel("expert (current index)")
+        ax.set_ylabel("MoE layer")
+    if im is not None:
+        fig.colorbar(im, ax=axes[0].tolist(), label="share of the layer's criterion (x: removed)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def quality_rows(
+    summaries: list[dict[str, Any]], rounds: list[dict[str, Any]], baseline: dict[str, Any] | None
+) -> list[list[str]]:
+    """Validation loss and perplexity through the run, in order: baseline, then per stage the pruning round
+    at its start (loss right after the cut, before recovery training) and the loss at its end."""
+
+    def row(what: str, loss: float | None, experts, params, note: str = "") -> list[str]:
+        ok = loss is not None and not math.isnan(loss)
+        return [
+            what,
+            f"{loss:.4f}" if ok else "-",
+            f"{math.exp(loss):.3f}" if ok else "-",
+            str(experts),
+            note,
+            f"{params:,}" if params else "-",
+        ]
+
+    rows = []
+    if baseline is not None:
+        rows.append(
+            row(
+                f"baseline: {baseline.get('name', 'run')}, {baseline['step']} steps",
+                baseline["val_loss"],
+                baseline.get("experts_per_layer", "-"),
+                baseline.get("params"),
+                "reference at equal total steps",
+            )
+        )
+    for s in summaries:
+        for r in rounds:
+            if r["stage"] == s["stage"]:
+                rows.append(
+                    row(
+                        f"prune round {r['round']} (right after the cut, step {r['step']})",
+                        r["val_loss_after"],
+                        r["experts_after"],
+                        None,
+                        f"{r['outcome']}; before: {r['val_loss_before']:.4f}",
+                    )
+                )
+        rows.append(
+            row(
+                f"end of stage {s['stage']} (step {s['end_step']})",
+                s["val_loss"],
+                s.get("experts_per_layer", "-"),
+                s.get("params"),
+            )
+        )
+    return rows
+
+
+def write_report(
+    run_dir: Path,
+    summaries: list[dict[str, Any]],
+    extra: dict[str, Any],
+    rounds: list[dict[str, Any]] | None = None,
+    baseline: dict[str, Any] | None = None,
+) -> dict[str, Path]:
     """Write report.md and its plots into ``run_dir``; return the files written."""
+    rounds = rounds or []
     files = {"loss": run_dir / "loss.png", "utilization": run_dir / "utilization.png"}
     plot_loss(files["loss"], run_dir / "metrics.jsonl", summaries)
     plot_utilization(files["utilization"], summaries)
+    quality = []
+    if rounds or baseline:
+        q_header = ["when", "val loss", "perplexity", "experts/layer", "note", "params"]
+        quality = [
+            "## Quality",
+            "",
+            "Validation loss (nats/token) and perplexity at each stage end and right after each pruning round.",
+            "",
+            "| " + " | ".join(q_header) + " |",
+            "|" + "---|" * len(q_header),
+            *("| " + " | ".join(r) + " |" for r in quality_rows(summaries, rounds, baseline)),
+            "",
+        ]
+    if rounds:
+        files["pruning"] = run_dir / "pruning.png"
+        plot_pruning(files["pruning"], rounds)
+        quality += ["![pruning rounds](pruning.png)", ""]
     header = "| " + " | ".join(c for c, _, _ in COLUMNS) + " |"
     sep = "|" + "---|" * len(COLUMNS)
     lines = [
@@ -126,6 +237,7 @@ def write_report(run_dir: Path, summaries: list[dict[str, Any]], extra: dict[str
         sep,
         *("| " + " | ".join(r) + " |" for r in table_rows(summaries)),
         "",
+        *quality,
         "![loss](loss.png)",
         "",
         "![expert utilization](utilization.png)",

@@ -1,6 +1,6 @@
 """Routing statistics accumulated over a logging interval and all-reduced across ranks.
 
-Shape legend: L MoE layers, E experts.
+Shape legend: L MoE layers, E experts (the widest layer: after pruning, a layer's missing experts read 0).
 
 Per layer and interval (sums over every forward of every rank, then normalised):
 
@@ -31,14 +31,19 @@ class RoutingMetrics:
         for i, s in enumerate(stats):
             row = torch.cat(
                 [
-                    s.routed_per_expert_E.detach().double().cpu(),
-                    s.tokens_per_expert_E.detach().double().cpu(),
-                    s.gate_mass_E.detach().double().cpu(),
-                    s.saliency_sum_E.detach().double().cpu(),
+                    self._pad(s.routed_per_expert_E),
+                    self._pad(s.tokens_per_expert_E),
+                    self._pad(s.gate_mass_E),
+                    self._pad(s.saliency_sum_E),
                     torch.tensor([float(s.entropy_sum), s.num_tokens, s.dropped, s.rerouted], dtype=torch.float64),
                 ]
             )
             self.sums_LX[i] += row
+
+    def _pad(self, v_E: torch.Tensor) -> torch.Tensor:
+        """A pruned layer has fewer experts than the table's width: its columns past them stay zero."""
+        v = v_E.detach().double().cpu()
+        return torch.nn.functional.pad(v, (0, self.E - v.shape[0])) if v.shape[0] < self.E else v
 
     def reduce_and_reset_sums(self) -> torch.Tensor:
         """Collective: every rank must call it at the same step. Returns the summed (L, X) table."""

@@ -24,7 +24,12 @@ log = logging.getLogger("moetrain")
 
 
 class StageHook(Protocol):
+    """A structural action at stage boundaries (pruning, adapters). ``on_stage_end`` runs after the ending
+    stage is summarised, ``on_stage_start`` once the next stage's schedule is applied."""
+
     def on_stage_start(self, trainer, state: StageState) -> None: ...
+
+    def on_stage_end(self, trainer, state: StageState) -> None: ...
 
 
 def expert_ffn_flops_per_token(sums_LX: torch.Tensor, num_experts: int, d_model: int, d_ff: int) -> float:
@@ -56,6 +61,11 @@ class StageRunner:
         self.seconds = 0.0
         self.tokens = 0
         self.summaries: list[dict[str, Any]] = []  # closed stages, in order
+
+    def attach(self, schedule: StageSchedule, moe_layers: list[RoutingCore]) -> None:
+        """The model's structure changed (pruned experts, adapters): follow the new layers and schedule."""
+        self.schedule = schedule
+        self.moe_layers = moe_layers
 
     # ------------------------------------------------------------------ every step
     def apply(self, step: int) -> StageState:
@@ -112,6 +122,12 @@ class StageRunner:
         self.seconds, self.tokens = 0.0, 0
         return summary
 
+    def end_stage(self, trainer, step: int) -> None:
+        """Run the hooks of the stage that ends at ``step`` (after :meth:`close_stage`)."""
+        state = self.schedule.at(step - 1)
+        for hook in self.hooks:
+            hook.on_stage_end(trainer, state)
+
     def begin_stage(self, trainer, step: int) -> dict[str, Any]:
         """Apply the new stage, run its hooks, and describe what changed (for the log line and the event)."""
         before = self.schedule.at(step - 1)
@@ -122,6 +138,10 @@ class StageRunner:
                 changes[key] = [getattr(before, key), getattr(after, key)]
         if before.frozen != after.frozen:
             changes["frozen_parameters"] = [len(before.frozen), len(after.frozen)]
+        stage = self.schedule.stages[after.index]
+        for action in ("prune", "lora"):  # structural actions the hooks carry out
+            if getattr(stage, action):
+                changes[action] = [False, True]
         for hook in self.hooks:
             hook.on_stage_start(trainer, after)
         return {"stage": after.name, "index": after.index, "changes": changes}

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -20,24 +20,38 @@ import torch.nn.functional as F
 from moetrain.checkpoint import CheckpointManager, resolve_resume
 from moetrain.config import ConfigError, TrainConfig, validate
 from moetrain.data import DataPipeline, default_cache_dir, tokenize_splits
-from moetrain.distributed import all_reduce_sum, broadcast_object, init_distributed
-from moetrain.engine import build_engine, build_model_for_engine
+from moetrain.distill import Distiller
+from moetrain.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
+from moetrain.engine import build_engine, build_model_for_engine, prepare_model_for_engine, set_schedule_step
+from moetrain.lora import LoRAAdapters, LoRAStageHook
 from moetrain.model import ModelOutput
+from moetrain.pruning import PruneHook
 from moetrain.routing_metrics import RoutingMetrics
 from moetrain.stage_runner import StageRunner
 from moetrain.stages import StageSchedule, StageState
+from moetrain.structure import TeacherState, count_parameters
 from moetrain.tracking import build_logger
 
 log = logging.getLogger("moetrain")
 
 
 def training_loss(
-    out: ModelOutput, labels_BS: torch.Tensor, aux_coef: float, z_coef: float
+    out: ModelOutput,
+    labels_BS: torch.Tensor,
+    aux_coef: float,
+    z_coef: float,
+    kl: torch.Tensor | None = None,
+    beta: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``CE + aux_coef * aux + z_coef * z``; CE in fp32 over every label position."""
+    """``CE + aux_coef * aux + z_coef * z``; CE in fp32 over every label position. With a distillation term
+    ``kl`` (already scaled by T^2) the CE part becomes ``(1 - beta) * CE + beta * kl``."""
     ce = F.cross_entropy(out.logits_BSV.float().flatten(0, 1), labels_BS.flatten())
-    total = ce + aux_coef * out.aux_loss + z_coef * out.z_loss
-    return total, {"ce": ce.detach(), "aux": out.aux_loss.detach(), "z": out.z_loss.detach()}
+    task = ce if kl is None else (1 - beta) * ce + beta * kl
+    total = task + aux_coef * out.aux_loss + z_coef * out.z_loss
+    parts = {"ce": ce.detach(), "aux": out.aux_loss.detach(), "z": out.z_loss.detach()}
+    if kl is not None:
+        parts["kl"] = kl.detach()
+    return total, parts
 
 
 def load_splits_rank0_first(cfg_data, is_main: bool):
@@ -69,17 +83,63 @@ class Trainer:
             torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // self.env.local_world_size))
         torch.manual_seed(t.seed)  # identical initial weights on every rank
 
-        self.model, expert_shards = build_model_for_engine(cfg)
-        names = [n for n, _ in self.model.named_parameters()]
-        self.schedule = StageSchedule(cfg.schedule, cfg.moe, t.max_steps, names)
-        self.engine = build_engine(self.model, cfg, self.schedule)
-        # Every rank is a data-parallel rank (no tensor or pipeline parallelism).
-        self.dp_rank, self.dp_size = self.env.rank, self.env.world_size
+        # a checkpoint of a pruned or adapted model is resumed into the same structure: rebuild it first
+        self.resume_from = resolve_resume(t.resume, run_dir / "checkpoints")
+        structure = (
+            CheckpointManager.saved_structure(self.resume_from[0] / self.resume_from[1]) if self.resume_from else {}
+        )
+        if structure.get("expert_ids"):
+            cfg.moe.expert_ids = structure["expert_ids"]
+        self.adapters = LoRAAdapters(cfg.lora, cfg.moe.backend)
+        self.distiller = Distiller(cfg.distill)
+        self.pruner = PruneHook(cfg.prune)
+        self.teacher_expert_ids: list[list[int]] | None = None
 
         splits = load_splits_rank0_first(cfg.data, self.env.is_main)
         self.unigram_baseline = splits.unigram_baseline(cfg.model.vocab_size)
+        # Every rank is a data-parallel rank (no tensor or pipeline parallelism).
+        self.dp_rank, self.dp_size = self.env.rank, self.env.world_size
         self.data = DataPipeline(splits, cfg.model.seq_len, t.micro_batch_size, self.dp_rank, self.dp_size, t.seed)
 
+        self.model, expert_shards = build_model_for_engine(cfg, load_init=self.resume_from is None)
+        if structure.get("lora"):
+            self.adapters.attach(self.model)
+            expert_shards = prepare_model_for_engine(self.model, cfg)
+        if structure.get("teacher_expert_ids"):
+            self._make_teacher(structure["teacher_expert_ids"], from_model=False)
+        self.engine = None
+        self.logger = build_logger(cfg, run_dir, self.env.is_main)
+        self.routing = RoutingMetrics(0, 0)
+        self.stages = StageRunner(
+            StageSchedule(cfg.schedule, cfg.moe, t.max_steps),
+            [],
+            cfg.model.d_model,
+            cfg.model.d_ff,
+            self.env.is_main,
+            hooks=[self.pruner, LoRAStageHook()],
+        )
+        self.step = 0
+        self._assemble(expert_shards)
+        self.routing = RoutingMetrics(len(self.moe_layers), cfg.moe.num_experts)
+        self.stages.stage_routing = RoutingMetrics(len(self.moe_layers), cfg.moe.num_experts)
+        self.stages.E = cfg.moe.num_experts
+        self.last_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_size * cfg.model.seq_len
+
+    # ---------------------------------------------------------------- structure
+    def _assemble(self, expert_shards) -> None:
+        """(Re)build everything that depends on the model's structure: the stage schedule (parameter names),
+        the DeepSpeed engine with its LR schedule at the current step, the checkpoint manager. Called at start
+        and after every structure change (pruning, adapters attached or merged, rollback)."""
+        cfg, t = self.cfg, self.cfg.trainer
+        if self.engine is not None:
+            self.engine.destroy()  # releases the old optimizer's gradient hooks on parameters we keep
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.schedule = StageSchedule(cfg.schedule, cfg.moe, t.max_steps, names)
+        self.engine = build_engine(self.model, cfg, self.schedule)
+        if self.step:  # the LR schedule is a pure function of the step: put it there
+            set_schedule_step(self.engine.lr_scheduler, self.step)
         # what must match for optimizer state to be restored (else: weights only, logged)
         layout = {
             "backend": cfg.moe.backend,
@@ -88,18 +148,101 @@ class Trainer:
             "dtype": cfg.parallel.dtype,
             "world_size": self.env.world_size,
             "param_groups": sorted({"".join(map(str, map(int, self.schedule.param_frozen_pattern(n)))) for n in names}),
+            "experts": self.experts_per_layer(),
+            "lora": self.adapters.active,
         }
+        structure = {
+            "expert_ids": cfg.moe.expert_ids,
+            "lora": self.adapters.active,
+            "teacher_expert_ids": self.teacher_expert_ids,
+        }
+        teacher = TeacherState(self.distiller.teacher, self.env.rank) if self.distiller.teacher is not None else None
         self.checkpoints = CheckpointManager(
-            run_dir / "checkpoints", self.env, t.keep_checkpoints, layout, expert_shards
+            self.run_dir / "checkpoints", self.env, t.keep_checkpoints, layout, [expert_shards, teacher], structure
         )
-        self.logger = build_logger(cfg, run_dir, self.env.is_main)
         self.moe_layers = self.model.moe_layers()
-        self.routing = RoutingMetrics(len(self.moe_layers), cfg.moe.num_experts)
-        self.stages = StageRunner(self.schedule, self.moe_layers, cfg.model.d_model, cfg.model.d_ff, self.env.is_main)
-        self.step = 0
-        self.last_val_loss: float | None = None
-        self.last_checkpoint: Path | None = None
-        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_size * cfg.model.seq_len
+        self.stages.attach(self.schedule, self.moe_layers)
+        self.stages.apply(self.step)
+
+    def experts_per_layer(self) -> list[int]:
+        return [self.cfg.moe.experts_in_layer(j) for j in range(len(self.model.moe_layers()))]
+
+    def expert_ids(self) -> list[list[int]]:
+        """Per MoE layer, the original ids of its current experts."""
+        return self.cfg.moe.expert_ids or [list(range(n)) for n in self.experts_per_layer()]
+
+    def remove_experts(self, keep: list[list[int]]) -> None:
+        """Collective. Prune every MoE layer to ``keep[j]`` (current indices), carry the survivors' optimizer
+        moments into the rebuilt engine. Takes the distillation teacher first when one is wanted."""
+        from moetrain.expert_surgery import prune_model
+        from moetrain.optim_state import read_moments, write_moments
+
+        if self.cfg.distill.enabled and self.distiller.teacher is None:
+            self._make_teacher(self.expert_ids(), from_model=True)
+        moments, opt_step = read_moments(self.engine, self.model)
+        old_ids = self.expert_ids()
+        ep_group = self.moe_layers[0].ep_group if self.cfg.moe.backend == "native" else None
+        moments = prune_model(self.model, self.cfg.moe, keep, self.cfg.parallel.ep_size, ep_group, moments)
+        self.cfg.moe.expert_ids = [[ids[e] for e in k] for ids, k in zip(old_ids, keep)]
+        self._assemble(prepare_model_for_engine(self.model, self.cfg))
+        write_moments(self.engine, self.model, moments, opt_step)
+
+    def _make_teacher(self, expert_ids: list[list[int]], from_model: bool) -> None:
+        """A frozen copy of the model with ``expert_ids`` structure (weights copied from the live model, or
+        loaded later from a checkpoint)."""
+
+        cfg = replace(self.cfg, moe=replace(self.cfg.moe, expert_ids=expert_ids))
+        teacher, _ = build_model_for_engine(cfg, load_init=False)
+        if cfg.moe.backend == "deepspeed":  # outside an engine: join DeepSpeed's expert-parallel groups here
+            from deepspeed.moe.layer import MoE
+
+            for m in teacher.modules():
+                if isinstance(m, MoE):
+                    m.set_deepspeed_parallelism()
+        if from_model:
+            teacher.load_state_dict(self.model.state_dict())
+        self.distiller.set_teacher(teacher)
+        self.teacher_expert_ids = [list(ids) for ids in expert_ids]
+
+    def attach_adapters(self) -> None:
+        n = self.adapters.attach(self.model)
+        self._assemble(prepare_model_for_engine(self.model, self.cfg))
+        if self.env.is_main:
+            log.info("LoRA adapters on %s: %d trainable parameters", ", ".join(self.cfg.lora.targets), n)
+
+    def merge_adapters(self) -> None:
+        self.adapters.merge(self.model)
+        self._assemble(prepare_model_for_engine(self.model, self.cfg))
+
+    def save_snapshot(self, name: str) -> Path:
+        """A rollback point: a full checkpoint under ``name`` that never becomes ``latest``."""
+        return self.checkpoints.save(self.engine, self.step, self.client_state(), tag=name)
+
+    def restore_snapshot(self, path: Path) -> None:
+        """Collective: back to the snapshot's structure, weights, optimizer state and RNG."""
+        structure = CheckpointManager.saved_structure(path)
+        self.cfg.moe.expert_ids = structure.get("expert_ids") or []
+        self.model, expert_shards = build_model_for_engine(self.cfg, load_init=False)
+        self._assemble(expert_shards)
+        self.checkpoints.load(self.engine, path.parent, path.name)
+        barrier()
+
+    def log_prune_round(self, record: dict) -> None:
+        if self.env.is_main:
+            self.logger.log(
+                {
+                    "event": "prune_round",
+                    "prune/round": record["round"],
+                    "prune/outcome": record["outcome"],
+                    "prune/val_loss_before": record["val_loss_before"],
+                    "prune/val_loss_after": record["val_loss_after"],
+                    # per-layer lists of different lengths: logged as JSON text, shares as histograms
+                    "prune/experts_after": {"per_layer": record["experts_after"]},
+                    "prune/removed": {"per_layer": record["removed"]},
+                    **{f"prune/layer{j}/share": sh for j, sh in enumerate(record["shares"])},
+                },
+                step=self.step,
+            )
 
     # ---------------------------------------------------------------- state
     def client_state(self) -> dict:
@@ -108,11 +251,12 @@ class Trainer:
             "step": self.step,
             "data": self.data.state_dict(),
             "stages": self.stages.state_dict(),
+            "prune": self.pruner.state_dict(),
             "config": asdict(self.cfg),
         }
 
     def resume(self) -> None:
-        found = resolve_resume(self.cfg.trainer.resume, self.checkpoints.root)
+        found = self.resume_from
         if found is None:
             if self.cfg.trainer.resume == "auto" and self.env.is_main:
                 log.info("trainer.resume=auto: no checkpoint under %s, starting from step 0", self.checkpoints.root)
@@ -122,10 +266,11 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         if "stages" in state:
             self.stages.load_state_dict(state["stages"])
+        self.pruner.load_state_dict(state.get("prune", {}))
+        self.stages.apply(self.step)
         if not with_optimizer:
             # the LR schedule is a pure function of the step: put it where the checkpoint left it
-            self.engine.lr_scheduler.last_epoch = self.step - 1
-            self.engine.lr_scheduler.step()
+            set_schedule_step(self.engine.lr_scheduler, self.step)
         if self.env.is_main:
             log.info("resumed from %s/%s at step %d", *found, self.step)
             if not with_optimizer:
@@ -142,13 +287,14 @@ class Trainer:
     def train_step(self, stage: StageState) -> dict[str, float]:
         t0 = time.perf_counter()
         self.engine.train()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64)
         grad_norm = float("nan")
         step_stats = []
         for _ in range(self.cfg.trainer.grad_accum_steps):
             inputs, labels = (x.to(self.engine.device) for x in self.data.next_train_batch())
             out = self.engine(inputs)
-            loss, parts = training_loss(out, labels, stage.aux_loss_coef, stage.z_loss_coef)
+            kl = self.distiller.kl(out.logits_BSV, inputs) if self.distiller.active else None
+            loss, parts = training_loss(out, labels, stage.aux_loss_coef, stage.z_loss_coef, kl, self.cfg.distill.beta)
             self.engine.backward(loss)
             boundary = self.engine.is_gradient_accumulation_boundary()
             if boundary:
@@ -159,7 +305,8 @@ class Trainer:
                     layer.after_optimizer_step()
             self.routing.update(out.moe_stats)
             step_stats.append(out.moe_stats)
-            sums += torch.stack([parts["ce"], parts["aux"], parts["z"]]).double().cpu()
+            kl_part = parts.get("kl", torch.zeros((), device=parts["ce"].device))
+            sums += torch.stack([parts["ce"], parts["aux"], parts["z"], kl_part]).double().cpu()
         self.step += 1
         if grad_norm != grad_norm:  # NaN: the engine's optimizer measured it during step()
             measured = self.engine.get_global_grad_norm()
@@ -167,7 +314,9 @@ class Trainer:
         sums = all_reduce_sum(sums) / (self.cfg.trainer.grad_accum_steps * self.dp_size)
         dt = time.perf_counter() - t0
         self.stages.record(step_stats, dt, self.tokens_per_step)
+        distill = {"train/distill_kl": float(sums[3])} if self.distiller.active else {}
         return {
+            **distill,
             "train/loss": float(sums[0]),
             "train/aux_loss": float(sums[1]),
             "train/z_loss": float(sums[2]),
@@ -254,12 +403,31 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
+        self.adapters.merge(self.model)  # a run that stops inside a LoRA stage exports merged weights
+        self.export_dir = self._export()
         return self._finish()
+
+    def _export(self) -> Path:
+        """Collective: the final model (pruned, adapters merged) as safetensors + config in ``export/``."""
+        from moetrain.export import export_model
+
+        # the routing in force at the end (top-k, capacities, drop policy) is what the exported model runs
+        final = self.schedule.at(max(self.step - 1, 0)).moe
+        moe = replace(self.cfg.moe, **final)
+        directory = export_model(self.model, self.cfg.model, moe, self.run_dir / "export", self.env.is_main)
+        barrier()
+        if self.env.is_main:
+            log.info("exported the final model to %s (moetrain.export.load_exported)", directory)
+        return directory
 
     def _end_stage(self) -> None:
         """At a stage boundary (and at the end): summarise the stage; if another follows, switch to it and
         record what changed (log line, ``metrics.jsonl`` and W&B event)."""
         summary = self.stages.close_stage(self.step, self.last_val_loss)
+        self.stages.end_stage(self, self.step)  # hooks: e.g. LoRA adapters merged
+        summary["experts_per_layer"] = self.experts_per_layer()
+        summary["params"] = count_parameters(self.model, self.cfg.parallel.ep_size)
+        summary["prune_rounds"] = [r["round"] for r in self.pruner.rounds if r["stage"] == summary["stage"]]
         if self.env.is_main:
             log.info(
                 "stage '%s' done at step %d: val loss %.4f, %.0f tokens/s, %.3g expert FLOPs/token, dropped %.4f",
@@ -298,7 +466,12 @@ class Trainer:
             "ranks": self.env.world_size,
             "ep_size": self.cfg.parallel.ep_size,
         }
-        files = write_report(self.run_dir, self.stages.summaries, extra)
+        baseline = None
+        if self.cfg.logging.baseline_run:  # a reference run (e.g. top2_baseline at the same total steps)
+            path = Path(self.cfg.logging.baseline_run)
+            baseline = {"name": path.name, **json.loads((path / "summary.json").read_text())}
+        rounds = [{k: v for k, v in r.items() if k != "profile"} for r in self.pruner.rounds]
+        files = write_report(self.run_dir, self.stages.summaries, extra, rounds, baseline)
         self.logger.log_report(
             {k: v for k, v in files.items() if v.suffix == ".png"},
             [c for c, _, _ in COLUMNS],
@@ -320,6 +493,10 @@ class Trainer:
             "val_loss": self.last_val_loss,
             "unigram_baseline": self.unigram_baseline,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "export": str(self.export_dir),
+            "experts_per_layer": self.experts_per_layer(),
+            "params": count_parameters(self.model, self.cfg.parallel.ep_size),
+            "prune_rounds": [{k: v for k, v in r.items() if k != "profile"} for r in self.pruner.rounds],
             "wandb": self.logger.wandb_location(),
         }
         if self.env.is_main:

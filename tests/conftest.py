@@ -47,8 +47,11 @@ def launcher_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def run_launcher(cmd: list[str], tmp_path: Path, timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+def run_launcher(
+    cmd: list[str], tmp_path: Path, timeout: int = 600, cwd: Path = ROOT, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**launcher_env(tmp_path), **(extra_env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"

@@ -67,11 +67,11 @@ def test_training_starts_from_a_mixtral_directory(tmp_path):
     """model.init_from=hf:DIR takes the architecture from config.json and the weights from safetensors."""
     from test_hf_pipeline import train_from
 
-    from moetrain.hf.from_run import load_checkpoint_model
+    from moetrain.hf.from_run import load_run_model
 
     tiny_mixtral(tmp_path, vocab_size=300)  # >= the byte tokenizer's 257 ids
     train_from(tmp_path / "hf", tmp_path, "trainer.max_steps=2")
-    model, _ = load_checkpoint_model(tmp_path / "run")
+    model, _ = load_run_model(tmp_path / "run")
     assert model.layers[1].ffn.experts.w1_EDF.shape == (4, 32, 48)  # the checkpoint's architecture
     hf = MixtralForCausalLM.from_pretrained(str(tmp_path / "hf"))
     hf_router = hf.state_dict()["model.layers.0.mlp.gate.weight"]

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moetrain.config import ConfigError
 from moetrain.data import _is_validation, tokenize_splits
-from moetrain.hf.from_run import load_checkpoint_model
+from moetrain.hf.from_run import load_run_model
 
 DOCS = [
     "def add(x, y):\n    return x + y\n",
@@ -104,12 +104,14 @@ def test_a_recipe_trains_an_imported_deepseek_v3_and_exports_it(imported_dir, tm
 
     export = [str(BIN / "python"), str(ROOT / "launch" / "export_hf.py"), str(tmp_path / "run"), str(tmp_path / "out")]
     run_launcher(export, tmp_path)
-    ours, cfg = load_checkpoint_model(tmp_path / "run")
+    ours, _ = load_run_model(tmp_path / "run")  # the trainer's export/ (safetensors)
+    from_checkpoint, cfg = load_run_model(tmp_path / "run" / "checkpoints" / "step_00000003")
     assert cfg.model.attention == "mla" and cfg.data.tokenizer == f"hf:{imported_dir}"
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     tokens = torch.randint(0, 320, (2, 32))
     with torch.no_grad():
         assert_logits_close(exported(tokens).logits, ours(tokens).logits_BSV)
+        assert_logits_close(from_checkpoint(tokens).logits_BSV, ours(tokens).logits_BSV)
         trained = ours.layers[1].ffn.router.weight_ED
         imported = AutoModelForCausalLM.from_pretrained(str(imported_dir)).model.layers[1].mlp.gate.weight
         assert 0 < (trained - imported).abs().max() < 0.05  # trained a few steps from the imported weights

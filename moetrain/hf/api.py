@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from moetrain.config import ConfigError, ModelConfig, MoEConfig, TrainConfig
+from moetrain.export import native_state_dict
 from moetrain.hf import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
-from moetrain.hf.backend_names import moe_parts, native_state, to_model_names
+from moetrain.hf.backend_names import moe_parts, to_model_names
 from moetrain.hf.common import EXPERT_TENSORS, Family, hf_to_moetrain, moetrain_to_hf, read_safetensors, unused_tensors
 from moetrain.model.transformer import MoETransformer, build_model
 
@@ -167,7 +168,7 @@ def routing_now(model: MoETransformer, moe_cfg: MoEConfig) -> tuple[MoEConfig, d
     """The MoE config as the model routes *now* (runtime top-k, experts left unmasked, the routers' gating)
     and each MoE layer's kept-expert mask. Fails when layers disagree: a family's config has one value."""
     blocks = [(i, core) for i, core, _ in moe_parts(model)]
-    keep = {i: layer.router.active_E.detach().cpu().clone() for i, layer in blocks}
+    keep = {i: layer.base_router.active_E.detach().cpu().clone() for i, layer in blocks}
     counts = {i: int(k.sum()) for i, k in keep.items()}
     top_ks = {i: layer.top_k for i, layer in blocks}
     if len(set(counts.values())) > 1:
@@ -176,7 +177,7 @@ def routing_now(model: MoETransformer, moe_cfg: MoEConfig) -> tuple[MoEConfig, d
         )
     if len(set(top_ks.values())) > 1:
         raise ConfigError(f"moe.top_k per layer={top_ks} cannot be exported; allowed: the same top_k in every layer")
-    router = blocks[0][1].router
+    router = blocks[0][1].base_router
     now = replace(
         moe_cfg,
         num_experts=next(iter(counts.values())),
@@ -197,7 +198,7 @@ def routing_now(model: MoETransformer, moe_cfg: MoEConfig) -> tuple[MoEConfig, d
 
 def _kept_state(model: MoETransformer, keep: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict with only the unmasked experts of each MoE layer (router rows and expert weights)."""
-    state = native_state(model)
+    state = native_state_dict(model)
     for i, k in keep.items():
         prefix = f"layers.{i}.ffn."
         for name in ("router.weight_ED", "router.bias_E", *(f"experts.{w}" for w in EXPERT_TENSORS)):
@@ -255,12 +256,14 @@ def save_hf(
     path: str | Path,
     family: str | None = None,
     source: str | Path | None = None,
+    write: bool = True,
 ) -> Path:
     """Write ``model`` as a Hugging Face directory of ``family`` (default: the family of ``source``, itself
     defaulting to ``model_cfg.init_from``'s directory): config.json with the experts the model routes to now
     (masked experts are left out) and its current top-k, safetensors in the family's on-disk layout, and the
     source's tokenizer files. Raises :class:`ConfigError` naming the field when the family cannot express
-    the model (e.g. a raw top-1 gate as Mixtral)."""
+    the model (e.g. a raw top-1 gate as Mixtral). Collective when experts are sharded (expert parallelism):
+    call it on every rank, with ``write`` true on one."""
     src = _source_dir(model_cfg, source)
     base = read_config(src) if src is not None else {}
     family = family or base.get("model_type")
@@ -268,7 +271,7 @@ def save_hf(
         raise ConfigError(f"save_hf: family=None needs a source directory; allowed: {', '.join(FAMILIES)}")
     spec = family_of(family)
     now, keep = routing_now(model, moe_cfg)
-    biased = any(bool(core.router.bias_E.any()) for _, core, _ in moe_parts(model))
+    biased = any(bool(core.base_router.bias_E.any()) for _, core, _ in moe_parts(model))
     if biased and spec.layout.router_bias is None:
         raise ConfigError(
             f"moe.bias_update_rate={moe_cfg.bias_update_rate}: the routers' selection bias (nonzero) cannot be "
@@ -276,6 +279,9 @@ def save_hf(
         )
     hf_cfg = spec.to_hf(model_cfg, now)
     state = moetrain_to_hf(_kept_state(model, keep), model_cfg, spec.layout)
+    out = Path(path)
+    if not write:
+        return out
 
     # keep what our configs do not hold (token ids, initializer range...) from a source of the same family;
     # keys go by their canonical names (config.json may spell num_experts as num_local_experts, say)
@@ -287,7 +293,6 @@ def save_hf(
     if keep_max_positions:
         config["max_position_embeddings"] = keep_max_positions
     config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     as_transformers_config({"model_type": family, **config}).save_pretrained(str(out))
     write_safetensors(state, out)

@@ -1,6 +1,7 @@
 """Our tensor names as ``moe.backend=native`` lays them out (``layers.{i}.ffn.router.weight_ED``, stacked
-``layers.{i}.ffn.experts.w1_EDF`` ...) against the names of a model built with any backend or
-expert-parallel size: the interchange code converts checkpoints to and from the native names only.
+``layers.{i}.ffn.experts.w1_EDF`` ...) into the names of a model built with any backend or expert-parallel
+size: the interchange code converts checkpoints to and from the native names only (the way back is
+:func:`moetrain.export.native_state_dict`).
 
 Shape legend: E experts, D model dim, F expert hidden dim.
 
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from moetrain.config import ConfigError
+from moetrain.expert_surgery import routing_core
 from moetrain.hf.common import EXPERT_TENSORS
 from moetrain.model.moe import MoELayer, RoutingCore
 
@@ -26,12 +27,9 @@ LINEAR_NAMES = ("w1", "w3", "w2")  # a DeepSpeed expert's layers, in the order o
 def moe_parts(model: nn.Module) -> Iterator[tuple[int, RoutingCore, nn.ModuleList | None]]:
     """(layer index, routing core, DeepSpeed's local experts or None for a native layer) of each MoE layer."""
     for i, block in enumerate(model.layers):
-        if isinstance(block.ffn, MoELayer):
-            yield i, block.ffn, None
-            continue
-        core = next((m for m in block.ffn.modules() if isinstance(m, RoutingCore)), None)
+        core = routing_core(block.ffn)
         if core is not None:
-            yield i, core, core._experts[0].deepspeed_experts
+            yield i, core, None if isinstance(core, MoELayer) else core._experts[0].deepspeed_experts
 
 
 def to_model_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,25 +54,3 @@ def to_model_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
             for j, expert in enumerate(local):
                 out[f"{names[id(expert)]}.{linear}.weight"] = full[first + j].t().contiguous()
     return out
-
-
-def native_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s tensors under native names, every expert included (the model must hold all of them)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for i, core, local in moe_parts(model):
-        holds = core.num_local_experts if local is None else len(local)
-        if holds != core.num_experts:
-            raise ConfigError(
-                f"parallel.ep_size={core.num_experts // holds} is not supported here; allowed: 1 (a model holding "
-                "every expert)"
-            )
-        if local is None:
-            continue
-        prefix, core_name = f"layers.{i}.ffn.", names[id(core)]
-        for key in [k for k in state if k.startswith(core_name + ".")]:
-            state[prefix + key.removeprefix(core_name + ".")] = state.pop(key)
-        for linear, stacked in zip(LINEAR_NAMES, EXPERT_TENSORS):
-            weights = [state.pop(f"{names[id(e)]}.{linear}.weight").t() for e in local]
-            state[f"{prefix}experts.{stacked}"] = torch.stack(weights)
-    return state

@@ -200,12 +200,12 @@ def expect_no_shared_expert(family: str, m: ModelConfig) -> None:
 
 
 def expect_all_moe(family: str, m: ModelConfig) -> None:
-    dense = [i for i in range(m.n_layers) if not is_moe_layer(m, i)]
+    dense = [i for i in range(m.n_layers) if not is_moe_layer(i, m)]
     expect(not dense, family, "dense layers", dense, "none (every layer is an MoE layer)")
 
 
 def dense_layer_indices(m: ModelConfig) -> list[int]:
-    return [i for i in range(m.n_layers) if not is_moe_layer(m, i)]
+    return [i for i in range(m.n_layers) if not is_moe_layer(i, m)]
 
 
 # ---------------------------------------------------------------------------------------------- tensor names
@@ -249,7 +249,7 @@ def one_to_one_names(m: ModelConfig, layout: Layout) -> list[tuple[str, str]]:
     for i in range(m.n_layers):
         local = [("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight", "post_attention_layernorm.weight")]
         local += attention
-        if is_moe_layer(m, i):
+        if is_moe_layer(i, m):
             local.append(("ffn.router.weight_ED", f"{layout.moe}.gate.weight"))
             if layout.router_bias:
                 local.append(("ffn.router.bias_E", f"{layout.moe}.gate.{layout.router_bias}"))
@@ -279,7 +279,7 @@ def hf_to_moetrain(
         )
     out = {ours: hf_state[theirs] for ours, theirs in one_to_one_names(m, layout)}
     for i in range(m.n_layers):
-        if not is_moe_layer(m, i):
+        if not is_moe_layer(i, m):
             continue
         for which, ours in enumerate(EXPERT_TENSORS):
             stacked = [hf_state[expert_name(layout, i, e, which)].t() for e in range(num_experts)]
@@ -291,7 +291,7 @@ def moetrain_to_hf(state: dict[str, torch.Tensor], m: ModelConfig, layout: Layou
     """A family's on-disk tensors from our state dict (inverse of :func:`hf_to_moetrain`)."""
     out = {theirs: state[ours] for ours, theirs in one_to_one_names(m, layout)}
     for i in range(m.n_layers):
-        if not is_moe_layer(m, i):
+        if not is_moe_layer(i, m):
             continue
         for which, ours in enumerate(EXPERT_TENSORS):
             for e, weight in enumerate(state[f"layers.{i}.ffn.experts.{ours}"].unbind(0)):
@@ -306,7 +306,7 @@ def unused_tensors(hf_state: dict[str, torch.Tensor], m: ModelConfig, layout: La
     used |= {
         expert_name(layout, i, e, w)
         for i in range(m.n_layers)
-        if is_moe_layer(m, i)
+        if is_moe_layer(i, m)
         for e in range(num_experts)
         for w in range(3)
     }

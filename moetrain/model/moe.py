@@ -90,25 +90,32 @@ class RoutingCore(nn.Module):
 
     # ------------------------------------------------------------------ runtime controls
     @property
+    def base_router(self) -> TopKRouter:
+        """The router module itself: a LoRA adapter (peft) wraps ``self.router``, and runtime controls must
+        reach the module that reads them."""
+        router = self.router
+        return router.get_base_layer() if hasattr(router, "get_base_layer") else router
+
+    @property
     def top_k(self) -> int:
-        return self.router.top_k
+        return self.base_router.top_k
 
     @top_k.setter
     def top_k(self, k: int) -> None:
-        active = self.router.num_active
+        active = self.base_router.num_active
         if not 1 <= k <= active:
             raise ValueError(f"moe.top_k={k} must be between 1 and the number of active experts ({active})")
-        router = self.router
+        router = self.base_router
         if router.n_group > 1 and k > router.topk_group * router.num_experts // router.n_group:
             raise ValueError(f"moe.top_k={k} exceeds the experts of moe.topk_group={router.topk_group} groups")
-        self.router.top_k = k
+        router.top_k = k
 
     def set_expert_mask(self, active_E: torch.Tensor) -> None:
         """Only experts with ``active_E[i]`` True can be selected from now on."""
-        active_E = active_E.to(self.router.active_E)
+        active_E = active_E.to(self.base_router.active_E)
         if int(active_E.sum()) < self.top_k:
             raise ValueError(f"the expert mask leaves {int(active_E.sum())} experts, fewer than moe.top_k={self.top_k}")
-        self.router.active_E.copy_(active_E)
+        self.base_router.active_E.copy_(active_E)
 
     def current_capacity_factor(self) -> float | None:
         return self.capacity_factor if self.training else self.eval_capacity_factor
@@ -122,7 +129,7 @@ class RoutingCore(nn.Module):
         load = self._load_since_step_E.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(load)
-        self.router.bias_E += balancing_bias_update(load, self.router.active_E, self.bias_update_rate)
+        self.base_router.bias_E += balancing_bias_update(load, self.base_router.active_E, self.bias_update_rate)
         self._load_since_step_E.zero_()
 
     def ffn_parameters(self) -> list[nn.Parameter]:
@@ -138,7 +145,7 @@ class RoutingCore(nn.Module):
         if self.training:
             self._load_since_step_E += routed_E
         # capacity shares the assignments among the experts that can be selected (pruned ones cannot)
-        capacity = expert_capacity(T, self.router.num_active, K, self.current_capacity_factor(), self.min_capacity)
+        capacity = expert_capacity(T, self.base_router.num_active, K, self.current_capacity_factor(), self.min_capacity)
         plan = None
         if capacity is not None:
             plan = apply_capacity(
@@ -154,9 +161,9 @@ class RoutingCore(nn.Module):
         T, K = routing.expert_idx_TK.shape
         # the balancing loss uses the routing *distribution*: sigmoid scores are normalised per token
         dist_TE = routing.probs_TE
-        if self.router.score_func == "sigmoid":
+        if self.base_router.score_func == "sigmoid":
             dist_TE = dist_TE / dist_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-        aux_loss = load_balancing_loss(dist_TE, routing.expert_idx_TK, self.router.num_active)
+        aux_loss = load_balancing_loss(dist_TE, routing.expert_idx_TK, self.base_router.num_active)
         z_loss = router_z_loss(routing.logits_TE)
         with torch.no_grad():
             computed = int(tokens_per_expert_E.sum())

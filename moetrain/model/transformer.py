@@ -9,7 +9,7 @@ No parallelism code lives here: the layers are plain modules; distribution is th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ __all__ = [
     "SharedExpert",
     "apply_rope",
     "build_model",
+    "is_moe_layer",
     "rope_tables",
 ]
 
@@ -85,6 +86,24 @@ class Block(nn.Module):
         return x_BSD + h, stats
 
 
+def moe_layer_config(moe: MoEConfig, moe_index: int) -> MoEConfig:
+    """The MoE config of the ``moe_index``-th MoE layer: a pruned layer has its own expert count."""
+    if moe_index < 0 or not moe.expert_ids:
+        return moe
+    return replace(moe, num_experts=moe.experts_in_layer(moe_index), expert_ids=[])
+
+
+def build_moe_ffn(cfg: ModelConfig, moe: MoEConfig, ep_group=None, ep_size: int = 1) -> nn.Module:
+    """One MoE FFN of ``moe.num_experts`` experts on the configured backend."""
+    if moe.backend == "deepspeed":
+        from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
+
+        # DeepSpeed's expert-parallel groups are consecutive ranks: the expert-parallel rank is rank % size
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return DeepSpeedMoELayer(cfg.d_model, cfg.d_ff, moe, ep_size, rank % ep_size)
+    return MoELayer(cfg.d_model, cfg.d_ff, moe, ep_group=ep_group)
+
+
 @dataclass
 class ModelOutput:
     logits_BSV: torch.Tensor
@@ -101,8 +120,10 @@ class MoETransformer(nn.Module):
         # (DeepSpeed's experts build nn.Linear layers, ours do not): every backend starts from the same weights.
         rng_at_entry = torch.get_rng_state()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        moe_index = [sum(1 for j in range(i + 1) if is_moe_layer(j, cfg)) - 1 for i in range(cfg.n_layers)]
         self.layers = nn.ModuleList(
-            Block(cfg, self._ffn(i, cfg, moe, ep_group, ep_size), self._shared(i, cfg)) for i in range(cfg.n_layers)
+            Block(cfg, self._ffn(i, cfg, moe_layer_config(moe, moe_index[i]), ep_group, ep_size), self._shared(i, cfg))
+            for i in range(cfg.n_layers)
         )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -116,19 +137,13 @@ class MoETransformer(nn.Module):
 
     @staticmethod
     def _ffn(i: int, cfg: ModelConfig, moe: MoEConfig, ep_group, ep_size: int) -> nn.Module:
-        if not is_moe_layer(cfg, i):
+        if not is_moe_layer(i, cfg):
             return DenseFFN(cfg.d_model, cfg.dense_d_ff or cfg.d_ff)
-        if moe.backend == "deepspeed":
-            from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
-
-            # DeepSpeed's expert-parallel groups are consecutive ranks: the expert-parallel rank is rank % size
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            return DeepSpeedMoELayer(cfg.d_model, cfg.d_ff, moe, ep_size, rank % ep_size)
-        return MoELayer(cfg.d_model, cfg.d_ff, moe, ep_group=ep_group)
+        return build_moe_ffn(cfg, moe, ep_group, ep_size)
 
     @staticmethod
     def _shared(i: int, cfg: ModelConfig) -> SharedExpert | None:
-        if cfg.shared_d_ff <= 0 or not is_moe_layer(cfg, i):
+        if cfg.shared_d_ff <= 0 or not is_moe_layer(i, cfg):
             return None
         return SharedExpert(cfg.d_model, cfg.shared_d_ff, cfg.shared_expert_gate)
 

@@ -24,8 +24,14 @@ def main(ep_size: int, chunks: int, policy: str) -> None:
     env = init_distributed()
     torch.set_num_threads(1)
     cf = None if policy == "dropless" else 1.0
-    cfg = MoEConfig(num_experts=E, top_k=2, capacity_factor=cf, drop_policy="probs" if cf is None else policy,
-                    min_capacity=1, a2a_chunks=chunks)
+    cfg = MoEConfig(
+        num_experts=E,
+        top_k=2,
+        capacity_factor=cf,
+        drop_policy="probs" if cf is None else policy,
+        min_capacity=1,
+        a2a_chunks=chunks,
+    )
     torch.manual_seed(0)
     full = MoELayer(D, F, cfg)
     for p in full.parameters():
@@ -60,8 +66,9 @@ def main(ep_size: int, chunks: int, policy: str) -> None:
         # experts see the tokens of every rank of their EP group: sum the ep=1 grads over that group
         g = getattr(full.experts, name).grad.clone()
         dist.all_reduce(g, group=group)
-        torch.testing.assert_close(getattr(sharded.experts, name).grad, g[ep_rank * El : (ep_rank + 1) * El],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            getattr(sharded.experts, name).grad, g[ep_rank * El : (ep_rank + 1) * El], rtol=1e-5, atol=1e-5
+        )
     dist.barrier()
     if env.rank == 0:
         print(f"EP-OK world={env.world_size} ep={ep_size} chunks={chunks} policy={policy}")

@@ -1,0 +1,48 @@
+"""Distillation from the pre-prune model: a frozen teacher copy taken just before the first pruning round.
+
+``loss = (1 - beta) * CE + beta * T^2 * KL(teacher || student)``, both distributions at temperature T, KL
+summed over the vocabulary and averaged over tokens (the T^2 keeps gradient magnitudes comparable across T,
+as in Hinton et al.). Applies in every step after the teacher is taken.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetrain.config import DistillConfig
+
+
+def distillation_kl(student_BSV: torch.Tensor, teacher_BSV: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * mean_tokens sum_v p_t(v) (log p_t(v) - log p_s(v))`` with ``p = softmax(logits / T)``."""
+    t = temperature
+    log_p_s = F.log_softmax(student_BSV.float().flatten(0, 1) / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_BSV.float().flatten(0, 1) / t, dim=-1)
+    return t * t * F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+
+
+class Distiller:
+    """Holds the teacher; ``loss`` blends the student's CE with the KL to the teacher."""
+
+    def __init__(self, cfg: DistillConfig) -> None:
+        self.cfg = cfg
+        self.teacher: nn.Module | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.cfg.enabled and self.teacher is not None
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher = teacher
+
+    @torch.no_grad()
+    def teacher_logits(self, inputs_BS: torch.Tensor) -> torch.Tensor:
+        return self.teacher(inputs_BS).logits_BSV
+
+    def kl(self, student_BSV: torch.Tensor, inputs_BS: torch.Tensor) -> torch.Tensor:
+        """The distillation term of one micro-batch (differentiable in the student)."""
+        return distillation_kl(student_BSV, self.teacher_logits(inputs_BS), self.cfg.temperature)

@@ -1,0 +1,42 @@
+"""State that goes with a structure change: the distillation teacher's weights (per rank, safetensors) and
+the model's global parameter count."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+
+def count_parameters(model: nn.Module, ep_size: int) -> int:
+    """Parameters of the whole model: expert-parallel shards (tagged ``allreduce=False``) count ``ep_size``
+    times, since every rank of an expert-parallel group holds different experts."""
+    return sum(p.numel() * (ep_size if getattr(p, "allreduce", True) is False else 1) for p in model.parameters())
+
+
+class TeacherState:
+    """Checkpoint component: this rank's teacher weights (its expert shard under expert parallelism)."""
+
+    def __init__(self, teacher: nn.Module, rank: int) -> None:
+        self.teacher = teacher
+        self.rank = rank
+
+    def filename(self) -> str:
+        return f"teacher_rank{self.rank:05d}.safetensors"
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        path = directory / self.filename()
+        tmp = path.with_name(path.name + ".tmp")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.teacher.state_dict().items()}
+        save_file(state, str(tmp))
+        os.replace(tmp, path)
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = directory / self.filename()
+        if path.is_file():
+            self.teacher.load_state_dict(load_file(str(path)), strict=False)
