@@ -1,5 +1,7 @@
-"""`make demo`: train the tiny MoE on the embedded corpus with 2 CPU ranks through the deepspeed launcher,
-then say where everything went and how the validation loss compares with the unigram baseline."""
+"""`make demo`: the top1_prune recipe (top-2 warm-up -> top-1 -> two pruning rounds -> LoRA recovery with
+distillation) on the tiny MoE and the embedded corpus, 2 CPU ranks through the deepspeed launcher; then say
+where everything went (report, export, checkpoint, W&B) and how the validation loss compares with the unigram
+baseline. Extra arguments are Hydra overrides (e.g. ``logging.baseline_run=outputs/<a top2_baseline run>``)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def main(extra: list[str]) -> int:
         "--num_gpus",
         "2",
         str(ROOT / "launch" / "train.py"),
-        "+recipe=top2_baseline",
+        "+recipe=top1_prune",
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
@@ -43,6 +45,9 @@ def main(extra: list[str]) -> int:
 demo finished after {s["step"]} steps
   run folder        {s["run_dir"]}
   metrics           {s["run_dir"]}/metrics.jsonl
+  report            {s["run_dir"]}/report.md
+  exported model    {s["export"]}   (moetrain.export.load_exported)
+  experts per layer {s["experts_per_layer"]}, {s["params"]:,} parameters
   checkpoint        {s["checkpoint"]}
   W&B run           {s["wandb"] or "disabled"}   (upload later with: wandb sync <that folder>)
   validation loss   {s["val_loss"]:.4f} nats/token, {verdict} the unigram baseline {s["unigram_baseline"]:.4f}

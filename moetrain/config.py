@@ -614,6 +614,13 @@ def _validate_structure(cfg: TrainConfig) -> None:
     _require(bool(lo.targets), "lora.targets", lo.targets, f"is empty; allowed: {', '.join(LORA_TARGETS)}")
     _positive("lora.rank", lo.rank)
     _positive("lora.alpha", lo.alpha)
+    _require(
+        not (moe.padded and "experts" in lo.targets and any(st.lora for st in cfg.schedule.stages)),
+        "moe.padded",
+        moe.padded,
+        "is not supported with expert LoRA (lora.targets has experts; the padded path bypasses the adapters); "
+        "allowed: false",
+    )
     _require(0 <= di.beta <= 1, "distill.beta", di.beta, "must be in [0, 1]")
     _positive("distill.temperature", di.temperature)
     stages = cfg.schedule.stages

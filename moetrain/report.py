@@ -83,28 +83,36 @@ def plot_loss(path: Path, metrics_path: Path, summaries: list[dict[str, Any]]) -
     plt.close(fig)
 
 
-def plot_utilization(path: Path, summaries: list[dict[str, Any]]) -> None:
+def _heatmaps(path: Path, panels: list[tuple[str, Any, list[tuple[int, int]]]], cmap: str, label: str, x: str):
+    """One heatmap per panel (title, layers x experts array, crossed cells) on a shared colour scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    n = len(summaries)
-    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 1.5, 3.4), squeeze=False, constrained_layout=True)
-    vmax = max((max(max(r) for r in s["utilization"]) for s in summaries if s["utilization"]), default=1.0)
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 1.5, 3.4), squeeze=False, constrained_layout=True)
+    vmax = max((float(np.nanmax(a)) for _, a, _ in panels if a.size), default=1.0)
     im = None
-    for ax, s in zip(axes[0], summaries):
-        u = _ragged(s["utilization"])
-        im = ax.imshow(u, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-        ax.set_title(f"{s['stage']} (k={s.get('moe.top_k')})", fontsize=9)
-        ax.set_xticks(range(u.shape[1]))
-        ax.set_yticks(range(u.shape[0]))
-        ax.set_xlabel("expert")
+    for ax, (title, a, crosses) in zip(axes[0], panels):
+        im = ax.imshow(a, aspect="auto", cmap=cmap, vmin=0, vmax=vmax)
+        for col, row in crosses:
+            ax.plot(col, row, "x", color="cyan", ms=9, mew=2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(a.shape[1]))
+        ax.set_yticks(range(a.shape[0]))
+        ax.set_xlabel(x)
         ax.set_ylabel("MoE layer")
     if im is not None:
-        fig.colorbar(im, ax=axes[0].tolist(), label="fraction of the layer's computed assignments")
+        fig.colorbar(im, ax=axes[0].tolist(), label=label)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_utilization(path: Path, summaries: list[dict[str, Any]]) -> None:
+    panels = [(f"{s['stage']} (k={s.get('moe.top_k')})", _ragged(s["utilization"]), []) for s in summaries]
+    _heatmaps(path, panels, "viridis", "fraction of the layer's computed assignments", "expert")
 
 
 def _ragged(rows: list[list[float]]):
@@ -117,27 +125,14 @@ def _ragged(rows: list[list[float]]):
 
 def plot_pruning(path: Path, rounds: list[dict[str, Any]]) -> None:
     """One panel per round: each layer's criterion share per expert before the cut; removed experts crossed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(rounds)
-    fig, axes = plt.subplots(1, n, figsize=(3.8 * n + 1.5, 3.4), squeeze=False, constrained_layout=True)
-    im = None
-    for ax, r in zip(axes[0], rounds):
-        shares = _ragged(r["shares"])
-        im = ax.imshow(shares, aspect="auto", cmap="magma", vmin=0)
-        for layer, (gone, ids) in enumerate(zip(r["removed"], r["expert_ids_before"])):
-            for e in gone:
-                ax.plot(ids.index(e), layer, "x", color="cyan", ms=9, mew=2)
-        ax.set_title(f"round {r['round']} ({r['criterion']}): {r['outcome'].split(' (')[0]}", fontsize=9)
-        ax.set_xlabel("expert (current index)")
-        ax.set_ylabel("MoE layer")
-    if im is not None:
-        fig.colorbar(im, ax=axes[0].tolist(), label="share of the layer's criterion (x: removed)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = []
+    for r in rounds:
+        crosses = [
+            (ids.index(e), j) for j, (gone, ids) in enumerate(zip(r["removed"], r["expert_ids_before"])) for e in gone
+        ]
+        title = f"round {r['round']} ({r['criterion']}): {r['outcome'].split(' (')[0]}"
+        panels.append((title, _ragged(r["shares"]), crosses))
+    _heatmaps(path, panels, "magma", "share of the layer's criterion (x: removed)", "expert (current index)")
 
 
 def quality_rows(

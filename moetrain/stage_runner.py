@@ -97,13 +97,11 @@ class StageRunner:
         sums = self.stage_routing.reduce_and_reset_sums()
         routing = metrics_from_sums(sums, self.E) if self.E else {}
         L = sums.shape[0]
-        utilization = [
-            [
-                c / max(sum(routing[f"moe/layer{i}/tokens_per_expert"]), 1.0)
-                for c in routing[f"moe/layer{i}/tokens_per_expert"]
-            ]
-            for i in range(L)
-        ]
+        utilization = []
+        for i in range(L):
+            counts = routing[f"moe/layer{i}/tokens_per_expert"]
+            counts = counts[: self.moe_layers[i].num_experts] if i < len(self.moe_layers) else counts  # pruned
+            utilization.append([c / max(sum(counts), 1.0) for c in counts])
         summary = {
             "stage": state.name,
             "index": state.index,

@@ -60,6 +60,18 @@ def run_launcher(
     return proc
 
 
+def torchrun_cmd(script: Path | str, *args: str, nproc: int = 2) -> list[str]:
+    return [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

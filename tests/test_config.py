@@ -77,6 +77,18 @@ INVALID = [
     (["moe.aux_loss_coef=-0.1"], "moe.aux_loss_coef=-0.1", "must be >= 0"),
     (["data.val_fraction=1.5"], "data.val_fraction=1.5", "(0, 1)"),
     (["data.path=/x", "data.hf_name=y"], "data.hf_name=y", "conflicts with data.path=/x"),
+    (["prune.criterion=random"], "prune.criterion=random", "allowed: frequency, gate_weighted, saliency"),
+    (["prune.ranking=model"], "prune.ranking=model", "allowed: layer, global"),
+    (["prune.max_fraction=1.0"], "prune.max_fraction=1.0", "(0, 1)"),
+    (["prune.min_experts=1"], "prune.min_experts=1", "between moe.top_k=2 and moe.num_experts=8"),
+    (["prune.threshold=2"], "prune.threshold=2.0", "[0, 1]"),
+    (["lora.targets=[mlp]"], "lora.targets=mlp", "allowed: router, experts, attention"),
+    (["lora.rank=0"], "lora.rank=0", "must be > 0"),
+    (["distill.enabled=true"], "distill.enabled=True", "needs a stage with prune: true"),
+    (["distill.beta=1.5"], "distill.beta=1.5", "[0, 1]"),
+    (["moe.expert_ids=[[0,0,1],[1,2,3]]"], "moe.expert_ids[0]=[0, 0, 1]", "repeats an expert id"),
+    (["moe.expert_ids=[[0,9],[1,2]]"], "moe.expert_ids[0]=[0, 9]", "ids outside 0..7"),
+    (["logging.baseline_run=/nonexistent"], "logging.baseline_run=/nonexistent", "no summary.json"),
 ]
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BIN, FAST, ROOT, assert_same_losses, free_port, read_metrics, run_launcher
+from conftest import BIN, FAST, ROOT, assert_same_losses, free_port, read_metrics, run_launcher, torchrun_cmd
 
 from moetrain.config import LoRAConfig, ModelConfig, MoEConfig, PruneConfig
 from moetrain.distill import distillation_kl
@@ -101,14 +101,7 @@ def test_distillation_kl_matches_formula():
 @pytest.mark.slow
 def test_surgery_and_expert_lora_under_expert_parallelism(tmp_path):
     """native/deepspeed x ep 1/2 x ZeRO 0/1: pruned == masked, moments carried; LoRA grads ep2 == ep1."""
-    cmd = [
-        str(BIN / "torchrun"),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "tests" / "dist" / "prune_equivalence.py"),
-    ]
+    cmd = torchrun_cmd(ROOT / "tests" / "dist" / "prune_equivalence.py")
     out = run_launcher(cmd, tmp_path, timeout=900).stdout
     assert out.count("SURGERY-OK") == 5, out[-3000:]
     assert "LORA-EP-OK" in out
