@@ -139,6 +139,8 @@ class TopKRouter(nn.Module):
         self.jitter_eps = jitter_eps
         self.renormalize_top1 = renormalize_top1
         self.routed_scaling_factor = routed_scaling_factor
+        if num_experts % n_group:  # e.g. a pruned layer: group-limited routing needs equal groups
+            raise ValueError(f"moe.n_group={n_group} does not divide this layer's {num_experts} experts")
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("bias_E", torch.zeros(num_experts))
