@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip prints a warning per package for the machine's file-based extra indexes; keep real errors.
 QUIET := 2> >(grep -v "is neither a file nor a directory" >&2)
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean slurm-up slurm-down
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+# A real two-node SLURM cluster on this host for tests/test_slurm.py and docs/slurm.md (apt-installs it if missing).
+slurm-up:
+	bash launch/slurm/local_cluster.sh up
+
+slurm-down:
+	bash launch/slurm/local_cluster.sh down
 
 lint: setup
 	$(BIN)/ruff check moetrain launch tests

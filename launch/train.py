@@ -3,6 +3,10 @@
 python launch/train.py +recipe=top2_baseline
 deepspeed --num_gpus 2 launch/train.py +recipe=top2_baseline trainer.max_steps=20
 torchrun --nproc_per_node 2 launch/train.py +recipe=top2_baseline
+sbatch launch/slurm/train.sbatch +recipe=top2_baseline                     (docs/slurm.md)
+python launch/train.py -m hydra/launcher=slurm +recipe=top1_prune moe.capacity_factor=1.0,1.25,1.5,2.0
+
+Returns the validation loss (all-reduced over ranks) as the objective of a sweep.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from moetrain.config import ConfigError, register_configs, to_typed, validate
 from moetrain.distributed import LaunchEnv
-from moetrain.launch_args import prepare_argv
+from moetrain.launch_args import keep_log_file_on_rank0, prepare_argv
+from moetrain.tracking import join_sweep_group
 
 register_configs()
 
@@ -24,13 +30,20 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../recipes", config_name="train")
 def main(dcfg: DictConfig) -> float | None:
     env = LaunchEnv.from_env()
+    keep_log_file_on_rank0(env)
+    hydra_cfg = HydraConfig.get()
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         cfg = to_typed(dcfg)
         validate(cfg, world_size=env.world_size)
+        if sweep:
+            join_sweep_group(cfg.logging.wandb, hydra_cfg.sweep.dir)
         from moetrain.trainer import Trainer  # heavy imports (deepspeed) only once the config is valid
 
-        summary = Trainer(cfg, Path(HydraConfig.get().runtime.output_dir)).fit()
+        summary = Trainer(cfg, Path(hydra_cfg.runtime.output_dir)).fit()
     except ConfigError as e:  # also raised by checks that need the data or the launch (every rank agrees)
+        if sweep:
+            raise  # this point fails; Hydra reports it with its overrides, and the other points still run
         if env.is_main:
             print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)

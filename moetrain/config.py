@@ -266,6 +266,10 @@ class WandbConfig:
     project: str = "moetrain"
     entity: str | None = None
     group: str | None = None
+    # In a Hydra multirun every run of one sweep joins the group "<group>-<sweep id>" (just "<sweep id>" without
+    # a group; the id comes from the sweep folder: multirun/2025-01-31/12-00-00 -> 2025-01-31_12-00-00), so runs
+    # of one sweep are grouped together and apart from other sweeps. false: use `group` as it is.
+    group_by_sweep: bool = True
     name: str | None = None
     tags: list[str] = field(default_factory=list)
 

@@ -1,19 +1,23 @@
 """Process-group setup from the launcher's environment, and rank-0 helpers.
 
-Every launcher we support (``python``, ``torchrun``, the ``deepspeed`` launcher, SLURM's ``srun`` via the
-scripts in launch/slurm) describes the job in environment variables; we read RANK / WORLD_SIZE / LOCAL_RANK
-(or SLURM's equivalents) and never a ``--local_rank`` argument.
+Every launcher we support (``python``, ``torchrun``, the ``deepspeed`` launcher, SLURM's ``srun`` directly, via
+the scripts in launch/slurm or via the submitit launcher) describes the job in environment variables; we read
+RANK / WORLD_SIZE / LOCAL_RANK (or, in an ``srun`` task that no launcher below SLURM described, SLURM's
+equivalents: moetrain.slurm) and never a ``--local_rank`` argument.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from moetrain import slurm
 
 
 @dataclass(frozen=True)
@@ -25,12 +29,14 @@ class LaunchEnv:
 
     @classmethod
     def from_env(cls) -> LaunchEnv:
-        env = os.environ
-        rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-        world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-        local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
-        # torchrun: LOCAL_WORLD_SIZE; deepspeed launcher: LOCAL_SIZE; srun: SLURM_NTASKS_PER_NODE
-        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env.get("SLURM_NTASKS_PER_NODE", world))))
+        env: Mapping[str, str] = os.environ
+        if "RANK" not in env:  # an srun task started without torchrun/deepspeed below it
+            env = {**slurm.torch_env(env), **env}
+        rank = int(env.get("RANK", 0))
+        world = int(env.get("WORLD_SIZE", 1))
+        local = int(env.get("LOCAL_RANK", 0))
+        # torchrun and srun tasks: LOCAL_WORLD_SIZE; deepspeed launcher: LOCAL_SIZE
+        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)))
         return cls(rank, world, local, local_world)
 
     @property
@@ -56,10 +62,14 @@ def init_distributed(env: LaunchEnv | None = None) -> LaunchEnv:
     env = env or LaunchEnv.from_env()
     if dist.is_initialized():
         return env
+    if "RANK" not in os.environ:  # srun task: rendezvous at the allocation's first node (moetrain.slurm)
+        os.environ.update(slurm.rendezvous_env(os.environ))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if env.world_size > 1:
-            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with torchrun, deepspeed or srun")
+            raise RuntimeError(
+                "WORLD_SIZE > 1 but MASTER_PORT is not set: launch with torchrun, deepspeed or srun (launch/slurm)"
+            )
         os.environ["MASTER_PORT"] = str(_free_port())
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     # With CUDA, small bookkeeping collectives (counts, metrics) still run on CPU tensors: gloo serves those.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 from moetrain.config import TrainConfig, WandbConfig
 
 Metrics = dict[str, Any]
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 class Sink(Protocol):
@@ -58,6 +60,18 @@ def resolve_wandb_mode(cfg: WandbConfig) -> str:
     if cfg.mode is not None:
         return cfg.mode
     return "online" if wandb_api_key_configured() else "offline"
+
+
+def sweep_id(sweep_dir: str | Path) -> str:
+    """A sweep folder's name; Hydra's default DATE/TIME layout keeps its date (2025-01-31_12-00-00)."""
+    path = Path(sweep_dir)
+    return f"{path.parent.name}_{path.name}" if _DATE.match(path.parent.name) else path.name
+
+
+def join_sweep_group(cfg: WandbConfig, sweep_dir: str | Path) -> None:
+    """Put a run of a multirun into its sweep's W&B group (``logging.wandb.group_by_sweep``)."""
+    if cfg.group_by_sweep:
+        cfg.group = f"{cfg.group}-{sweep_id(sweep_dir)}" if cfg.group else sweep_id(sweep_dir)
 
 
 class WandbSink:
