@@ -21,7 +21,11 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 DTYPES = ("fp32", "bf16")
 LR_DECAYS = ("cosine", "linear", "constant")
 WANDB_MODES = ("online", "offline", "disabled")
-TOKENIZERS = ("byte",)
+TOKENIZERS = ("byte", "hf", "auto")  # or hf:PATH
+ATTENTIONS = ("gqa", "mla")
+ROPE_SCALINGS = ("default", "yarn")
+QK_NORMS = ("none", "head", "full")
+GROUP_SCORES = ("max", "top2_sum")
 PRUNE_CRITERIA = ("frequency", "gate_weighted", "saliency")
 PRUNE_RANKINGS = ("layer", "global")
 LORA_TARGETS = ("router", "experts", "attention")
@@ -32,12 +36,43 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for context extension. ``default``: none. ``yarn`` (YaRN, as transformers computes
+    it): per-dim blend of interpolated and original frequencies between the ``beta_fast`` / ``beta_slow``
+    rotation bounds over ``original_max_position_embeddings``, cos/sin scaled by an attention factor, and
+    (latent attention) the softmax scale by ``mscale(factor, mscale_all_dim)^2``."""
+
+    type: str = "default"  # default | yarn
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None  # null: model.seq_len
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None  # null: derived from factor, mscale and mscale_all_dim
+    truncate: bool = True  # round the blend range to whole dims
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3), used when ``model.attention=mla``: keys and values come
+    from a ``kv_lora_rank`` latent; each head's q/k are a ``qk_nope_head_dim`` part without position and a
+    ``qk_rope_head_dim`` part with RoPE (one rotary key shared by all heads)."""
+
+    q_lora_rank: int | None = None  # null: q projected directly from x; else through a normed low-rank latent
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+
+
+@dataclass
 class ModelConfig:
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 2
-    d_ff: int = 256  # hidden size of each expert (and of dense FFN layers)
+    d_ff: int = 256  # hidden size of each expert (and of dense FFN layers unless dense_d_ff is set)
     vocab_size: int = 257
     seq_len: int = 256
     moe_every: int = 1  # layer i (0-based) is MoE when (i + 1) % moe_every == 0
@@ -45,9 +80,32 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
-    # "hf:PATH": start from a local Hugging Face Mixtral directory (config.json + safetensors); its
-    # architecture replaces the model.* / moe.* architecture keys (model.seq_len stays the training length)
+    # "hf:PATH": start from a local Hugging Face directory (config.json + safetensors) of a supported family
+    # (docs/hf.md); its architecture replaces the model.* / moe.* architecture keys (model.seq_len stays the
+    # training length)
     init_from: str | None = None
+    # --- architecture variants (the imported families need them; defaults are the plain model above)
+    head_dim: int | None = None  # per-head q/k/v dim; null: d_model / n_heads (Qwen3-MoE decouples them)
+    dense_d_ff: int | None = None  # hidden size of dense (non-MoE) FFN layers; null: d_ff
+    first_dense_layers: int = 0  # layers 0..N-1 are dense FFN layers (DeepSeek first_k_dense_replace)
+    dense_layers: list[int] = field(default_factory=list)  # more dense layers by index (Qwen mlp_only_layers)
+    shared_d_ff: int = 0  # hidden size of the shared-expert FFN every token takes beside the routed experts (0: none)
+    shared_expert_gate: bool = False  # the shared expert's output is scaled by sigmoid(x . w) per token (Qwen2-MoE)
+    attention: str = "gqa"  # gqa (grouped-query) | mla (DeepSeek multi-head latent attention, model.mla.*)
+    qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2-MoE)
+    out_bias: bool = False  # bias on the attention output projection
+    qk_norm: str = "none"  # none | head (RMSNorm over each head's q/k, Qwen3-MoE) | full (over all of q / k, OLMoE)
+    clip_qkv: float | None = None  # clamp q, k, v projections to [-c, c] (OLMoE)
+    rope_interleave: bool = False  # rotate pairs (x[2i], x[2i+1]) (DeepSeek) instead of (x[i], x[i + Hd/2])
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
+
+    def __post_init__(self) -> None:
+        # ModelConfig(**asdict(cfg)) round-trips (exported config.json files are read that way)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig(**self.mla)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
 
 
 @dataclass
@@ -56,6 +114,13 @@ class MoEConfig:
     top_k: int = 2
     score_func: str = "softmax"  # softmax (Switch, Mixtral) | sigmoid (DeepSeek-V3)
     renormalize: bool = True  # gates renormalised over the chosen k (k > 1)
+    # top-1 too (gate = 1.0 before scaling; Mixtral, and norm_topk_prob families at k=1). Off by default: the raw
+    # top-1 probability (Switch) keeps a gradient from the LM loss to the router, a gate of 1.0 gives it none
+    renormalize_top1: bool = False
+    routed_scaling_factor: float = 1.0  # gates are multiplied by this (DeepSeek)
+    n_group: int = 1  # group-limited routing: experts form n_group equal groups (1: off)
+    topk_group: int = 1  # ... and a token may only pick experts of its topk_group best groups
+    group_score: str = "max"  # a group's score: max (DeepSeek-V2) | top2_sum (DeepSeek-V3) of its experts' scores
     jitter_eps: float = 0.0  # multiplicative router-input jitter, training only
     capacity_factor: float | None = None  # None: dropless
     eval_capacity_factor: float | None = None  # capacity at validation; None: dropless
@@ -87,7 +152,9 @@ class DataConfig:
     hf_config: str | None = None
     text_field: str = "text"
     stdlib_glob: str = "*.py"  # which stdlib files make the embedded corpus
-    tokenizer: str = "byte"
+    # byte | hf (the tokenizer of model.init_from's directory) | hf:PATH (a local tokenizer directory) |
+    # auto (hf when model.init_from's directory has a tokenizer, else byte)
+    tokenizer: str = "auto"
     val_fraction: float = 0.05  # fraction of documents held out for validation (chosen by path hash)
     cache_dir: str | None = None  # default: ~/.cache/moetrain
 
@@ -245,7 +312,12 @@ def to_typed(cfg: DictConfig | dict[str, Any]) -> TrainConfig:
         from moetrain.hf import apply_hf_architecture
 
         apply_hf_architecture(typed)
+    from moetrain.data import check_tokenizer_vocab, resolve_tokenizer
+
+    # a concrete data.tokenizer (byte or hf:DIR) from here on: the data pipeline sees only cfg.data
+    typed.data.tokenizer = resolve_tokenizer(typed.data.tokenizer, typed.model.init_from)
     validate(typed)
+    check_tokenizer_vocab(typed.data.tokenizer, typed.model.vocab_size)
     return typed
 
 
@@ -266,6 +338,103 @@ def _positive(key: str, value: float) -> None:
     _require(value > 0, key, value, "must be > 0")
 
 
+def _one_of_or_prefixed(key: str, value: Any, allowed: tuple[str, ...], prefix: str) -> None:
+    _require(
+        value in allowed or str(value).startswith(prefix),
+        key,
+        value,
+        f"is not supported; allowed: {', '.join(allowed)}, {prefix}PATH",
+    )
+
+
+def is_moe_layer(i: int, m: ModelConfig) -> bool:
+    """Whether layer ``i`` (0-based) has a routed MoE FFN: every ``moe_every``-th layer, except the first
+    ``first_dense_layers`` and those listed in ``dense_layers``."""
+    return (i + 1) % m.moe_every == 0 and i >= m.first_dense_layers and i not in m.dense_layers
+
+
+def _validate_architecture(m: ModelConfig) -> None:
+    _one_of("model.attention", m.attention, ATTENTIONS)
+    _one_of("model.qk_norm", m.qk_norm, QK_NORMS)
+    if m.attention == "gqa":
+        if m.head_dim is None:
+            _require(
+                m.d_model % m.n_heads == 0, "model.d_model", m.d_model, f"is not divisible by model.n_heads={m.n_heads}"
+            )
+            head_dim, key, value = m.d_model // m.n_heads, "model.d_model", m.d_model
+        else:
+            head_dim, key, value = m.head_dim, "model.head_dim", m.head_dim
+            _positive("model.head_dim", m.head_dim)
+        _require(
+            head_dim % 2 == 0,
+            key,
+            value,
+            f"gives an odd head dim {head_dim} with model.n_heads={m.n_heads}; RoPE needs it even",
+        )
+        _require(
+            m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}"
+        )
+    else:
+        mla = m.mla
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            _positive(f"model.mla.{name}", getattr(mla, name))
+        _require(mla.qk_nope_head_dim >= 0, "model.mla.qk_nope_head_dim", mla.qk_nope_head_dim, "must be >= 0")
+        _require(mla.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim", mla.qk_rope_head_dim, "must be even")
+        if mla.q_lora_rank is not None:
+            _positive("model.mla.q_lora_rank", mla.q_lora_rank)
+        for key in ("qkv_bias", "out_bias"):
+            _require(not getattr(m, key), f"model.{key}", getattr(m, key), "is not supported with model.attention=mla")
+        _require(m.qk_norm == "none", "model.qk_norm", m.qk_norm, "is not supported with model.attention=mla")
+        _require(m.clip_qkv is None, "model.clip_qkv", m.clip_qkv, "is not supported with model.attention=mla")
+    _require(m.clip_qkv is None or m.clip_qkv > 0, "model.clip_qkv", m.clip_qkv, "must be > 0, or null")
+    _one_of("model.rope_scaling.type", m.rope_scaling.type, ROPE_SCALINGS)
+    if m.rope_scaling.type == "yarn":
+        _positive("model.rope_scaling.factor", m.rope_scaling.factor)
+    if m.dense_d_ff is not None:
+        _positive("model.dense_d_ff", m.dense_d_ff)
+    _require(m.first_dense_layers >= 0, "model.first_dense_layers", m.first_dense_layers, "must be >= 0")
+    bad = [i for i in m.dense_layers if not 0 <= i < m.n_layers]
+    _require(not bad, "model.dense_layers", m.dense_layers, f"has indices outside 0..{m.n_layers - 1}")
+    _require(m.shared_d_ff >= 0, "model.shared_d_ff", m.shared_d_ff, "must be >= 0 (0: no shared expert)")
+    _require(
+        not m.shared_expert_gate or m.shared_d_ff > 0,
+        "model.shared_expert_gate",
+        m.shared_expert_gate,
+        "needs a shared expert (model.shared_d_ff > 0)",
+    )
+
+
+def _validate_routing(moe: MoEConfig) -> None:
+    _positive("moe.routed_scaling_factor", moe.routed_scaling_factor)
+    _one_of("moe.group_score", moe.group_score, GROUP_SCORES)
+    _require(
+        moe.n_group >= 1 and moe.num_experts % moe.n_group == 0,
+        "moe.n_group",
+        moe.n_group,
+        f"must be >= 1 and divide moe.num_experts={moe.num_experts}",
+    )
+    _require(
+        1 <= moe.topk_group <= moe.n_group,
+        "moe.topk_group",
+        moe.topk_group,
+        f"must be between 1 and moe.n_group={moe.n_group}",
+    )
+    per_group = moe.num_experts // max(moe.n_group, 1)
+    if moe.n_group > 1:
+        _require(
+            moe.topk_group * per_group >= moe.top_k,
+            "moe.topk_group",
+            moe.topk_group,
+            f"leaves {moe.topk_group * per_group} experts to pick from, fewer than moe.top_k={moe.top_k}",
+        )
+        _require(
+            moe.group_score != "top2_sum" or per_group >= 2,
+            "moe.group_score",
+            moe.group_score,
+            f"needs >= 2 experts per group (moe.num_experts={moe.num_experts}, moe.n_group={moe.n_group})",
+        )
+
+
 def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     """Check every value that can be checked before training starts; raise :class:`ConfigError` on the first.
 
@@ -274,14 +443,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     m, moe, p, t, d = cfg.model, cfg.moe, cfg.parallel, cfg.trainer, cfg.data
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "seq_len", "moe_every"):
         _positive(f"model.{key}", getattr(m, key))
-    _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model, f"is not divisible by model.n_heads={m.n_heads}")
-    _require(
-        (m.d_model // m.n_heads) % 2 == 0,
-        "model.d_model",
-        m.d_model,
-        f"gives an odd head dim {m.d_model // m.n_heads} with model.n_heads={m.n_heads}; RoPE needs it even",
-    )
-    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
+    _validate_architecture(m)
     _require(
         m.moe_every <= m.n_layers,
         "model.moe_every",
@@ -289,19 +451,27 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         f"leaves no MoE layer with model.n_layers={m.n_layers}; allowed: 1..{m.n_layers}",
     )
     _require(
-        m.vocab_size >= 257 or d.tokenizer != "byte",
+        any(is_moe_layer(i, m) for i in range(m.n_layers)),
+        "model.first_dense_layers",
+        m.first_dense_layers,
+        f"leaves no MoE layer with model.n_layers={m.n_layers}, model.dense_layers={m.dense_layers}",
+    )
+    _one_of_or_prefixed("data.tokenizer", d.tokenizer, TOKENIZERS, "hf:")
+    _require(
+        d.tokenizer != "hf" or bool(m.init_from),
+        "data.tokenizer",
+        d.tokenizer,
+        "needs model.init_from=hf:PATH (the directory whose tokenizer it means); or use hf:PATH",
+    )
+    byte_tokens = d.tokenizer == "byte" or (d.tokenizer == "auto" and not m.init_from)  # auto: resolved by to_typed
+    _require(
+        m.vocab_size >= 257 or not byte_tokens,
         "model.vocab_size",
         m.vocab_size,
         "is smaller than the byte tokenizer's 257 ids (256 bytes + end-of-text)",
     )
 
     _one_of("moe.backend", moe.backend, MOE_BACKENDS)
-    _require(
-        not (m.init_from and moe.backend != "native"),
-        "model.init_from",
-        m.init_from,
-        f"is supported with moe.backend=native only (not {moe.backend}) for now",
-    )
     _require(moe.num_experts >= 1, "moe.num_experts", moe.num_experts, "must be >= 1")
     _require(
         1 <= moe.top_k <= moe.num_experts,
@@ -318,6 +488,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _require(0 <= moe.jitter_eps < 1, "moe.jitter_eps", moe.jitter_eps, "must be in [0, 1)")
     _require(moe.bias_update_rate >= 0, "moe.bias_update_rate", moe.bias_update_rate, "must be >= 0 (0: off)")
     _require(moe.a2a_chunks >= 1, "moe.a2a_chunks", moe.a2a_chunks, "must be >= 1")
+    _validate_routing(moe)
     _require(
         not (moe.padded and p.ep_size > 1),
         "moe.padded",
@@ -396,7 +567,6 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if t.num_threads is not None:
         _positive("trainer.num_threads", t.num_threads)
 
-    _one_of("data.tokenizer", d.tokenizer, TOKENIZERS)
     _require(
         d.hf_config is None or d.hf_name is not None,
         "data.hf_config",

@@ -1,4 +1,8 @@
-"""Data: documents -> byte tokens -> packed sequences -> a deterministic, resumable, rank-sharded order.
+"""Data: documents -> tokens -> packed sequences -> a deterministic, resumable, rank-sharded order.
+
+Tokens: UTF-8 bytes (``data.tokenizer=byte``) or a local Hugging Face tokenizer directory (``hf:PATH``; ``hf``
+and ``auto`` mean the directory of ``model.init_from`` and are resolved to ``hf:PATH`` when the config is
+built, see :func:`resolve_tokenizer`).
 
 Sources (exactly one): the running Python's standard library (the embedded default corpus, found with
 ``sysconfig``), the user's local files (``data.path``), or a hub dataset (``data.hf_name``). All go through
@@ -42,6 +46,69 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def has_hf_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in HF_TOKENIZER_FILES)
+
+
+def resolve_tokenizer(tokenizer: str, init_from: str | None) -> str:
+    """``data.tokenizer`` as the data pipeline uses it: ``byte`` or ``hf:DIR``.
+
+    ``auto``: the tokenizer of ``model.init_from``'s directory when it has one (tokenizer.json or
+    tokenizer_config.json), else bytes. ``hf``: that directory's tokenizer, which must exist.
+    """
+    if tokenizer not in ("auto", "hf"):
+        return tokenizer
+    source = Path(init_from[3:]).expanduser() if init_from and init_from.startswith("hf:") else None
+    if source is not None and has_hf_tokenizer(source):
+        return f"hf:{source}"
+    if tokenizer == "hf" and source is None:
+        raise ConfigError(
+            "data.tokenizer=hf needs model.init_from=hf:PATH (whose tokenizer it means); allowed: byte, hf:PATH"
+        )
+    if tokenizer == "hf":
+        raise ConfigError(
+            f"data.tokenizer=hf finds no {' or '.join(HF_TOKENIZER_FILES)} in model.init_from={init_from}; "
+            "allowed: byte, hf:PATH"
+        )
+    return "byte"
+
+
+def load_hf_tokenizer(tokenizer: str):
+    """The transformers tokenizer of ``hf:DIR`` (local files only, nothing is downloaded)."""
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer[3:]).expanduser()
+    if not has_hf_tokenizer(path):
+        raise ConfigError(f"data.tokenizer={tokenizer} has no {' or '.join(HF_TOKENIZER_FILES)}")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def eos_id_of(tok, tokenizer: str) -> int:
+    """The id that ends every document when documents are packed."""
+    if tok.eos_token_id is None:
+        raise ConfigError(f"data.tokenizer={tokenizer} has no eos_token; documents are separated by it")
+    return int(tok.eos_token_id)
+
+
+def check_tokenizer_vocab(tokenizer: str, vocab_size: int) -> None:
+    """Every id the tokenizer can produce must have a row in the model's embedding."""
+    if not tokenizer.startswith("hf:"):
+        return
+    n = len(load_hf_tokenizer(tokenizer))
+    if n > vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={vocab_size} is smaller than data.tokenizer={tokenizer}'s {n} ids; "
+            "allowed: a tokenizer whose ids fit the model's embedding"
+        )
+
+
+def token_dtype(vocab_size: int) -> type:
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
 def default_cache_dir() -> Path:
@@ -103,7 +170,7 @@ def _is_validation(text: str, val_fraction: float) -> bool:
 
 @dataclass
 class TokenSplits:
-    train: np.ndarray  # uint16 token stream
+    train: np.ndarray  # token stream (uint16, uint32 for large vocabularies)
     val: np.ndarray
 
     def unigram_baseline(self, vocab_size: int) -> float:
@@ -115,15 +182,27 @@ class TokenSplits:
 
 
 def tokenize_splits(cfg: DataConfig, cache_dir: Path) -> TokenSplits:
-    """Tokenize every document (through ``datasets.map``, cached) and concatenate each split."""
-    tok = ByteTokenizer()
+    """Tokenize every document (through ``datasets.map``, cached) and concatenate each split. Token streams
+    are uint16, or uint32 for a tokenizer with more than 65536 ids."""
+    tokenizer = resolve_tokenizer(cfg.tokenizer, None)
     docs = load_documents(cfg, cache_dir)
     val_fraction = cfg.val_fraction
+    if tokenizer.startswith("hf:"):
+        tok = load_hf_tokenizer(tokenizer)
+        eos_id, dtype = eos_id_of(tok, tokenizer), token_dtype(len(tok))
+
+        def to_ids(texts: list[str]) -> list[np.ndarray]:
+            encoded = tok(texts, add_special_tokens=False)["input_ids"]
+            return [np.asarray(ids, dtype=dtype) for ids in encoded]
+    else:
+        eos_id, dtype = EOS_ID, np.uint16
+
+        def to_ids(texts: list[str]) -> list[np.ndarray]:
+            return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16) for t in texts]
 
     def encode(batch: dict) -> dict:
-        ids = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16) for t in batch["text"]]
         return {
-            "ids": [np.append(a, np.uint16(tok.eos_id)) for a in ids],
+            "ids": [np.append(a, dtype(eos_id)) for a in to_ids(batch["text"])],
             "is_val": [_is_validation(t, val_fraction) for t in batch["text"]],
         }
 
@@ -131,8 +210,8 @@ def tokenize_splits(cfg: DataConfig, cache_dir: Path) -> TokenSplits:
     encoded = encoded.with_format("numpy")
     is_val = np.asarray(encoded["is_val"], dtype=bool)
     ids = encoded["ids"]
-    train = [np.asarray(ids[i], dtype=np.uint16) for i in np.flatnonzero(~is_val)]
-    val = [np.asarray(ids[i], dtype=np.uint16) for i in np.flatnonzero(is_val)]
+    train = [np.asarray(ids[i], dtype=dtype) for i in np.flatnonzero(~is_val)]
+    val = [np.asarray(ids[i], dtype=dtype) for i in np.flatnonzero(is_val)]
     if not train or not val:
         raise ConfigError(f"data.val_fraction={val_fraction} leaves an empty split over {len(is_val)} documents")
     return TokenSplits(np.concatenate(train), np.concatenate(val))

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from test_hf_families import assert_logits_close
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from moetrain.config import ConfigError
@@ -35,11 +36,6 @@ def tiny_mixtral(tmp_path, vocab_size=96, **overrides):
     return model
 
 
-def assert_logits_close(ours, theirs):
-    scale = theirs.abs().max()
-    assert (ours - theirs).abs().max() <= 1e-4 * scale, float((ours - theirs).abs().max() / scale)
-
-
 def test_import_equals_transformers_and_export_reloads(tmp_path):
     hf = tiny_mixtral(tmp_path)
     ours, model_cfg, moe_cfg = load_mixtral(tmp_path / "hf")
@@ -60,31 +56,24 @@ def test_unsupported_fields_fail_with_one_line(tmp_path):
     base = json.loads(MixtralConfig(num_experts_per_tok=2).to_json_string())
     with pytest.raises(ConfigError, match=r"^sliding_window=4096 is not supported"):
         mixtral_configs({**base, "sliding_window": 4096})
-    with pytest.raises(ConfigError, match=r"^num_experts_per_tok=1 is not supported"):
-        mixtral_configs({**base, "num_experts_per_tok": 1})
+    # a top-1 Mixtral checkpoint imports with its renormalised gate (1.0); top-2 leaves top-1 gating to the recipe
+    assert mixtral_configs({**base, "num_experts_per_tok": 1})[1].renormalize_top1
+    assert not mixtral_configs(base)[1].renormalize_top1
     with pytest.raises(ConfigError, match=r"^model_type=llama is not supported"):
         mixtral_configs({**base, "model_type": "llama"})
 
 
 def test_training_starts_from_a_mixtral_directory(tmp_path):
     """model.init_from=hf:DIR takes the architecture from config.json and the weights from safetensors."""
-    from conftest import BIN, FAST, ROOT, run_launcher
+    from test_hf_pipeline import train_from
+
+    from moetrain.hf.from_run import load_run_model
 
     tiny_mixtral(tmp_path, vocab_size=300)  # >= the byte tokenizer's 257 ids
-    run = [
-        str(BIN / "python"),
-        str(ROOT / "launch" / "train.py"),
-        *FAST,
-        f"model.init_from=hf:{tmp_path}/hf",
-        "trainer.max_steps=2",
-        "logging.wandb.mode=disabled",
-        f"hydra.run.dir={tmp_path}/run",
-    ]
-    run_launcher(run, tmp_path)
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
-    state = torch.load(ckpt, weights_only=True)["module"]
-    assert state["layers.1.ffn.experts.w1_EDF"].shape == (4, 32, 48)  # the checkpoint's architecture
+    train_from(tmp_path / "hf", tmp_path, "trainer.max_steps=2")
+    model, _ = load_run_model(tmp_path / "run")
+    assert model.layers[1].ffn.experts.w1_EDF.shape == (4, 32, 48)  # the checkpoint's architecture
     hf = MixtralForCausalLM.from_pretrained(str(tmp_path / "hf"))
     hf_router = hf.state_dict()["model.layers.0.mlp.gate.weight"]
     # trained for two steps from the imported router: close to it, not equal
-    assert 0 < (state["layers.0.ffn.router.weight_ED"] - hf_router).abs().max() < 0.05
+    assert 0 < (model.layers[0].ffn.router.weight_ED.detach() - hf_router).abs().max() < 0.05

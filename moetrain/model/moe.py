@@ -72,7 +72,19 @@ class RoutingCore(nn.Module):
         self.drop_policy = cfg.drop_policy
         self.min_capacity = cfg.min_capacity
         self.bias_update_rate = cfg.bias_update_rate
-        self.router = TopKRouter(d_model, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.score_func, cfg.jitter_eps)
+        self.router = TopKRouter(
+            d_model,
+            cfg.num_experts,
+            cfg.top_k,
+            cfg.renormalize,
+            cfg.score_func,
+            cfg.jitter_eps,
+            renormalize_top1=cfg.renormalize_top1,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            group_score=cfg.group_score,
+        )
         # aux-loss-free balancing: token counts of training forwards since the last optimizer step
         self.register_buffer("_load_since_step_E", torch.zeros(cfg.num_experts), persistent=False)
 
@@ -93,7 +105,10 @@ class RoutingCore(nn.Module):
         active = self.base_router.num_active
         if not 1 <= k <= active:
             raise ValueError(f"moe.top_k={k} must be between 1 and the number of active experts ({active})")
-        self.base_router.top_k = k
+        router = self.base_router
+        if router.n_group > 1 and k > router.topk_group * router.num_experts // router.n_group:
+            raise ValueError(f"moe.top_k={k} exceeds the experts of moe.topk_group={router.topk_group} groups")
+        router.top_k = k
 
     def set_expert_mask(self, active_E: torch.Tensor) -> None:
         """Only experts with ``active_E[i]`` True can be selected from now on."""

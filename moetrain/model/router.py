@@ -7,8 +7,11 @@ rounding. ``top_k`` is a plain attribute, so a schedule can switch it at run tim
 
 Scores: ``softmax`` over experts (Switch, Mixtral) or an independent ``sigmoid`` per expert (DeepSeek-V3).
 Selection: the k best ``score + bias`` among unmasked experts. ``bias_E`` is the aux-loss-free balancing
-bias (a buffer, never trained by the optimizer): it shifts *which* experts are selected, never the gate
-values. Gates: the selected scores, renormalised over the k when ``renormalize`` is on.
+bias (a buffer, never trained by the optimizer; DeepSeek-V3's ``e_score_correction_bias``): it shifts *which*
+experts are selected, never the gate values. With group-limited routing (``n_group > 1``) only experts of
+the token's ``topk_group`` best groups can be selected (:func:`group_limited_mask`). Gates: the selected
+scores, renormalised over the k when ``renormalize`` is on (at k = 1 only with ``renormalize_top1``), times
+``routed_scaling_factor`` (:func:`combine_gates`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,42 @@ def balancing_bias_update(load_E: torch.Tensor, active_E: torch.Tensor, rate: fl
     return rate * torch.sign(mean_load - load_E.float()) * active_E
 
 
+def group_limited_mask(selection_TE: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
+    """Which experts each token may select under group-limited routing (DeepSeek-V2/V3), as a bool (T, E).
+
+    The E experts form ``n_group`` consecutive groups of ``E / n_group``. A group's score is
+    ``max_i s_i`` over its experts (``group_score="max"``, DeepSeek-V2 ``group_limited_greedy``) or the sum of
+    its two best ``s_i`` (``"top2_sum"``, DeepSeek-V3 ``noaux_tc``), where ``s = selection scores`` (scores
+    plus the balancing bias; masked experts are -inf). A token keeps the experts of its ``topk_group`` best
+    groups.
+    """
+    T, E = selection_TE.shape
+    by_group_TGE = selection_TE.view(T, n_group, E // n_group)
+    if group_score == "max":
+        group_TG = by_group_TGE.max(dim=-1).values
+    else:
+        group_TG = by_group_TGE.topk(2, dim=-1).values.sum(dim=-1)
+    best_TG = torch.topk(group_TG, topk_group, dim=-1).indices
+    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+    return keep_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+
+
+def combine_gates(
+    scores_TK: torch.Tensor, renormalize: bool, renormalize_top1: bool, routed_scaling_factor: float
+) -> torch.Tensor:
+    """Combine weights of the k selected experts from their scores ``p``.
+
+    ``g_k = p_k / sum_j p_j`` when ``renormalize`` (at k = 1 only when ``renormalize_top1``: the gate is then
+    1.0, as in Mixtral; without it the top-1 gate is the raw ``p_1``, Switch-style), else ``g_k = p_k``; then
+    ``g_k *= routed_scaling_factor`` (DeepSeek).
+    """
+    if renormalize and (scores_TK.shape[1] > 1 or renormalize_top1):
+        scores_TK = scores_TK / scores_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    if routed_scaling_factor != 1.0:
+        scores_TK = scores_TK * routed_scaling_factor
+    return scores_TK
+
+
 @dataclass
 class Routing:
     logits_TE: torch.Tensor  # fp32 (masked experts: -inf)
@@ -83,6 +122,12 @@ class TopKRouter(nn.Module):
         renormalize: bool = True,
         score_func: str = "softmax",
         jitter_eps: float = 0.0,
+        *,
+        renormalize_top1: bool = False,
+        routed_scaling_factor: float = 1.0,
+        n_group: int = 1,
+        topk_group: int = 1,
+        group_score: str = "max",
     ) -> None:
         super().__init__()
         if score_func not in SCORE_FUNCS:
@@ -92,6 +137,11 @@ class TopKRouter(nn.Module):
         self.renormalize = renormalize
         self.score_func = score_func
         self.jitter_eps = jitter_eps
+        self.renormalize_top1 = renormalize_top1
+        self.routed_scaling_factor = routed_scaling_factor
+        if num_experts % n_group:  # e.g. a pruned layer: group-limited routing needs equal groups
+            raise ValueError(f"moe.n_group={n_group} does not divide this layer's {num_experts} experts")
+        self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("bias_E", torch.zeros(num_experts))
         self.register_buffer("active_E", torch.ones(num_experts, dtype=torch.bool))
@@ -113,9 +163,12 @@ class TopKRouter(nn.Module):
         else:
             probs_TE = torch.sigmoid(logits_TE)  # sigmoid(-inf) = 0 for masked experts
         selection_TE = (probs_TE.detach() + self.bias_E).masked_fill(masked, float("-inf"))
+        if self.n_group > 1:
+            allowed_TE = group_limited_mask(selection_TE, self.n_group, self.topk_group, self.group_score)
+            selection_TE = selection_TE.masked_fill(~allowed_TE, float("-inf"))
         expert_idx_TK = torch.topk(selection_TE, self.top_k, dim=-1).indices
-        gates_TK = probs_TE.gather(1, expert_idx_TK)
-        if self.renormalize and self.top_k > 1:
-            gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        gates_TK = combine_gates(
+            probs_TE.gather(1, expert_idx_TK), self.renormalize, self.renormalize_top1, self.routed_scaling_factor
+        )
         # z-loss over the active experts only (masked logits are -inf and drop out of logsumexp)
         return Routing(logits_TE, probs_TE, expert_idx_TK, gates_TK, selection_TE)

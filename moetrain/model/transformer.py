@@ -1,4 +1,5 @@
-"""Decoder-only MoE transformer: RMSNorm, RoPE, grouped-KV attention, SwiGLU dense or MoE FFNs.
+"""Decoder-only MoE transformer: RMSNorm, RoPE, grouped-KV or latent attention (``attention.py``), SwiGLU
+dense or MoE FFNs, optional shared experts beside the routed ones.
 
 Shape legend: B batch, S sequence, D model dim, H query heads, G key/value heads, Hd head dim, V vocab.
 
@@ -14,42 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.config import ModelConfig, MoEConfig
+from moetrain.config import ModelConfig, MoEConfig, is_moe_layer
+from moetrain.model.attention import Attention, apply_rope, build_attention, rope_dim, rope_tables
 from moetrain.model.moe import MoELayer, MoEStats, RoutingCore
 
-
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles_SH = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-    return angles_SH.cos().float(), angles_SH.sin().float()
-
-
-def apply_rope(x_BHSd: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + Hd/2]) by position-dependent angles (the "rotate half" convention)."""
-    S = x_BHSd.shape[-2]
-    cos, sin = cos_SH[:S].to(x_BHSd.dtype), sin_SH[:S].to(x_BHSd.dtype)
-    x1, x2 = x_BHSd.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
-
-    def forward(self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor) -> torch.Tensor:
-        B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos_SH, sin_SH), apply_rope(k, cos_SH, sin_SH)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+__all__ = [
+    "Attention",
+    "Block",
+    "DenseFFN",
+    "MoETransformer",
+    "SharedExpert",
+    "apply_rope",
+    "build_model",
+    "is_moe_layer",
+    "rope_tables",
+]
 
 
 class DenseFFN(nn.Module):
@@ -63,28 +43,47 @@ class DenseFFN(nn.Module):
         return self.w2(F.silu(self.w1(x_BSD)) * self.w3(x_BSD))
 
 
+class SharedExpert(nn.Module):
+    """A dense SwiGLU FFN every token takes beside the routed experts (DeepSeek's shared experts, fused into one
+    FFN of their summed width; Qwen2-MoE's shared expert). With ``gated``, its output is scaled per token by
+    ``sigmoid(x . w_gate)`` (Qwen2-MoE's ``shared_expert_gate``)."""
+
+    def __init__(self, d_model: int, d_ff: int, gated: bool) -> None:
+        super().__init__()
+        self.ffn = DenseFFN(d_model, d_ff)
+        self.gate = nn.Linear(d_model, 1, bias=False) if gated else None
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        y_BSD = self.ffn(x_BSD)
+        if self.gate is not None:
+            y_BSD = torch.sigmoid(self.gate(x_BSD)) * y_BSD
+        return y_BSD
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
+    """Pre-norm decoder block. The shared expert sits here, beside the FFN (not inside the MoE layer), so it
+    works the same with every ``moe.backend``."""
+
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module, shared: SharedExpert | None = None) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = build_attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = ffn
+        self.shared = shared
 
     def forward(
         self, x_BSD: torch.Tensor, cos_SH: torch.Tensor, sin_SH: torch.Tensor
     ) -> tuple[torch.Tensor, MoEStats | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SH, sin_SH)
-        h = self.ffn(self.ffn_norm(x_BSD))
+        h_in = self.ffn_norm(x_BSD)
+        h = self.ffn(h_in)
         stats = None
         if isinstance(h, tuple):
             h, stats = h
+        if self.shared is not None:
+            h = h + self.shared(h_in)
         return x_BSD + h, stats
-
-
-def is_moe_layer(i: int, cfg: ModelConfig) -> bool:
-    """Layer ``i`` (0-based) has an MoE FFN when ``(i + 1) % model.moe_every == 0``."""
-    return (i + 1) % cfg.moe_every == 0
 
 
 def moe_layer_config(moe: MoEConfig, moe_index: int) -> MoEConfig:
@@ -123,14 +122,14 @@ class MoETransformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         moe_index = [sum(1 for j in range(i + 1) if is_moe_layer(j, cfg)) - 1 for i in range(cfg.n_layers)]
         self.layers = nn.ModuleList(
-            Block(cfg, self._ffn(i, cfg, moe_layer_config(moe, moe_index[i]), ep_group, ep_size))
+            Block(cfg, self._ffn(i, cfg, moe_layer_config(moe, moe_index[i]), ep_group, ep_size), self._shared(i, cfg))
             for i in range(cfg.n_layers)
         )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.seq_len, rope_dim(cfg), cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         torch.set_rng_state(rng_at_entry)
@@ -139,8 +138,14 @@ class MoETransformer(nn.Module):
     @staticmethod
     def _ffn(i: int, cfg: ModelConfig, moe: MoEConfig, ep_group, ep_size: int) -> nn.Module:
         if not is_moe_layer(i, cfg):
-            return DenseFFN(cfg.d_model, cfg.d_ff)
+            return DenseFFN(cfg.d_model, cfg.dense_d_ff or cfg.d_ff)
         return build_moe_ffn(cfg, moe, ep_group, ep_size)
+
+    @staticmethod
+    def _shared(i: int, cfg: ModelConfig) -> SharedExpert | None:
+        if cfg.shared_d_ff <= 0 or not is_moe_layer(i, cfg):
+            return None
+        return SharedExpert(cfg.d_model, cfg.shared_d_ff, cfg.shared_expert_gate)
 
     def moe_layers(self) -> list[RoutingCore]:
         """The routing core of every MoE layer, in depth order: what schedules switch (top_k, capacity,
@@ -163,6 +168,8 @@ class MoETransformer(nn.Module):
                 if id(layer) not in done:
                     layer.reset_parameters(std, out_std)
                     done.add(id(layer))
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif p.dim() == 1:  # norm weights
                 nn.init.ones_(p)
             else:
