@@ -222,6 +222,9 @@ class PruneConfig:
     max_fraction: float = 0.25  # at most this fraction of a layer's experts (global: of all experts) per round
     min_experts: int = 2  # a layer never drops below this many experts
     ranking: str = "layer"  # layer: threshold and caps per layer | global: one ranking over every layer
+    # every layer removes the same number of experts (the fewest any layer would remove): one expert count
+    # for the whole model, as Hugging Face MoE configs need for export
+    equal_per_layer: bool = False
     max_loss_increase: float = 0.05  # validation loss rise (nats) right after a round that triggers a rollback
 
 
@@ -613,6 +616,12 @@ def _validate_structure(cfg: TrainConfig) -> None:
         f"must be between moe.top_k={moe.top_k} and moe.num_experts={moe.num_experts}",
     )
     _require(pr.max_loss_increase >= 0, "prune.max_loss_increase", pr.max_loss_increase, "must be >= 0 (nats)")
+    _require(
+        moe.n_group == 1 or not any(st.prune for st in cfg.schedule.stages),
+        "moe.n_group",
+        moe.n_group,
+        "is not supported with pruning stages (group-limited routing needs equal expert groups); allowed: 1",
+    )
     for t in lo.targets:
         _one_of("lora.targets", t, LORA_TARGETS)
     _require(bool(lo.targets), "lora.targets", lo.targets, f"is empty; allowed: {', '.join(LORA_TARGETS)}")

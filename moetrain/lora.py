@@ -9,7 +9,7 @@ Targets (``lora.targets``):
 * ``experts``: native stacked expert weights ``w1_EDF``/``w3_EDF``/``w2_EFD`` through ``target_parameters``
   (peft gives each expert its own rank-r pair); DeepSpeed's per-expert ``nn.Linear`` modules as plain LoRA
   modules;
-* ``attention``: ``wq``, ``wk``, ``wv``, ``wo``.
+* ``attention``: ``wq``, ``wk``, ``wv``, ``wo`` (MLA: ``wq_a``, ``wq_b``, ``wkv_a``, ``wkv_b``, ``wo``).
 
 Expert adapters belong to one expert, so under expert parallelism they live on the rank that owns the expert
 and their gradients are reduced over the expert-data-parallel group only (tagged like the expert weights).
@@ -27,7 +27,8 @@ from torch import nn
 from moetrain.config import LoRAConfig
 from moetrain.expert_surgery import ep_group_of, routing_core
 
-ATTENTION_MODULES = ["wq", "wk", "wv", "wo"]
+# grouped-KV attention projections and DeepSeek's MLA projections (moetrain/model/attention.py)
+ATTENTION_MODULES = ["wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wkv_b"]
 _SEED = 20240601
 
 
@@ -43,7 +44,7 @@ def peft_config(cfg: LoRAConfig, backend: str):
         else:
             params += ["experts.w1_EDF", "experts.w3_EDF", "experts.w2_EFD"]
     if "attention" in cfg.targets:
-        patterns.append(r".*\.(" + "|".join(ATTENTION_MODULES) + r")$")
+        patterns.append(r".*\.attn\.(" + "|".join(ATTENTION_MODULES) + r")$")
     return LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,

@@ -14,7 +14,8 @@ A stage with ``prune: true`` starts with one round (:class:`PruneHook`):
 4. cold experts (share < ``prune.threshold``) are removed, coldest first, at most ``prune.max_fraction`` of
    a layer's experts (``ranking: global``: of all experts, ranked together), never below ``prune.min_experts``;
    then the removal count of each layer is rounded *down* until the survivors divide ``parallel.ep_size``
-   (a layer keeps an expert rather than break the even layout);
+   (a layer keeps an expert rather than break the even layout); with ``prune.equal_per_layer`` every layer
+   then removes only as many as the layer that removes the fewest (one expert count, as HF configs need);
 5. physical removal (:mod:`moetrain.expert_surgery`), optimizer moments of survivors carried into the
    rebuilt engine; validation loss ``v1`` right after the cut (before any recovery training): if
    ``v1 - v0 > prune.max_loss_increase`` the snapshot is restored (structure, weights, optimizer, RNG) and
@@ -118,6 +119,9 @@ def select_survivors(shares: list[torch.Tensor], cfg: PruneConfig, ep_size: int)
     for layer, gone in enumerate(removed):
         while (sizes[layer] - len(gone)) % ep_size:  # keep the warmest candidates until the layout is even
             gone.pop()
+    if cfg.equal_per_layer and removed:  # one expert count for the model: every layer removes the fewest
+        fewest = min(len(g) for g in removed)
+        removed = [g[:fewest] for g in removed]
     return [[e for e in range(n) if e not in set(gone)] for n, gone in zip(sizes, removed)]
 
 

@@ -125,3 +125,40 @@ def test_an_expert_parallel_model_imports_its_slice(tmp_path):
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     proc = run_launcher([*torchrun, str(script), str(tmp_path / "hf")], tmp_path, timeout=180)
     assert "HF-EP-OK rank=0" in proc.stdout and "HF-EP-OK rank=1" in proc.stdout
+
+
+@pytest.mark.slow
+def test_top1_prune_from_an_imported_mixtral_exports_a_smaller_mixtral(tmp_path):
+    """The issue's workflow: import a Mixtral, switch to top-1, prune in two rounds, recover with LoRA and
+    distillation, export back; transformers loads the smaller top-1 Mixtral with our logits."""
+    tiny_checkpoint("mixtral", tmp_path / "hf", vocab_size=320)  # 4 experts, top-2
+    stages = [f"schedule.stages.{i}.steps=4" for i in range(5)]
+    train_from(
+        tmp_path / "hf",
+        tmp_path,
+        "+recipe=top1_prune",
+        "trainer.max_steps=20",
+        "trainer.eval_every=4",
+        *stages,
+        "prune.profile_tokens=1024",
+        "prune.threshold=1.0",  # every expert is a candidate: the caps decide (1 per layer and round)
+        "prune.max_fraction=0.34",
+        "prune.equal_per_layer=true",  # one expert count for the exported config
+        "prune.max_loss_increase=100",
+        "moe.renormalize_top1=true",  # Mixtral's own top-1 gating (gate 1.0), which its format can express
+    )
+    import json
+
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r["outcome"] for r in s["prune_rounds"]] == ["kept", "kept"]
+    assert s["experts_per_layer"] == [2, 2, 2]
+    export = [str(BIN / "python"), str(ROOT / "launch" / "export_hf.py"), str(tmp_path / "run"), str(tmp_path / "out")]
+    run_launcher(export, tmp_path)
+    hf_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert hf_cfg["model_type"] == "mixtral"
+    assert hf_cfg["num_local_experts"] == 2 and hf_cfg["num_experts_per_tok"] == 1
+    ours, _ = load_run_model(tmp_path / "run")
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    tokens = torch.randint(0, 320, (2, 32))
+    with torch.no_grad():
+        assert_logits_close(exported(tokens).logits, ours(tokens).logits_BSV)

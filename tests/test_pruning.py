@@ -30,6 +30,9 @@ def test_select_survivors_per_layer_caps_and_min_experts():
     # ep_size=2: survivors must be even: layer 0 keeps its warmest candidate (share 0.05)
     assert select_survivors(s, cfg, ep_size=2) == [[0, 1, 3, 5], [0, 1]]
     assert select_survivors(s, PruneConfig(threshold=0.0, max_fraction=0.5), 1) == [list(range(6)), [0, 1, 2, 3]]
+    # equal_per_layer: both layers remove 2 (the fewest any layer removes), each its coldest
+    even = PruneConfig(threshold=0.1, max_fraction=0.5, min_experts=2, equal_per_layer=True)
+    assert select_survivors(s, even, ep_size=1) == [[0, 1, 3, 5], [0, 1]]
 
 
 def test_select_survivors_global_ranking():
