@@ -42,6 +42,9 @@ def launcher_env(tmp_path: Path) -> dict[str, str]:
         OMP_NUM_THREADS="1",
         MOETRAIN_CACHE=str(ROOT / ".pytest_cache" / "moetrain-data"),
         HYDRA_FULL_ERROR="1",
+        # DeepSpeed JIT-builds its CPU comm op under one lock per extensions folder: a folder per checkout, so
+        # two checkouts (venvs) never rebuild each other's op or wait on each other's lock
+        TORCH_EXTENSIONS_DIR=str(ROOT / ".pytest_cache" / "torch_extensions"),
     )
     env.pop("WANDB_API_KEY", None)
     return env
