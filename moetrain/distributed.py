@@ -8,10 +8,12 @@ equivalents: moetrain.slurm) and never a ``--local_rank`` argument.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,7 +79,24 @@ def init_distributed(env: LaunchEnv | None = None) -> LaunchEnv:
     if torch.cuda.is_available():
         torch.cuda.set_device(device_for(env))
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+    atexit.register(release_shm_buffer, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], env.local_rank)
     return env
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffer_paths(master_addr: str, master_port: str, local_rank: int | str = "*") -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffers of one job (one ~66 MB file per local rank, named by the job's
+    rendezvous address and port). DeepSpeed never unlinks them: each launch would leave its buffers in shared
+    memory until the machine runs out of it."""
+    return sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{master_addr}_{master_port}_{local_rank}"))
+
+
+def release_shm_buffer(master_addr: str, master_port: str, local_rank: int) -> None:
+    """At exit: unlink this rank's buffer (the mapping stays valid until the process ends)."""
+    for path in shm_buffer_paths(master_addr, master_port, local_rank):
+        path.unlink(missing_ok=True)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

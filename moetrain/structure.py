@@ -38,5 +38,6 @@ class TeacherState:
         from safetensors.torch import load_file
 
         path = directory / self.filename()
-        if path.is_file():
-            self.teacher.load_state_dict(load_file(str(path)), strict=False)
+        if not path.is_file():  # structure.json says this checkpoint has a teacher: its weights must be there
+            raise FileNotFoundError(f"trainer.resume: {path} is missing (the distillation teacher of this rank)")
+        self.teacher.load_state_dict(load_file(str(path)))

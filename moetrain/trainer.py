@@ -109,20 +109,19 @@ class Trainer:
             self._make_teacher(structure["teacher_expert_ids"], from_model=False)
         self.engine = None
         self.logger = build_logger(cfg, run_dir, self.env.is_main)
-        self.routing = RoutingMetrics(0, 0)
+        # routing tables are as wide as the unpruned layers: a pruned layer's missing experts read 0
+        self.routing = RoutingMetrics(len(self.model.moe_layers()), cfg.moe.num_experts)
         self.stages = StageRunner(
             StageSchedule(cfg.schedule, cfg.moe, t.max_steps),
-            [],
+            self.model.moe_layers(),
             cfg.model.d_model,
             cfg.model.d_ff,
             self.env.is_main,
             hooks=[self.pruner, LoRAStageHook()],
+            num_experts=cfg.moe.num_experts,
         )
         self.step = 0
         self._assemble(expert_shards)
-        self.routing = RoutingMetrics(len(self.moe_layers), cfg.moe.num_experts)
-        self.stages.stage_routing = RoutingMetrics(len(self.moe_layers), cfg.moe.num_experts)
-        self.stages.E = cfg.moe.num_experts
         self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_size * cfg.model.seq_len

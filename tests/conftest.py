@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from moetrain.config import TrainConfig, register_configs, to_typed
+from moetrain.distributed import shm_buffer_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -51,10 +52,20 @@ def launcher_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_launcher(
-    cmd: list[str], tmp_path: Path, timeout: int = 600, cwd: Path = ROOT, extra_env: dict[str, str] | None = None
+    cmd: list[str],
+    tmp_path: Path,
+    timeout: int = 600,
+    cwd: Path = ROOT,
+    extra_env: dict[str, str] | None = None,
+    keep_shm: bool = False,
 ) -> subprocess.CompletedProcess:
     env = {**launcher_env(tmp_path), **(extra_env or {})}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        if not keep_shm and "--master_port" in cmd:  # a killed rank cannot release its DeepSpeed buffer
+            for path in shm_buffer_paths("127.0.0.1", cmd[cmd.index("--master_port") + 1]):
+                path.unlink(missing_ok=True)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"

@@ -13,6 +13,7 @@ from conftest import BIN, FAST, ROOT, assert_same_losses, free_port, read_metric
 
 from moetrain.config import LoRAConfig, ModelConfig, MoEConfig, PruneConfig
 from moetrain.distill import distillation_kl
+from moetrain.distributed import shm_buffer_paths
 from moetrain.lora import LoRAAdapters
 from moetrain.model import build_model
 from moetrain.pruning import ExpertProfile, select_survivors
@@ -149,18 +150,21 @@ def test_top1_prune_two_ranks_exports_reloads_and_resumes(tmp_path):
     from moetrain.export import load_exported, validation_loss
 
     def launch(run_dir, *extra):
+        port = free_port()
         cmd = [
             str(BIN / "deepspeed"),
             "--num_gpus",
             "2",
             "--master_port",
-            str(free_port()),
+            str(port),
             str(ROOT / "launch" / "train.py"),
             *PRUNE_FAST,
             f"hydra.run.dir={run_dir}",
             *extra,
         ]
-        return run_launcher(cmd, tmp_path, timeout=900)
+        proc = run_launcher(cmd, tmp_path, timeout=900, keep_shm=True)
+        assert not shm_buffer_paths("127.0.0.1", str(port))  # every rank released DeepSpeed's shared memory
+        return proc
 
     full = tmp_path / "full"
     launch(full)
