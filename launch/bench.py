@@ -26,15 +26,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.config import CPU_MALLOC
+from moetrain.cpu_runtime import cache_freed_memory
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SHAPES = [(256, 512, 8), (256, 512, 32), (256, 512, 64), (512, 1024, 32)]  # (d_model, d_ff, E)
 
 
-def time_fwd_bwd(module_fn, x: torch.Tensor, iters: int, warmup: int = 2) -> float:
-    """Median seconds of forward + backward (sum of squares of the output as the loss: no stride-0 grads)."""
+def time_fwd_bwd(module_fn, x: torch.Tensor, iters: int, module: nn.Module, warmup: int = 2) -> float:
+    """Median seconds of forward + backward (sum of squares of the output as the loss: no stride-0 grads).
+
+    ``module``'s gradients are set to None before each iteration, outside the timing, as a training loop's
+    ``zero_grad()`` does: each backward writes fresh gradients instead of adding to the last ones."""
     times = []
     for i in range(warmup + iters):
+        module.zero_grad(set_to_none=True)
         xi = x.detach().requires_grad_(True)
         t0 = time.perf_counter()
         out = module_fn(xi)
@@ -74,16 +81,19 @@ def init_single_process_group() -> None:
 
 
 def candidates(d: int, f: int, E: int, k: int, device: torch.device):
-    """(name, callable) pairs; each callable maps x_TD -> y_TD."""
+    """(name, module, callable) triples; each callable maps x_TD -> y_TD."""
     from moetrain.config import MoEConfig
     from moetrain.model.moe import MoELayer
 
     out = []
-    for label, cf in (("dropless", None), ("cf 1.25", 1.25)):
-        layer = MoELayer(d, f, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf)).to(device)
+    native = [("dropless", None, "auto"), ("cf 1.25", 1.25, "auto")]
+    if device.type == "cpu":  # what the CPU kernel (moe.grouped_mm=fused, auto's pick) buys over _grouped_mm
+        native.append(("dropless, grouped_mm=grouped", None, "grouped"))
+    for label, cf, impl in native:
+        layer = MoELayer(d, f, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, grouped_mm=impl)).to(device)
         for p in layer.parameters():
             nn.init.normal_(p, std=0.02)
-        out.append((f"moetrain native {label}", lambda x, m=layer: m(x.unsqueeze(0))[0][0]))
+        out.append((f"moetrain native {label}", layer, lambda x, m=layer: m(x.unsqueeze(0))[0][0]))
 
     from deepspeed.moe.layer import MoE
 
@@ -102,14 +112,14 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
             top2_2nd_expert_sampling=False,
         ).to(device)
         ds.set_deepspeed_parallelism()
-        out.append((f"DeepSpeed MoE {label}", lambda x, m=ds: m(x.unsqueeze(0))[0][0]))
+        out.append((f"DeepSpeed MoE {label}", ds, lambda x, m=ds: m(x.unsqueeze(0))[0][0]))
 
     from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
 
     ours_on_ds = DeepSpeedMoELayer(d, f, MoEConfig(num_experts=E, top_k=k), ep_size=1, ep_rank=0).to(device)
     ours_on_ds.moe.set_deepspeed_parallelism()
     ours_on_ds.gate.reset_parameters(0.02, 0.02)
-    out.append(("moetrain deepspeed backend dropless", lambda x, m=ours_on_ds: m(x.unsqueeze(0))[0][0]))
+    out.append(("moetrain deepspeed backend dropless", ours_on_ds, lambda x, m=ours_on_ds: m(x.unsqueeze(0))[0][0]))
 
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -123,7 +133,7 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
         y = m(x.unsqueeze(0))
         return (y[0] if isinstance(y, tuple) else y)[0]
 
-    out.append(("transformers Mixtral block", mixtral))
+    out.append(("transformers Mixtral block", block, mixtral))
     return out
 
 
@@ -136,21 +146,22 @@ def bench_moe(args) -> str:
             x = torch.randn(args.tokens, d, device=device)
             dense = SwiGLU(d, f).to(device)
             x_dense = torch.randn(args.tokens * k, d, device=device)
-            bound = time_fwd_bwd(dense, x_dense, args.iters)
+            bound = time_fwd_bwd(dense, x_dense, args.iters, dense)
             flops = expert_flops(args.tokens, k, d, f)
             rows.append((d, f, E, k, "dense-GEMM bound", bound, 1.0, flops / bound / 1e9))
             print(f"(d={d}, f={f}, E={E}, k={k}) dense bound {bound * 1e3:.1f} ms", flush=True)
-            for name, fn in candidates(d, f, E, k, device):
-                t = time_fwd_bwd(fn, x, args.iters)
+            for name, module, fn in candidates(d, f, E, k, device):
+                t = time_fwd_bwd(fn, x, args.iters, module)
                 rows.append((d, f, E, k, name, t, bound / t, flops / t / 1e9))
                 print(f"    {name:32s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound", flush=True)
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device {args.device}; tokens={args.tokens}, fp32, forward+backward, "
-        f"median of {args.iters} after 2 warm-up iterations.",
+        f"{torch.get_num_threads()} threads, device {args.device}, cpu_malloc {args.cpu_malloc}; tokens={args.tokens}, "
+        f"fp32, forward+backward (gradients set to None before each), median of {args.iters} after 2 warm-up "
+        "iterations.",
         "",
         f"Command: `python launch/bench.py moe --tokens {args.tokens} --iters {args.iters} --threads {args.threads}"
-        f" --device {args.device}`",
+        f" --device {args.device} --cpu-malloc {args.cpu_malloc}`",
         "",
         "| d_model | d_ff | E | k | implementation | ms | fraction of dense bound | expert GFLOP/s |",
         "|---|---|---|---|---|---|---|---|",
@@ -174,6 +185,8 @@ def bench_a2a(args) -> str:
             str(args.tokens),
             "--iters",
             str(args.iters),
+            "--cpu-malloc",
+            args.cpu_malloc,
         ],
         capture_output=True,
         text=True,
@@ -187,7 +200,8 @@ def bench_a2a(args) -> str:
             f"1 thread each; tokens={args.tokens} per rank, d_model=256, d_ff=512, E=8, k=2, dropless, "
             "forward+backward, median.",
             "",
-            f"Command: `python launch/bench.py a2a --tokens {args.tokens} --iters {args.iters}`",
+            f"Command: `python launch/bench.py a2a --tokens {args.tokens} --iters {args.iters} --cpu-malloc "
+            f"{args.cpu_malloc}`",
             "",
             "| ep_size | a2a_chunks | ms | speed-up vs 1 chunk |",
             "|---|---|---|---|",
@@ -214,7 +228,7 @@ def a2a_worker(args) -> None:
             nn.init.normal_(p, std=0.02)
         x = torch.randn(args.tokens, 256)
         dist.barrier()
-        t = time_fwd_bwd(lambda xi, m=layer: m(xi.unsqueeze(0))[0][0], x, args.iters)
+        t = time_fwd_bwd(lambda xi, m=layer: m(xi.unsqueeze(0))[0][0], x, args.iters, layer)
         t_max = torch.tensor([t])
         dist.all_reduce(t_max, op=dist.ReduceOp.MAX)
         base = base or float(t_max)
@@ -239,7 +253,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cpu-malloc", choices=CPU_MALLOC, default="cached", help="as trainer.cpu_malloc")
     args = ap.parse_args()
+    if args.cpu_malloc == "cached":
+        cache_freed_memory()  # what the trainer does on CPU by default (moetrain/cpu_runtime.py)
     if args.what == "a2a-worker":
         a2a_worker(args)
         return

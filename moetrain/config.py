@@ -131,7 +131,8 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0  # aux-loss-free balancing rate u (0: off)
     backend: str = "native"
-    # Expert GEMM path: "auto" picks torch._grouped_mm where device and dtype support it, else a loop.
+    # Expert FFN path: "fused" (CPU kernel, moetrain/csrc), "grouped" (torch._grouped_mm), "loop" (one GEMM
+    # per expert). "auto": fused on CPU when it builds, else grouped where device and dtype support it, else loop.
     grouped_mm: str = "auto"
     a2a_chunks: int = 1  # expert-parallel dispatch split into chunks to overlap all-to-all with compute
     # Structure after expert pruning (written by the pruner, read when a pruned model is rebuilt): per MoE
@@ -247,6 +248,9 @@ class DistillConfig:
     temperature: float = 2.0
 
 
+CPU_MALLOC = ("cached", "default")  # trainer.cpu_malloc (moetrain/cpu_runtime.py)
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 200
@@ -261,6 +265,9 @@ class TrainerConfig:
     log_every: int = 1
     expert_stats_every: int = 25
     num_threads: int | None = None  # torch intra-op threads per rank; default: cores / local ranks
+    # CPU runs: "cached" keeps freed large blocks in glibc's heap for reuse (moetrain/cpu_runtime.py);
+    # "default" leaves the allocator alone.
+    cpu_malloc: str = "cached"
 
 
 @dataclass
@@ -504,7 +511,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         moe.a2a_chunks,
         "is not supported by moe.backend=deepspeed (DeepSpeed's layer runs one all-to-all); allowed: 1",
     )
-    _one_of("moe.grouped_mm", moe.grouped_mm, ("auto", "grouped", "loop"))
+    _one_of("moe.grouped_mm", moe.grouped_mm, ("auto", "fused", "grouped", "loop"))
     # settings of our own expert compute: DeepSpeed's layer would silently ignore them
     if moe.backend == "deepspeed":
         _require(
@@ -569,6 +576,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         _positive(f"trainer.{key}", getattr(t, key))
     if t.num_threads is not None:
         _positive("trainer.num_threads", t.num_threads)
+    _one_of("trainer.cpu_malloc", t.cpu_malloc, CPU_MALLOC)
 
     _require(
         d.hf_config is None or d.hf_name is not None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moetrain import cpu_runtime
 from moetrain.checkpoint import CheckpointManager, resolve_resume
 from moetrain.config import ConfigError, TrainConfig, validate
 from moetrain.data import DataPipeline, default_cache_dir, tokenize_splits
@@ -80,7 +80,7 @@ class Trainer:
         validate(cfg, world_size=self.env.world_size)
         t = cfg.trainer
         if not torch.cuda.is_available():
-            torch.set_num_threads(t.num_threads or max(1, (os.cpu_count() or 1) // self.env.local_world_size))
+            cpu_runtime.configure(t.num_threads, self.env.local_world_size, t.cpu_malloc)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
 
         # a checkpoint of a pruned or adapted model is resumed into the same structure: rebuild it first

@@ -19,6 +19,11 @@ from moetrain.distributed import shm_buffer_paths
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 BIN = Path(sys.executable).parent
+# JIT-built C++ ops (DeepSpeed's CPU comm op, moetrain's CPU expert kernel) go to one folder per checkout,
+# used by the tests in this process and by every launched rank: two checkouts (venvs) never rebuild each
+# other's ops or wait on each other's build lock.
+EXTENSIONS_DIR = ROOT / ".pytest_cache" / "torch_extensions"
+os.environ["TORCH_EXTENSIONS_DIR"] = str(EXTENSIONS_DIR)
 
 register_configs()
 
@@ -43,9 +48,7 @@ def launcher_env(tmp_path: Path) -> dict[str, str]:
         OMP_NUM_THREADS="1",
         MOETRAIN_CACHE=str(ROOT / ".pytest_cache" / "moetrain-data"),
         HYDRA_FULL_ERROR="1",
-        # DeepSpeed JIT-builds its CPU comm op under one lock per extensions folder: a folder per checkout, so
-        # two checkouts (venvs) never rebuild each other's op or wait on each other's lock
-        TORCH_EXTENSIONS_DIR=str(ROOT / ".pytest_cache" / "torch_extensions"),
+        TORCH_EXTENSIONS_DIR=str(EXTENSIONS_DIR),
     )
     env.pop("WANDB_API_KEY", None)
     return env

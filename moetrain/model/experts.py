@@ -2,8 +2,10 @@
 
 Shape legend: S tokens sorted by expert, D model dim, F expert hidden dim, E experts, C capacity slots.
 
-``grouped_mm`` is the one seam for the expert GEMM: ``torch._grouped_mm`` where the device and dtype
-support it, else a loop over ``W.unbind(0)``. (Indexing ``W[e]`` inside a Python loop would make autograd
+``GroupedExperts.forward`` is the one seam for the expert FFN: on CPU the fused kernel of
+``cpu_experts.py`` (``moe.grouped_mm=fused``; what ``auto`` picks when it builds), else SwiGLU over
+``grouped_mm``: ``torch._grouped_mm`` where the device and dtype support it (``grouped``), else a loop over
+``W.unbind(0)`` (``loop``). (Indexing ``W[e]`` inside a Python loop would make autograd
 build a full-size zero gradient of W per expert; ``unbind`` gives each slice its own gradient view.)
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moetrain.model import cpu_experts
 
 
 def _grouped_mm_supported(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
@@ -52,9 +56,23 @@ class GroupedExperts(nn.Module):
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
 
     def forward(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        if self._use_fused(x_SD):
+            return cpu_experts.FusedSwiGLUExperts.apply(
+                x_SD, self.w1_EDF, self.w3_EDF, self.w2_EFD, tokens_per_expert_E
+            )
         h_SF = F.silu(grouped_mm(x_SD, self.w1_EDF, tokens_per_expert_E, self.impl))
         h_SF = h_SF * grouped_mm(x_SD, self.w3_EDF, tokens_per_expert_E, self.impl)
         return grouped_mm(h_SF, self.w2_EFD, tokens_per_expert_E, self.impl)
+
+    def _use_fused(self, x_SD: torch.Tensor) -> bool:
+        if self.impl == "fused":
+            if not cpu_experts.fused_supported(x_SD):
+                raise ValueError(
+                    f"moe.grouped_mm=fused runs on CPU tensors (float32, bfloat16, float64), got {x_SD.device.type} "
+                    f"{x_SD.dtype}; allowed elsewhere: auto, grouped, loop"
+                )
+            return True
+        return self.impl == "auto" and cpu_experts.fused_supported(x_SD) and cpu_experts.fused_kernel_available()
 
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Fixed shapes: every expert computes its C slots (padding included) with one batched GEMM."""
