@@ -34,7 +34,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SHAPES = [(256, 512, 8), (256, 512, 32), (256, 512, 64), (512, 1024, 32)]  # (d_model, d_ff, E)
 
 
-def time_fwd_bwd(module_fn, x: torch.Tensor, iters: int, module: nn.Module, warmup: int = 2) -> float:
+def time_fwd_bwd(module_fn, x: torch.Tensor, iters: int, module: nn.Module, warmup: int = 3) -> float:
     """Median seconds of forward + backward (sum of squares of the output as the loss: no stride-0 grads).
 
     ``module``'s gradients are set to None before each iteration, outside the timing, as a training loop's
@@ -93,7 +93,7 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
         layer = MoELayer(d, f, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, grouped_mm=impl)).to(device)
         for p in layer.parameters():
             nn.init.normal_(p, std=0.02)
-        out.append((f"moetrain native {label}", layer, lambda x, m=layer: m(x.unsqueeze(0))[0][0]))
+        out.append((f"moetrain native {label}", layer, lambda x, m=layer: m(x.unsqueeze(0))[0].squeeze(0)))
 
     from deepspeed.moe.layer import MoE
 
@@ -112,14 +112,16 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
             top2_2nd_expert_sampling=False,
         ).to(device)
         ds.set_deepspeed_parallelism()
-        out.append((f"DeepSpeed MoE {label}", ds, lambda x, m=ds: m(x.unsqueeze(0))[0][0]))
+        out.append((f"DeepSpeed MoE {label}", ds, lambda x, m=ds: m(x.unsqueeze(0))[0].squeeze(0)))
 
     from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
 
     ours_on_ds = DeepSpeedMoELayer(d, f, MoEConfig(num_experts=E, top_k=k), ep_size=1, ep_rank=0).to(device)
     ours_on_ds.moe.set_deepspeed_parallelism()
     ours_on_ds.gate.reset_parameters(0.02, 0.02)
-    out.append(("moetrain deepspeed backend dropless", ours_on_ds, lambda x, m=ours_on_ds: m(x.unsqueeze(0))[0][0]))
+    out.append(
+        ("moetrain deepspeed backend dropless", ours_on_ds, lambda x, m=ours_on_ds: m(x.unsqueeze(0))[0].squeeze(0))
+    )
 
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -131,7 +133,7 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
 
     def mixtral(x, m=block):
         y = m(x.unsqueeze(0))
-        return (y[0] if isinstance(y, tuple) else y)[0]
+        return (y[0] if isinstance(y, tuple) else y).squeeze(0)
 
     out.append(("transformers Mixtral block", block, mixtral))
     return out
@@ -157,7 +159,7 @@ def bench_moe(args) -> str:
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {args.device}, cpu_malloc {args.cpu_malloc}; tokens={args.tokens}, "
-        f"fp32, forward+backward (gradients set to None before each), median of {args.iters} after 2 warm-up "
+        f"fp32, forward+backward (gradients set to None before each), median of {args.iters} after 3 warm-up "
         "iterations.",
         "",
         f"Command: `python launch/bench.py moe --tokens {args.tokens} --iters {args.iters} --threads {args.threads}"
@@ -228,7 +230,7 @@ def a2a_worker(args) -> None:
             nn.init.normal_(p, std=0.02)
         x = torch.randn(args.tokens, 256)
         dist.barrier()
-        t = time_fwd_bwd(lambda xi, m=layer: m(xi.unsqueeze(0))[0][0], x, args.iters, layer)
+        t = time_fwd_bwd(lambda xi, m=layer: m(xi.unsqueeze(0))[0].squeeze(0), x, args.iters, layer)
         t_max = torch.tensor([t])
         dist.all_reduce(t_max, op=dist.ReduceOp.MAX)
         base = base or float(t_max)

@@ -61,6 +61,8 @@ INVALID = [
     (["moe.padded=true", "parallel.ep_size=2"], "moe.padded=True", "allowed: false"),
     (["moe.backend=deepspeed", "moe.padded=true"], "moe.padded=True", "moe.backend=deepspeed"),
     (["moe.backend=deepspeed", "moe.grouped_mm=loop"], "moe.grouped_mm=loop", "allowed: auto"),
+    (["moe.grouped_mm=cuda"], "moe.grouped_mm=cuda", "allowed: auto, fused, grouped, loop"),
+    (["trainer.cpu_malloc=jemalloc"], "trainer.cpu_malloc=jemalloc", "allowed: cached, default"),
     (["data.hf_config=wikitext-2-raw-v1"], "data.hf_config=wikitext-2-raw-v1", "needs data.hf_name"),
     (["model.init_from=hf:/nonexistent"], "model.init_from=hf:/nonexistent", "has no config.json"),
     (["model.init_from=s3://bucket/m"], "model.init_from=s3://bucket/m", "allowed: hf:PATH"),

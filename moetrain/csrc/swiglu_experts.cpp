@@ -2,10 +2,11 @@
 //
 // Why this exists: with 32-64 experts each expert gets 64-128 rows. A loop of 2-thread GEMMs (what
 // torch._grouped_mm does on CPU) splits every small GEMM across both cores and runs the SwiGLU
-// elementwise ops as separate passes over (S, F) tensors that no longer sit in cache. Here each core takes
-// a contiguous run of experts holding about half the rows, runs their GEMMs single-threaded (a nested
-// at::parallel_for region runs inline, and MKL runs single-threaded inside it) and applies the
-// elementwise ops to one expert's (n, F) block while it is still in L2. All arithmetic is ATen's (MKL
+// elementwise ops as separate passes over (S, F) tensors that no longer sit in cache. Here the cores take
+// whole experts from a queue (largest first), run their GEMMs single-threaded (a nested at::parallel_for
+// region runs inline, and MKL runs single-threaded inside it) and apply the elementwise ops to one
+// expert's (n, F) block while it is still in L2. Every expert is computed by one core with the same ops,
+// so results do not depend on which core took it. All arithmetic is ATen's (MKL
 // GEMMs, vectorised silu / silu_backward); this file only decides the order and the core.
 //
 // Shape legend: S rows sorted by expert, D model dim, F expert hidden dim, E experts, n rows of one expert.
@@ -13,52 +14,83 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <numeric>
 #include <vector>
 
 namespace {
 
 struct Groups {
   std::vector<int64_t> start, count;
-  std::vector<int64_t> bounds;  // expert ranges per core: [bounds[p], bounds[p+1])
+  std::vector<int64_t> order;  // experts by descending rows: the longest first balances the cores (LPT)
 };
 
 Groups make_groups(const std::vector<int64_t>& counts) {
   Groups g;
-  const int64_t E = static_cast<int64_t>(counts.size());
   int64_t total = 0;
   for (auto c : counts) {
     g.start.push_back(total);
     g.count.push_back(c);
     total += c;
   }
-  // Contiguous runs of experts with about equal rows: an expert goes to the run its midpoint falls in.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E));
-  g.bounds.push_back(0);
-  int64_t e = 0;
-  for (int64_t p = 1; p < parts; ++p) {
-    while (e < E && (g.start[e] + counts[e] / 2) * parts < total * p) ++e;
-    g.bounds.push_back(e);
-  }
-  g.bounds.push_back(E);
+  g.order.resize(counts.size());
+  std::iota(g.order.begin(), g.order.end(), 0);
+  std::stable_sort(g.order.begin(), g.order.end(), [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
   return g;
 }
 
 // at::mm_out into a view (its out argument binds only to an lvalue).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
+// Runs fn(e) once for every expert. With several threads each core takes the next expert of the queue
+// (largest first) and runs it single-threaded; with one expert or one thread every GEMM gets all threads.
 template <typename Fn>
 void for_each_expert(const Groups& g, const Fn& fn) {
-  const int64_t parts = static_cast<int64_t>(g.bounds.size()) - 1;
-  auto run = [&](int64_t p0, int64_t p1) {
-    at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads start with it on
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t e = g.bounds[p]; e < g.bounds[p + 1]; ++e) fn(e);
-  };
-  if (parts == 1) {
-    run(0, 1);  // one run of experts: let each GEMM use every thread
-  } else {
-    at::parallel_for(0, parts, 1, run);
+  const int64_t E = static_cast<int64_t>(g.order.size());
+  const int64_t cores = std::min<int64_t>(at::get_num_threads(), E);
+  if (cores <= 1) {
+    for (auto e : g.order) fn(e);
+    return;
   }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, cores, 1, [&](int64_t, int64_t) {
+    at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads start with it on
+    for (int64_t i = next++; i < E; i = next++) fn(g.order[i]);
+  });
+}
+
+// One pass over an expert's (n, F) block for float / double: from h1, h3, dg = dL/dg and s = sigmoid(h1)
+// (computed by ATen, vectorised) it writes g = silu(h1) h3 (for dW2), dh1 = dg h3 s (1 + h1 (1 - s)) over
+// dg, and dh3 = dg silu(h1) over s. Plain arithmetic: the compiler vectorises the loop.
+template <typename T>
+void swiglu_grad_loop(const T* __restrict h1, const T* __restrict h3, T* __restrict dg_dh1, T* __restrict s_dh3,
+                      T* __restrict g, int64_t size) {
+  for (int64_t i = 0; i < size; ++i) {
+    const T x = h1[i], u = h3[i], d = dg_dh1[i], s = s_dh3[i];
+    const T a = x * s;
+    g[i] = a * u;
+    s_dh3[i] = d * a;
+    dg_dh1[i] = d * u * s * (T(1) + x * (T(1) - s));
+  }
+}
+
+// (g, dh1, dh3) of one expert block; dg must be a fresh contiguous tensor (it is overwritten by dh1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_grad_block(const at::Tensor& h1, const at::Tensor& h3,
+                                                                 at::Tensor& dg) {
+  if (h1.scalar_type() == at::kFloat || h1.scalar_type() == at::kDouble) {
+    TORCH_CHECK(h1.is_contiguous() && h3.is_contiguous() && dg.is_contiguous(), "swiglu_grad_block: contiguous blocks");
+    auto s = at::sigmoid(h1);
+    auto g = at::empty_like(h1);
+    AT_DISPATCH_FLOATING_TYPES(h1.scalar_type(), "swiglu_grad_block", [&] {
+      swiglu_grad_loop<scalar_t>(h1.const_data_ptr<scalar_t>(), h3.const_data_ptr<scalar_t>(),
+                                 dg.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), h1.numel());
+    });
+    return {g, dg, s};
+  }
+  auto a = at::silu(h1);  // other dtypes (bfloat16): ATen ops, each its own pass
+  auto g = a * h3;
+  auto dh1 = at::silu_backward(dg * h3, h1);
+  return {g, dh1, a.mul_(dg)};
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
@@ -117,10 +149,8 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& dy, const at::Tensor& 
     auto h1_e = h1.narrow(0, s, n), h3_e = h3.narrow(0, s, n);
     auto w1_e = w1.select(0, e), w3_e = w3.select(0, e), w2_e = w2.select(0, e);
     auto dg_e = at::mm(dy_e, w2_e.t());
-    auto a_e = at::silu(h1_e);
-    if (need_w2) mm_into(dw2.select(0, e), (a_e * h3_e).t(), dy_e);
-    auto dh1_e = at::silu_backward(dg_e * h3_e, h1_e);
-    auto dh3_e = a_e.mul_(dg_e);
+    auto [g_e, dh1_e, dh3_e] = swiglu_grad_block(h1_e, h3_e, dg_e);
+    if (need_w2) mm_into(dw2.select(0, e), g_e.t(), dy_e);
     if (need_w1) mm_into(dw1.select(0, e), x_e.t(), dh1_e);
     if (need_w3) mm_into(dw3.select(0, e), x_e.t(), dh3_e);
     if (need_x) {
