@@ -6,8 +6,8 @@
 // whole experts from a queue (largest first), run their GEMMs single-threaded (a nested at::parallel_for
 // region runs inline, and MKL runs single-threaded inside it) and apply the elementwise ops to one
 // expert's (n, F) block while it is still in L2. Every expert is computed by one core with the same ops,
-// so results do not depend on which core took it. All arithmetic is ATen's (MKL
-// GEMMs, vectorised silu / silu_backward); this file only decides the order and the core.
+// so results do not depend on which core took it. The GEMMs (MKL), silu and sigmoid are ATen's; the only
+// arithmetic written here is the one-pass SwiGLU gradient of swiglu_grad_loop.
 //
 // Shape legend: S rows sorted by expert, D model dim, F expert hidden dim, E experts, n rows of one expert.
 #include <torch/extension.h>
