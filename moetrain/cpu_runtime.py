@@ -5,9 +5,11 @@ Why the allocator: glibc serves every allocation above its mmap threshold (at mo
 kernel again on every step. PyTorch has no caching allocator on CPU, and an MoE layer allocates large
 tensors every step (the (E, D, F) expert weight gradients are 32 MiB each at E = 64, D = 256, F = 512).
 Measured on the 2-core machine (forward + backward of that layer, top-1, 4096 tokens): 76 ms with glibc's
-defaults, 66 ms cached; no difference at E = 8, whose blocks stay under the threshold (docs/benchmarks.md). ``cached`` turns mmap off (``M_MMAP_MAX = 0``) and raises the trim threshold,
-so freed blocks stay in the heap and are reused: the CUDA caching allocator's trade, more resident memory
-(up to the step's peak) for no page faults. ``trainer.cpu_malloc=default`` leaves glibc as it is.
+defaults, 66 ms cached; no difference at E = 8, whose blocks stay under the threshold (docs/benchmarks.md).
+
+``cached`` turns mmap off (``M_MMAP_MAX = 0``) and raises the trim threshold, so freed blocks stay in the
+heap and are reused: the CUDA caching allocator's trade, more resident memory (up to the step's peak) for
+no page faults. ``trainer.cpu_malloc=default`` leaves glibc as it is.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from moetrain.config import DataConfig, ModelConfig, MoEConfig
 from moetrain.expert_surgery import base_parameter, full_expert_stacks, routing_core
@@ -80,13 +79,14 @@ def validation_loss(
 ) -> float:
     """Mean next-token cross-entropy over the validation batches a ``dp_size``-rank run evaluates."""
     from moetrain.data import DataPipeline, default_cache_dir, tokenize_splits
+    from moetrain.evaluation import cross_entropy_sums
 
     splits = tokenize_splits(data, Path(data.cache_dir) if data.cache_dir else default_cache_dir())
-    total, count = 0.0, 0
-    for rank in range(dp_size):
-        pipe = DataPipeline(splits, seq_len, micro_batch, rank, dp_size, seed)
-        for inputs, labels in pipe.val_batches(eval_batches):
-            logits = model(inputs).logits_BSV
-            total += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
-            count += labels.numel()
-    return total / count
+    device = next(model.parameters()).device
+    totals = sum(
+        cross_entropy_sums(
+            model, DataPipeline(splits, seq_len, micro_batch, rank, dp_size, seed).val_batches(eval_batches), device
+        )
+        for rank in range(dp_size)
+    )
+    return float(totals[0] / totals[1])

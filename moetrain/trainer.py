@@ -23,6 +23,7 @@ from moetrain.data import DataPipeline, default_cache_dir, tokenize_splits
 from moetrain.distill import Distiller
 from moetrain.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
 from moetrain.engine import build_engine, build_model_for_engine, prepare_model_for_engine, set_schedule_step
+from moetrain.evaluation import cross_entropy_sums
 from moetrain.lora import LoRAAdapters, LoRAStageHook
 from moetrain.model import ModelOutput
 from moetrain.pruning import PruneHook
@@ -352,14 +353,8 @@ class Trainer:
     def validate(self) -> float:
         """Mean next-token cross-entropy (nats) over the fixed validation batches of all ranks."""
         self.engine.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
-        for inputs, labels in self.data.val_batches(self.cfg.trainer.eval_batches):
-            out = self.engine(inputs.to(self.engine.device))
-            ce = F.cross_entropy(
-                out.logits_BSV.float().flatten(0, 1), labels.to(self.engine.device).flatten(), reduction="sum"
-            )
-            totals += torch.tensor([ce.item(), labels.numel()], dtype=torch.float64)
-        totals = all_reduce_sum(totals)
+        batches = self.data.val_batches(self.cfg.trainer.eval_batches)
+        totals = all_reduce_sum(cross_entropy_sums(self.engine, batches, self.engine.device))
         self.last_val_loss = float(totals[0] / totals[1])
         return self.last_val_loss
 

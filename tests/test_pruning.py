@@ -166,8 +166,11 @@ def test_top1_prune_two_ranks_exports_reloads_and_resumes(tmp_path):
         assert not shm_buffer_paths("127.0.0.1", str(port))  # every rank released DeepSpeed's shared memory
         return proc
 
+    reference = tmp_path / "reference"  # logging.baseline_run: the report's first quality row reads its summary
+    reference.mkdir()
+    (reference / "summary.json").write_text(json.dumps({"step": 777, "val_loss": 1.2345, "params": 4321}))
     full = tmp_path / "full"
-    launch(full)
+    launch(full, f"logging.baseline_run={reference}")
     s = json.loads((full / "summary.json").read_text())
     rounds = s["prune_rounds"]
     assert [r["outcome"] for r in rounds] == ["kept", "kept"]
@@ -178,6 +181,8 @@ def test_top1_prune_two_ranks_exports_reloads_and_resumes(tmp_path):
     assert "train/distill_kl" in read_metrics(full)[45]  # distillation runs after the first round
     report = (full / "report.md").read_text()
     assert "Quality" in report and "prune round 1" in report and (full / "pruning.png").is_file()
+    assert "| baseline: reference, 777 steps | 1.2345 | 3.437 | - | reference at equal total steps | 4,321 |" in report
+    assert f"| end of stage recover (step {s['step']}) | {s['val_loss']:.4f} |" in report
 
     model, model_cfg, moe_cfg = load_exported(full / "export")
     assert [layer.num_experts for layer in model.moe_layers()] == s["experts_per_layer"]
