@@ -8,8 +8,9 @@ Measured on the 2-core machine (forward + backward of that layer, top-1, 4096 to
 defaults, 66 ms cached; no difference at E = 8, whose blocks stay under the threshold (docs/benchmarks.md).
 
 ``cached`` turns mmap off (``M_MMAP_MAX = 0``) and raises the trim threshold, so freed blocks stay in the
-heap and are reused: the CUDA caching allocator's trade, more resident memory (up to the step's peak) for
-no page faults. ``trainer.cpu_malloc=default`` leaves glibc as it is.
+heap and are reused: the CUDA caching allocator's trade, more resident memory for no page faults (the heap
+keeps up to 2 GiB of free memory after its peak, e.g. after a validation or a checkpoint load, per rank).
+``trainer.cpu_malloc=default`` leaves glibc as it is.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def cache_freed_memory() -> bool:
         log.info("trainer.cpu_malloc=cached: no glibc mallopt here; the allocator is left as it is")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    no_mmap = mallopt(_M_MMAP_MAX, 0) == 1  # mallopt returns 1 on success
+    keep_free = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+    if not (no_mmap and keep_free):
+        log.warning("trainer.cpu_malloc=cached: mallopt refused (mmap off: %s, trim threshold: %s)", no_mmap, keep_free)
+    return no_mmap and keep_free
 
 
 def configure(num_threads: int | None, local_world_size: int, cpu_malloc: str) -> None:

@@ -25,7 +25,7 @@ from moetrain.distributed import all_reduce_sum, barrier, broadcast_object, init
 from moetrain.engine import build_engine, build_model_for_engine, prepare_model_for_engine, set_schedule_step
 from moetrain.evaluation import cross_entropy_sums
 from moetrain.lora import LoRAAdapters, LoRAStageHook
-from moetrain.model import ModelOutput
+from moetrain.model import ModelOutput, cpu_experts
 from moetrain.pruning import PruneHook
 from moetrain.routing_metrics import RoutingMetrics
 from moetrain.stage_runner import StageRunner
@@ -82,6 +82,8 @@ class Trainer:
         t = cfg.trainer
         if not torch.cuda.is_available():
             cpu_runtime.configure(t.num_threads, self.env.local_world_size, t.cpu_malloc)
+            if cfg.moe.backend == "native" and cfg.moe.grouped_mm in ("auto", "fused"):
+                cpu_experts.build_before_training(self.env.local_rank, barrier)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
 
         # a checkpoint of a pruned or adapted model is resumed into the same structure: rebuild it first

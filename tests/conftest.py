@@ -23,7 +23,7 @@ BIN = Path(sys.executable).parent
 # used by the tests in this process and by every launched rank: two checkouts (venvs) never rebuild each
 # other's ops or wait on each other's build lock.
 EXTENSIONS_DIR = ROOT / ".pytest_cache" / "torch_extensions"
-os.environ["TORCH_EXTENSIONS_DIR"] = str(EXTENSIONS_DIR)
+EXTENSIONS_DIR = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR)))
 
 register_configs()
 

@@ -51,6 +51,8 @@ def test_fused_gradcheck_fp64(counts, threads):
     assert torch.autograd.gradcheck(
         lambda *a: cpu_experts.FusedSwiGLUExperts.apply(*a, count_E), (x, w1, w3, w2), eps=1e-6, atol=1e-5
     )
+    if threads == 2 and len(counts) == 8:  # this case takes the experts-across-cores path at 2 threads
+        assert 2 * max(counts) <= sum(counts) and len(counts) >= 4
 
 
 @pytest.mark.parametrize("counts", COUNTS, ids=lambda c: f"E{len(c)}")
@@ -71,19 +73,58 @@ def test_expert_paths_equal_naive_loop(counts, impl, threads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
-def test_frozen_experts_get_no_weight_gradient(threads):
-    """LoRA stages freeze the experts: the backward skips their weight GEMMs but the input gradient is exact."""
+def random_experts(counts, dtype=torch.float32):
+    E = len(counts)
+    x = torch.randn(sum(counts), D, dtype=dtype)
+    w1, w3 = (0.3 * torch.randn(E, D, FF, dtype=dtype) for _ in range(2))
+    return x, w1, w3, 0.3 * torch.randn(E, FF, D, dtype=dtype)
+
+
+def test_frozen_experts_skip_their_weight_gemms(threads):
+    """LoRA stages freeze the experts: no weight gradient is computed, the input gradient is exact."""
     counts = COUNTS[0]
-    experts = GroupedExperts(len(counts), D, FF, "fused")
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-        p.requires_grad_(False)
-    x = torch.randn(sum(counts), D, requires_grad=True)
-    experts(x, torch.tensor(counts)).square().sum().backward()
-    assert all(p.grad is None for p in experts.parameters())
-    x_ref = x.detach().clone().requires_grad_(True)
-    naive_experts(x_ref, *experts.parameters(), counts).square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    x, w1, w3, w2 = random_experts(counts)
+    kernel = cpu_experts._build()
+    _, h1, h3 = kernel.swiglu_forward(x, w1, w3, w2, counts)
+    dy = torch.randn(sum(counts), D)
+    dx, dw1, dw3, dw2 = kernel.swiglu_backward(dy, x, w1, w3, w2, h1, h3, counts, True, False, False, False)
+    assert dw1 is None and dw3 is None and dw2 is None
+    x_ref = x.clone().requires_grad_(True)
+    (dx_ref,) = torch.autograd.grad(naive_experts(x_ref, w1, w3, w2, counts), x_ref, dy)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_weights_bf16_and_inference_mode(threads):
+    """Weights as transposed views (what a parametrisation such as peft's can hand over), bfloat16, and a
+    forward under torch.inference_mode (worker threads must run in the caller's mode)."""
+    counts = COUNTS[0]
+    x, w1, w3, w2 = random_experts(counts)
+    w1_strided = w1.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not w1_strided.is_contiguous()
+    count_E = torch.tensor(counts)
+    ref = naive_experts(x, w1, w3, w2, counts)
+    torch.testing.assert_close(cpu_experts.FusedSwiGLUExperts.apply(x, w1_strided, w3, w2, count_E), ref)
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_experts.FusedSwiGLUExperts.apply(x, w1, w3, w2, count_E), ref)
+    bf16 = [t.to(torch.bfloat16).requires_grad_(True) for t in (x, w1, w3, w2)]
+    y = cpu_experts.FusedSwiGLUExperts.apply(*bf16, count_E)
+    grads = torch.autograd.grad(y, bf16, torch.ones_like(y))
+    ref32 = [t.detach().float().requires_grad_(True) for t in bf16]
+    y32 = naive_experts(*ref32, counts)
+    grads32 = torch.autograd.grad(y32, ref32, torch.ones_like(y32))
+    torch.testing.assert_close(y.float(), y32, rtol=2e-2, atol=2e-2)
+    for g, r in zip(grads, grads32):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), r, rtol=5e-2, atol=5e-2)
+
+
+def test_double_backward_is_refused():
+    counts = COUNTS[0]
+    x, w1, w3, w2 = (t.requires_grad_(True) for t in random_experts(counts))
+    y = cpu_experts.FusedSwiGLUExperts.apply(x, w1, w3, w2, torch.tensor(counts))
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
 
 
 def test_auto_picks_the_kernel_on_cpu_and_fused_elsewhere_is_an_error():

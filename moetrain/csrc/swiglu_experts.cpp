@@ -12,6 +12,7 @@
 // Shape legend: S rows sorted by expert, D model dim, F expert hidden dim, E experts, n rows of one expert.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <atomic>
@@ -42,19 +43,28 @@ Groups make_groups(const std::vector<int64_t>& counts) {
 // at::mm_out into a view (its out argument binds only to an lvalue).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
-// Runs fn(e) once for every expert. With several threads each core takes the next expert of the queue
-// (largest first) and runs it single-threaded; with one expert or one thread every GEMM gets all threads.
+// Runs fn(e) once for every expert. When there are enough experts for the threads (E >= 2 x threads) and
+// none holds more than a thread's share of the rows, each core takes the next expert of the queue (largest
+// first) and runs it single-threaded. Otherwise (few experts for many threads, one dominant expert, one
+// thread) the experts run one after another and every GEMM gets all threads, as torch._grouped_mm would.
 template <typename Fn>
 void for_each_expert(const Groups& g, const Fn& fn) {
   const int64_t E = static_cast<int64_t>(g.order.size());
-  const int64_t cores = std::min<int64_t>(at::get_num_threads(), E);
-  if (cores <= 1) {
+  const int64_t threads = at::get_num_threads();
+  int64_t total = 0, largest = 0;
+  for (auto c : g.count) {
+    total += c;
+    largest = std::max(largest, c);
+  }
+  if (threads <= 1 || E < 2 * threads || largest * threads > total) {
     for (auto e : g.order) fn(e);
     return;
   }
+  // Worker threads do not inherit the caller's thread-local state (grad mode, inference mode, autocast).
+  const at::ThreadLocalState caller_state;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, cores, 1, [&](int64_t, int64_t) {
-    at::NoGradGuard no_grad;  // grad mode is thread-local: worker threads start with it on
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard same_state(caller_state);
     for (int64_t i = next++; i < E; i = next++) fn(g.order[i]);
   });
 }
@@ -79,13 +89,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_grad_block(const at::Tenso
                                                                  at::Tensor& dg) {
   if (h1.scalar_type() == at::kFloat || h1.scalar_type() == at::kDouble) {
     TORCH_CHECK(h1.is_contiguous() && h3.is_contiguous() && dg.is_contiguous(), "swiglu_grad_block: contiguous blocks");
-    auto s = at::sigmoid(h1);
+    auto dh3 = at::sigmoid(h1);  // holds s until the loop overwrites it with dh3
+    auto dh1 = dg;                 // holds dg until the loop overwrites it with dh1
     auto g = at::empty_like(h1);
     AT_DISPATCH_FLOATING_TYPES(h1.scalar_type(), "swiglu_grad_block", [&] {
       swiglu_grad_loop<scalar_t>(h1.const_data_ptr<scalar_t>(), h3.const_data_ptr<scalar_t>(),
-                                 dg.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), h1.numel());
+                                 dh1.data_ptr<scalar_t>(), dh3.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), h1.numel());
     });
-    return {g, dg, s};
+    return {g, dh1, dh3};
   }
   auto a = at::silu(h1);  // other dtypes (bfloat16): ATen ops, each its own pass
   auto g = a * h3;
@@ -97,7 +108,14 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w
                   const std::vector<int64_t>& counts) {
   TORCH_CHECK(x.device().is_cpu(), "swiglu_experts: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w3.dim() == 3 && w2.dim() == 3, "swiglu_experts: x (S, D), w (E, ., .)");
-  TORCH_CHECK(w1.size(0) == static_cast<int64_t>(counts.size()), "swiglu_experts: one count per expert");
+  for (const auto* w : {&w1, &w3, &w2})
+    TORCH_CHECK(w->scalar_type() == x.scalar_type() && w->device() == x.device(),
+                "swiglu_experts: weights must have x's dtype and device");
+  const int64_t E = w1.size(0), D = x.size(1), F = w1.size(2);
+  TORCH_CHECK(w1.sizes() == at::IntArrayRef({E, D, F}) && w3.sizes() == w1.sizes() &&
+                  w2.sizes() == at::IntArrayRef({E, F, D}),
+              "swiglu_experts: w1, w3 (E, D, F) and w2 (E, F, D) with x (S, D)");
+  TORCH_CHECK(E == static_cast<int64_t>(counts.size()), "swiglu_experts: one count per expert");
   int64_t total = 0;
   for (auto c : counts) total += c;
   TORCH_CHECK(total == x.size(0), "swiglu_experts: counts sum to ", total, " but x has ", x.size(0), " rows");

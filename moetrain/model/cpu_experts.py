@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.autograd.function import once_differentiable
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "swiglu_experts.cpp"
@@ -23,8 +26,11 @@ SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "swiglu_experts.cpp"
 
 @functools.cache
 def _build() -> ModuleType:
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import get_default_build_root, load
 
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    # the build runs under a lock file there; a build killed midway leaves it behind and the next one waits
+    log.info("loading the CPU expert kernel (built once, ~20 s) from %s; a stale 'lock' there blocks this", root)
     return load(
         name="moetrain_swiglu_experts",
         sources=[str(SOURCE)],
@@ -45,6 +51,15 @@ def fused_kernel_available() -> bool:
         return False
 
 
+def build_before_training(local_rank: int, barrier: Callable[[], None]) -> None:
+    """Build (or load) the kernel at start-up rather than inside the first forward: each node's first rank
+    builds while the others wait at the barrier, so the build, or a stale lock, shows in the log at start."""
+    if local_rank == 0:
+        fused_kernel_available()
+    barrier()
+    fused_kernel_available()
+
+
 def fused_supported(x_SD: torch.Tensor) -> bool:
     return x_SD.device.type == "cpu" and x_SD.dtype in (torch.float32, torch.bfloat16, torch.float64)
 
@@ -56,22 +71,21 @@ class FusedSwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD, w1_EDF, w3_EDF, w2_EFD, tokens_per_expert_E):
         counts = tokens_per_expert_E.tolist()
-        y_SD, h1_SF, h3_SF = _build().swiglu_forward(x_SD.contiguous(), w1_EDF, w3_EDF, w2_EFD, counts)
-        ctx.save_for_backward(x_SD, w1_EDF, w3_EDF, w2_EFD, h1_SF, h3_SF)
+        x_SD = x_SD.contiguous()
+        y_SD, h1_SF, h3_SF = _build().swiglu_forward(x_SD, w1_EDF, w3_EDF, w2_EFD, counts)
+        # x only feeds the w1 / w3 gradients: frozen experts (a LoRA stage) need not keep it
+        keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        ctx.save_for_backward(x_SD if keep_x else None, w1_EDF, w3_EDF, w2_EFD, h1_SF, h3_SF)
         ctx.counts = counts
         return y_SD
 
     @staticmethod
+    @once_differentiable  # the backward runs outside autograd: no double backward through it
     def backward(ctx, dy_SD):
         x_SD, w1_EDF, w3_EDF, w2_EFD, h1_SF, h3_SF = ctx.saved_tensors
-        need = ctx.needs_input_grad[:4]
+        if x_SD is None:  # not read by the kernel when neither w1 nor w3 needs a gradient
+            x_SD = h1_SF.new_empty(h1_SF.shape[0], w1_EDF.shape[1])
         dx, dw1, dw3, dw2 = _build().swiglu_backward(
-            dy_SD.contiguous(), x_SD.contiguous(), w1_EDF, w3_EDF, w2_EFD, h1_SF, h3_SF, ctx.counts, *need
+            dy_SD.contiguous(), x_SD, w1_EDF, w3_EDF, w2_EFD, h1_SF, h3_SF, ctx.counts, *ctx.needs_input_grad[:4]
         )
-        return (
-            dx if need[0] else None,
-            dw1 if need[1] else None,
-            dw3 if need[2] else None,
-            dw2 if need[3] else None,
-            None,
-        )
+        return dx, dw1, dw3, dw2, None  # the kernel returns None for every gradient not asked for
