@@ -1,12 +1,16 @@
 """Benchmarks; results go to docs/benchmarks.md (each section replaced in place).
 
-    python launch/bench.py moe   [--tokens 4096] [--iters 5] [--threads 2] [--device cpu]
+    python launch/bench.py moe   [--tokens 4096] [--iters 5] [--threads 2] [--device cpu] [--cpu-malloc cached]
     python launch/bench.py a2a   [--tokens 4096] [--iters 5]     (spawns 2 ranks with torchrun)
+
+``--cpu-malloc cached`` (the default) sets glibc's allocator as the trainer does on CPU
+(``trainer.cpu_malloc``, moetrain/cpu_runtime.py); ``default`` leaves it alone.
 
 ``moe``: forward + backward of one MoE layer (fp32) against a dense-GEMM bound doing the same expert FLOPs
 (tokens * k rows through one SwiGLU FFN of the same width), for moetrain native, moetrain's deepspeed
 backend (DeepSpeed's layer with our router), DeepSpeed's stock ``deepspeed.moe.layer.MoE`` and
-transformers' ``MixtralSparseMoeBlock``.
+transformers' ``MixtralSparseMoeBlock``; on CPU also native on ``torch._grouped_mm`` instead of the CPU
+expert kernel, to show what the kernel buys.
 ``a2a``: the expert-parallel layer with 2 ranks, ``moe.a2a_chunks`` 1 vs 2 vs 4.
 """
 
