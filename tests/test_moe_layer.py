@@ -286,16 +286,3 @@ def test_router_gets_task_gradient_after_switch_to_top1():
     renormed = routing.gates_TK / routing.gates_TK.sum(-1, keepdim=True)
     (renormed * torch.randn_like(renormed)).sum().backward()
     assert float(layer.router.weight_ED.grad.norm()) < 1e-6 * grad_top1
-
-
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_top_k_indices_equal_torch_topk_best_first(k):
-    from moetrain.model.router import top_k_indices
-
-    torch.manual_seed(0)
-    selection = torch.randn(500, E)
-    selection[:, 2] = float("-inf")  # a masked expert is never selected
-    selection[::7, 5] = float("-inf")
-    ours = top_k_indices(selection, k)
-    assert torch.equal(ours, torch.topk(selection, k, dim=-1).indices)
-    assert not (ours == 2).any()
