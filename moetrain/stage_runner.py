@@ -49,14 +49,14 @@ class StageRunner:
         d_model: int,
         d_ff: int,
         is_main: bool,
+        num_experts: int,
         hooks: list[StageHook] | None = None,
-        num_experts: int | None = None,
     ) -> None:
-        """``num_experts``: width of the routing tables (the unpruned expert count); default: the first layer's."""
+        """``num_experts``: width of the routing tables (the unpruned expert count)."""
         self.schedule = schedule
         self.is_main = is_main
         self.moe_layers = moe_layers
-        self.E = num_experts if num_experts is not None else (moe_layers[0].num_experts if moe_layers else 0)
+        self.E = num_experts
         self.d_model, self.d_ff = d_model, d_ff
         self.hooks = hooks or []
         self.stage_routing = RoutingMetrics(len(moe_layers), self.E)

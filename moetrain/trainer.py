@@ -82,8 +82,7 @@ class Trainer:
         t = cfg.trainer
         if not torch.cuda.is_available():
             cpu_runtime.configure(t.num_threads, self.env.local_world_size, t.cpu_malloc)
-            if cfg.moe.backend == "native" and cfg.moe.grouped_mm in ("auto", "fused"):
-                cpu_experts.build_before_training(self.env.local_rank, barrier)
+            cpu_experts.build_before_training(cfg.moe, self.env.local_rank, barrier)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
 
         # a checkpoint of a pruned or adapted model is resumed into the same structure: rebuild it first
@@ -120,8 +119,8 @@ class Trainer:
             cfg.model.d_model,
             cfg.model.d_ff,
             self.env.is_main,
-            hooks=[self.pruner, LoRAStageHook()],
             num_experts=cfg.moe.num_experts,
+            hooks=[self.pruner, LoRAStageHook()],
         )
         self.step = 0
         self._assemble(expert_shards)

@@ -22,8 +22,7 @@ BIN = Path(sys.executable).parent
 # JIT-built C++ ops (DeepSpeed's CPU comm op, moetrain's CPU expert kernel) go to one folder per checkout,
 # used by the tests in this process and by every launched rank: two checkouts (venvs) never rebuild each
 # other's ops or wait on each other's build lock.
-EXTENSIONS_DIR = ROOT / ".pytest_cache" / "torch_extensions"
-EXTENSIONS_DIR = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR)))
+EXTENSIONS_DIR = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".pytest_cache" / "torch_extensions")))
 
 register_configs()
 

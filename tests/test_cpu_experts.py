@@ -6,9 +6,11 @@ single-run path (every GEMM multi-threaded) and the split of experts across core
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
-import torch.nn.functional as F
+from moe_reference import swiglu
 
 from moetrain.config import MoEConfig
 from moetrain.model import cpu_experts
@@ -28,13 +30,9 @@ def threads(request):
 
 
 def naive_experts(x_SD, w1_EDF, w3_EDF, w2_EFD, counts):
-    """Independent reference: one expert at a time through autograd."""
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        x_e = x_SD[start : start + n]
-        outs.append((F.silu(x_e @ w1_EDF[e]) * (x_e @ w3_EDF[e])) @ w2_EFD[e])
-        start += n
-    return torch.cat(outs)
+    """Independent reference: one expert at a time through autograd (moe_reference's SwiGLU)."""
+    rows = torch.split(x_SD, counts)
+    return torch.cat([swiglu(x_e, w1_EDF[e], w3_EDF[e], w2_EFD[e]) for e, x_e in enumerate(rows)])
 
 
 def test_kernel_builds_here():
@@ -135,3 +133,35 @@ def test_auto_picks_the_kernel_on_cpu_and_fused_elsewhere_is_an_error():
     fused = GroupedExperts(4, D, FF, "fused")
     with pytest.raises(ValueError, match="moe.grouped_mm=fused runs on CPU tensors"):
         fused._use_fused(x.to(torch.float16))
+
+
+def test_auto_falls_back_with_a_warning_when_the_kernel_cannot_build(monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    counts = COUNTS[0]
+    monkeypatch.setattr(cpu_experts, "_build", no_compiler)
+    cpu_experts.fused_kernel_available.cache_clear()
+    try:
+        experts = GroupedExperts(len(counts), D, FF, "auto")
+        for p in experts.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        x = torch.randn(sum(counts), D)
+        with caplog.at_level(logging.WARNING, logger=cpu_experts.__name__):
+            y = experts(x, torch.tensor(counts))
+        assert "did not build (no C++ compiler)" in caplog.text
+        with torch.no_grad():
+            torch.testing.assert_close(y, naive_experts(x, *experts.parameters(), counts), rtol=1e-5, atol=1e-5)
+    finally:
+        cpu_experts.fused_kernel_available.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("backend", "impl", "builds"),
+    [("native", "auto", True), ("native", "fused", True), ("native", "grouped", False), ("deepspeed", "auto", False)],
+)
+def test_build_before_training_only_where_the_kernel_may_run(monkeypatch, backend, impl, builds):
+    calls = []
+    monkeypatch.setattr(cpu_experts, "fused_kernel_available", lambda: calls.append("build") or True)
+    cpu_experts.build_before_training(MoEConfig(backend=backend, grouped_mm=impl), 0, lambda: calls.append("barrier"))
+    assert calls == (["build", "barrier", "build"] if builds else [])

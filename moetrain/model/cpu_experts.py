@@ -20,6 +20,8 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from moetrain.config import MoEConfig
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "swiglu_experts.cpp"
 
@@ -51,9 +53,12 @@ def fused_kernel_available() -> bool:
         return False
 
 
-def build_before_training(local_rank: int, barrier: Callable[[], None]) -> None:
-    """Build (or load) the kernel at start-up rather than inside the first forward: each node's first rank
-    builds while the others wait at the barrier, so the build, or a stale lock, shows in the log at start."""
+def build_before_training(moe: MoEConfig, local_rank: int, barrier: Callable[[], None]) -> None:
+    """Build (or load) the kernel at start-up rather than inside the first forward when the run may use it
+    (native backend, ``moe.grouped_mm`` auto or fused): each node's first rank builds while the others wait
+    at the barrier, so the build, or a stale lock, shows in the log at start."""
+    if moe.backend != "native" or moe.grouped_mm not in ("auto", "fused"):
+        return
     if local_rank == 0:
         fused_kernel_available()
     barrier()
