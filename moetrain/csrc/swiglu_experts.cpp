@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <atomic>
@@ -104,8 +105,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_grad_block(const at::Tenso
   return {g, dh1, a.mul_(dg)};
 }
 
+// One expert's forward on its rows: h1 = x w1, h3 = x w3, y = (silu(h1) * h3) w2, into the given views.
+void expert_forward(const at::Tensor& x_e, const at::Tensor& w1_e, const at::Tensor& w3_e, const at::Tensor& w2_e,
+                    at::Tensor h1_e, at::Tensor h3_e, at::Tensor y_e) {
+  mm_into(h1_e, x_e, w1_e);
+  mm_into(h3_e, x_e, w3_e);
+  mm_into(y_e, at::silu(h1_e).mul_(h3_e), w2_e);
+}
+
+// num_rows: the rows the experts compute (x's rows, or the kept assignments when the kernel gathers them).
 void check_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
-                  const std::vector<int64_t>& counts) {
+                  const std::vector<int64_t>& counts, int64_t num_rows) {
   TORCH_CHECK(x.device().is_cpu(), "swiglu_experts: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && w1.dim() == 3 && w3.dim() == 3 && w2.dim() == 3, "swiglu_experts: x (S, D), w (E, ., .)");
   for (const auto* w : {&w1, &w3, &w2})
@@ -118,7 +128,130 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w
   TORCH_CHECK(E == static_cast<int64_t>(counts.size()), "swiglu_experts: one count per expert");
   int64_t total = 0;
   for (auto c : counts) total += c;
-  TORCH_CHECK(total == x.size(0), "swiglu_experts: counts sum to ", total, " but x has ", x.size(0), " rows");
+  TORCH_CHECK(total == num_rows, "swiglu_experts: counts sum to ", total, " but there are ", num_rows, " rows");
+}
+
+// Every expert's forward; x_rows(e, s, n) is expert e's (n, D) input, rows [s, s + n) of the S sorted rows.
+// Returns (y_SD, h1_SF, h3_SF).
+template <typename RowsFn>
+std::vector<at::Tensor> experts_forward(const std::vector<int64_t>& counts, const RowsFn& x_rows, int64_t S,
+                                        const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2) {
+  const auto g = make_groups(counts);
+  const int64_t F = w1.size(2), D = w2.size(2);
+  auto y = at::empty({S, D}, w1.options());
+  auto h1 = at::empty({S, F}, w1.options());
+  auto h3 = at::empty({S, F}, w1.options());
+  for_each_expert(g, [&](int64_t e) {
+    const int64_t s = g.start[e], n = g.count[e];
+    if (n == 0) return;
+    expert_forward(x_rows(e, s, n), w1.select(0, e), w3.select(0, e), w2.select(0, e), h1.narrow(0, s, n),
+                   h3.narrow(0, s, n), y.narrow(0, s, n));
+  });
+  return {y, h1, h3};
+}
+
+// One expert's backward from dy_e; writes the gradients that are defined (dx_e and the dw_e views).
+void expert_backward(const at::Tensor& dy_e, const at::Tensor& x_e, const at::Tensor& w1_e, const at::Tensor& w3_e,
+                     const at::Tensor& w2_e, const at::Tensor& h1_e, const at::Tensor& h3_e, at::Tensor dx_e,
+                     at::Tensor dw1_e, at::Tensor dw3_e, at::Tensor dw2_e) {
+  auto dg_e = at::mm(dy_e, w2_e.t());
+  auto [g_e, dh1_e, dh3_e] = swiglu_grad_block(h1_e, h3_e, dg_e);
+  if (dw2_e.defined()) mm_into(dw2_e, g_e.t(), dy_e);
+  if (dw1_e.defined()) mm_into(dw1_e, x_e.t(), dh1_e);
+  if (dw3_e.defined()) mm_into(dw3_e, x_e.t(), dh3_e);
+  if (dx_e.defined()) {
+    mm_into(dx_e, dh1_e, w1_e.t());
+    dx_e.addmm_(dh3_e, w3_e.t());
+  }
+}
+
+at::Tensor select_if(const at::Tensor& t, int64_t e) { return t.defined() ? t.select(0, e) : at::Tensor(); }
+
+// An expert with no rows gets zero weight gradients.
+void zero_expert_grads(int64_t e, std::initializer_list<at::Tensor*> grads) {
+  for (auto* dw : grads)
+    if (dw->defined()) dw->select(0, e).zero_();
+}
+
+// pos[t * K + k]: the sorted row of assignment (t, k), -1 where it was dropped.
+at::Tensor sorted_positions(const at::Tensor& assignment_A, int64_t num_assignments) {
+  auto pos = at::full({num_assignments}, -1, assignment_A.options());
+  pos.index_put_({assignment_A}, at::arange(assignment_A.size(0), assignment_A.options()));
+  return pos;
+}
+
+// out[t] = sum_k w[t, k] * rows[pos[t, k]] over kept assignments (w = 1 without weights), in k order, summed in
+// the opmath type (float for bfloat16) and parallel over tokens: no two threads write one token.
+template <typename T, typename acc_t = at::opmath_type<T>>
+void combine_rows_loop(const T* rows, const acc_t* w, const int64_t* pos, T* out, int64_t num_tokens, int64_t K,
+                       int64_t D) {
+  at::parallel_for(0, num_tokens, 64, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t p = pos[t * K + k];
+        if (p < 0) continue;
+        const acc_t wk = w ? w[t * K + k] : acc_t(1);
+        const T* r = rows + p * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += wk * static_cast<acc_t>(r[d]);
+      }
+      T* o = out + t * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d]);
+    }
+  });
+}
+
+at::Tensor combine_rows(const at::Tensor& rows_AD, const at::Tensor& weights_TK, const at::Tensor& pos, int64_t T,
+                        int64_t K) {
+  const int64_t D = rows_AD.size(1);
+  auto out = at::empty({T, D}, rows_AD.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, rows_AD.scalar_type(), "combine_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* w = weights_TK.defined() ? weights_TK.const_data_ptr<acc_t>() : nullptr;
+    combine_rows_loop<scalar_t>(rows_AD.const_data_ptr<scalar_t>(), w, pos.const_data_ptr<int64_t>(),
+                                out.data_ptr<scalar_t>(), T, K, D);
+  });
+  return out;
+}
+
+// The rows one expert needs for its backward, in one pass over its assignments i (token t = token[i]):
+// dy[i] = gate[i] * dout[t], dgate[i] = <dout[t], y[i]>, x_rows[i] = x[t] (each only where its output is given). The
+// products and sums run in the opmath type (float for bfloat16, as the unfused combine's fp32 weighting).
+template <typename T, typename acc_t = at::opmath_type<T>>
+void backward_rows(const T* dout, const T* y, const T* x, const int64_t* token, const acc_t* gate, int64_t n,
+                   int64_t D, T* dy, T* x_rows, acc_t* dgate) {
+  constexpr int64_t kLanes = 16;  // independent partial sums, so the dot product vectorises
+  for (int64_t i = 0; i < n; ++i) {
+    const T* d_t = dout + token[i] * D;
+    const T* y_i = y + i * D;
+    const acc_t g = gate[i];
+    if (dgate) {
+      acc_t part[kLanes] = {};
+      int64_t d = 0;
+      for (; d + kLanes <= D; d += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) part[j] += static_cast<acc_t>(d_t[d + j]) * static_cast<acc_t>(y_i[d + j]);
+      for (; d < D; ++d) part[0] += static_cast<acc_t>(d_t[d]) * static_cast<acc_t>(y_i[d]);
+      acc_t dot = 0;
+      for (int64_t j = 0; j < kLanes; ++j) dot += part[j];
+      dgate[i] = dot;
+    }
+    if (dy) {
+      T* dy_i = dy + i * D;
+      for (int64_t d = 0; d < D; ++d) dy_i[d] = static_cast<T>(static_cast<acc_t>(d_t[d]) * g);
+    }
+    if (x_rows) std::copy(x + token[i] * D, x + (token[i] + 1) * D, x_rows + i * D);
+  }
+}
+
+void check_routing(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& assignment_A) {
+  // the gate weighting runs in fp32 or wider: float32 gates for float32 / bfloat16 x, float64 for float64
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(gates.dim() == 2 && gates.size(0) == x.size(0) && gates.is_contiguous() &&
+                  gates.scalar_type() == acc_type,
+              "moe_experts: gates (T, K), contiguous, float32 (float64 with float64 x), with x (T, D)");
+  TORCH_CHECK(assignment_A.dim() == 1 && assignment_A.scalar_type() == at::kLong && assignment_A.is_contiguous(),
+              "moe_experts: assignment_A is a contiguous int64 vector");
 }
 
 }  // namespace
@@ -126,22 +259,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w
 // Returns (y_SD, h1_SF, h3_SF); h1 = x w1 and h3 = x w3 are what the backward needs.
 std::vector<at::Tensor> swiglu_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
                                        const at::Tensor& w2, const std::vector<int64_t>& counts) {
-  check_inputs(x, w1, w3, w2, counts);
-  const auto g = make_groups(counts);
-  const int64_t S = x.size(0), F = w1.size(2), D = w2.size(2);
-  auto y = at::empty({S, D}, x.options());
-  auto h1 = at::empty({S, F}, x.options());
-  auto h3 = at::empty({S, F}, x.options());
-  for_each_expert(g, [&](int64_t e) {
-    const int64_t s = g.start[e], n = g.count[e];
-    if (n == 0) return;
-    auto x_e = x.narrow(0, s, n);
-    auto h1_e = h1.narrow(0, s, n), h3_e = h3.narrow(0, s, n), y_e = y.narrow(0, s, n);
-    mm_into(h1_e, x_e, w1.select(0, e));
-    mm_into(h3_e, x_e, w3.select(0, e));
-    mm_into(y_e, at::silu(h1_e).mul_(h3_e), w2.select(0, e));
-  });
-  return {y, h1, h3};
+  check_inputs(x, w1, w3, w2, counts, x.size(0));
+  return experts_forward(counts, [&](int64_t, int64_t s, int64_t n) { return x.narrow(0, s, n); }, x.size(0), w1, w3,
+                         w2);
 }
 
 // Returns (dx_SD, dw1_EDF, dw3_EDF, dw2_EFD); a gradient not asked for is an undefined tensor.
@@ -149,7 +269,7 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& dy, const at::Tensor& 
                                         const at::Tensor& w3, const at::Tensor& w2, const at::Tensor& h1,
                                         const at::Tensor& h3, const std::vector<int64_t>& counts, bool need_x,
                                         bool need_w1, bool need_w3, bool need_w2) {
-  check_inputs(x, w1, w3, w2, counts);
+  check_inputs(x, w1, w3, w2, counts, x.size(0));
   const auto g = make_groups(counts);
   at::Tensor dx, dw1, dw3, dw2;
   if (need_x) dx = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -158,29 +278,86 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& dy, const at::Tensor& 
   if (need_w2) dw2 = at::empty(w2.sizes(), w2.options());
   for_each_expert(g, [&](int64_t e) {
     const int64_t s = g.start[e], n = g.count[e];
-    if (n == 0) {
-      for (auto* dw : {&dw1, &dw3, &dw2})
-        if (dw->defined()) dw->select(0, e).zero_();
-      return;
-    }
-    auto x_e = x.narrow(0, s, n), dy_e = dy.narrow(0, s, n);
-    auto h1_e = h1.narrow(0, s, n), h3_e = h3.narrow(0, s, n);
-    auto w1_e = w1.select(0, e), w3_e = w3.select(0, e), w2_e = w2.select(0, e);
-    auto dg_e = at::mm(dy_e, w2_e.t());
-    auto [g_e, dh1_e, dh3_e] = swiglu_grad_block(h1_e, h3_e, dg_e);
-    if (need_w2) mm_into(dw2.select(0, e), g_e.t(), dy_e);
-    if (need_w1) mm_into(dw1.select(0, e), x_e.t(), dh1_e);
-    if (need_w3) mm_into(dw3.select(0, e), x_e.t(), dh3_e);
-    if (need_x) {
-      auto dx_e = dx.narrow(0, s, n);
-      mm_into(dx_e, dh1_e, w1_e.t());
-      dx_e.addmm_(dh3_e, w3_e.t());
-    }
+    if (n == 0) return zero_expert_grads(e, {&dw1, &dw3, &dw2});
+    expert_backward(dy.narrow(0, s, n), x.narrow(0, s, n), w1.select(0, e), w3.select(0, e), w2.select(0, e),
+                    h1.narrow(0, s, n), h3.narrow(0, s, n), need_x ? dx.narrow(0, s, n) : at::Tensor(),
+                    select_if(dw1, e), select_if(dw3, e), select_if(dw2, e));
   });
   return {dx, dw1, dw3, dw2};
+}
+
+// The whole token-level MoE FFN of one rank: each expert gathers its rows of x_TD (assignment a = t * K + k,
+// sorted by expert in assignment_A), runs its SwiGLU, and the outputs are combined per token with the gates:
+// out[t] = sum_k gates[t, k] * y[t, k]. Gather and combine happen on blocks in cache instead of as passes over
+// (A, D) tensors. Returns (out_TD, y_AD, h1_AF, h3_AF); y (unweighted, sorted) feeds the gate gradient.
+std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& w1,
+                                    const at::Tensor& w3, const at::Tensor& w2, const at::Tensor& assignment_A,
+                                    const std::vector<int64_t>& counts) {
+  check_routing(x, gates, assignment_A);
+  const int64_t T = x.size(0), K = gates.size(1), A = assignment_A.size(0);
+  check_inputs(x, w1, w3, w2, counts, A);
+  const auto token_A = at::floor_divide(assignment_A, K);
+  auto rows = [&](int64_t, int64_t s, int64_t n) { return x.index_select(0, token_A.narrow(0, s, n)); };
+  auto yh = experts_forward(counts, rows, A, w1, w3, w2);
+  const auto& y = yh[0];
+  return {combine_rows(y, gates, sorted_positions(assignment_A, T * K), T, K), y, yh[1], yh[2]};
+}
+
+// Backward of moe_forward from dout_TD. dgates[t, k] = <dout[t], y[t, k]> (0 where dropped); each expert's
+// dy rows are gates * dout[t]; dx[t] sums the expert input gradients of its kept assignments.
+// Returns (dx_TD, dgates_TK, dw1, dw3, dw2); a gradient not asked for is an undefined tensor.
+std::vector<at::Tensor> moe_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& gates,
+                                     const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
+                                     const at::Tensor& h1, const at::Tensor& h3, const at::Tensor& y,
+                                     const at::Tensor& assignment_A, const std::vector<int64_t>& counts, bool need_x,
+                                     bool need_gates, bool need_w1, bool need_w3, bool need_w2) {
+  check_routing(x, gates, assignment_A);
+  const int64_t T = x.size(0), D = x.size(1), K = gates.size(1), A = assignment_A.size(0);
+  TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type() && dout.is_contiguous() &&
+                  x.is_contiguous() && y.is_contiguous() && y.sizes() == at::IntArrayRef({A, D}) &&
+                  y.scalar_type() == x.scalar_type(),
+              "moe_backward: dout like x, y (A, D) of x's dtype, all contiguous");
+  const auto token_A = at::floor_divide(assignment_A, K);
+  const auto gate_A = gates.reshape(-1).index_select(0, assignment_A);
+  check_inputs(x, w1, w3, w2, counts, A);
+  const auto g = make_groups(counts);
+  at::Tensor dx_A, dgate_A, dw1, dw3, dw2;
+  if (need_x) dx_A = at::empty({A, D}, x.options());
+  if (need_gates) dgate_A = at::empty({A}, gates.options());
+  if (need_w1) dw1 = at::empty(w1.sizes(), w1.options());
+  if (need_w3) dw3 = at::empty(w3.sizes(), w3.options());
+  if (need_w2) dw2 = at::empty(w2.sizes(), w2.options());
+  const bool need_experts = need_x || need_w1 || need_w2 || need_w3;
+  for_each_expert(g, [&](int64_t e) {
+    const int64_t s = g.start[e], n = g.count[e];
+    if (n == 0) return zero_expert_grads(e, {&dw1, &dw3, &dw2});
+    const bool need_x_rows = need_w1 || need_w3;  // x feeds only the w1 / w3 gradients
+    auto dy_e = need_experts ? at::empty({n, D}, x.options()) : at::Tensor();
+    auto x_e = need_x_rows ? at::empty({n, D}, x.options()) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moe_backward_rows", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      backward_rows<scalar_t>(dout.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>() + s * D,
+                              x.const_data_ptr<scalar_t>(), token_A.const_data_ptr<int64_t>() + s,
+                              gate_A.const_data_ptr<acc_t>() + s, n, D,
+                              need_experts ? dy_e.data_ptr<scalar_t>() : nullptr,
+                              need_x_rows ? x_e.data_ptr<scalar_t>() : nullptr,
+                              need_gates ? dgate_A.data_ptr<acc_t>() + s : nullptr);
+    });
+    if (!need_experts) return;
+    expert_backward(dy_e, x_e, w1.select(0, e), w3.select(0, e), w2.select(0, e), h1.narrow(0, s, n),
+                    h3.narrow(0, s, n), need_x ? dx_A.narrow(0, s, n) : at::Tensor(), select_if(dw1, e),
+                    select_if(dw3, e), select_if(dw2, e));
+  });
+  const auto pos = sorted_positions(assignment_A, T * K);
+  at::Tensor dx, dgates;
+  if (need_x) dx = combine_rows(dx_A, at::Tensor(), pos, T, K);
+  if (need_gates) dgates = at::zeros({T * K}, gates.options()).index_put_({assignment_A}, dgate_A).view({T, K});
+  return {dx, dgates, dw1, dw3, dw2};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_forward", &swiglu_forward, "grouped SwiGLU experts, forward (CPU)");
   m.def("swiglu_backward", &swiglu_backward, "grouped SwiGLU experts, backward (CPU)");
+  m.def("moe_forward", &moe_forward, "gather, SwiGLU experts and gate-weighted combine per token, forward (CPU)");
+  m.def("moe_backward", &moe_backward, "gather, SwiGLU experts and gate-weighted combine per token, backward (CPU)");
 }

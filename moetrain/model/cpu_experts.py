@@ -36,7 +36,9 @@ def _build() -> ModuleType:
     return load(
         name="moetrain_swiglu_experts",
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-fopenmp"],  # at::parallel_for is OpenMP code inlined from ATen's headers
+        # at::parallel_for is OpenMP code inlined from ATen's headers; no FMA contraction, so the fused combine
+        # rounds exactly as the unfused multiply-then-add does
+        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
         extra_ldflags=["-fopenmp"],  # resolves to the libgomp torch already loaded (same soname)
         verbose=False,
     )
@@ -94,3 +96,45 @@ class FusedSwiGLUExperts(torch.autograd.Function):
             dy_SD.contiguous(), x_SD, w1_EDF, w3_EDF, w2_EFD, h1_SF, h3_SF, ctx.counts, *ctx.needs_input_grad[:4]
         )
         return dx, dw1, dw3, dw2, None  # the kernel returns None for every gradient not asked for
+
+
+class FusedMoEExperts(torch.autograd.Function):
+    """The token-level expert FFN of one rank: ``out[t] = sum_k gates[t, k] * SwiGLU_{e(t,k)}(x[t])`` over the
+    kept assignments. Each expert gathers its rows of ``x`` and the combine runs per token on the kernel's
+    output, so the (A, D) gather, the gate multiply and the scatter-add of the unfused path (and their
+    backward passes) never run as separate passes. Same arithmetic as ``dispatch.combine``.
+
+    Inputs: ``gates_TK`` in float32 (float64 with float64 ``x``), ``assignment_A`` (flat ``t * K + k`` of each
+    kept assignment, sorted by expert) and ``tokens_per_expert_E``, as in ``dispatch.Permutation``. Returns
+    ``(out_TD, y_AD)``; ``y_AD`` (the experts' unweighted outputs in sorted order, no gradient) is what the
+    routing statistics measure."""
+
+    @staticmethod
+    def forward(ctx, x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD, assignment_A, tokens_per_expert_E):
+        counts = tokens_per_expert_E.tolist()
+        x_TD, gates_TK = x_TD.contiguous(), gates_TK.contiguous()
+        out_TD, y_AD, h1_AF, h3_AF = _build().moe_forward(x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD, assignment_A, counts)
+        ctx.save_for_backward(x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD, h1_AF, h3_AF, y_AD, assignment_A)
+        ctx.counts = counts
+        ctx.mark_non_differentiable(y_AD)
+        return out_TD, y_AD
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout_TD, _dy_AD):
+        x_TD, gates_TK, w1_EDF, w3_EDF, w2_EFD, h1_AF, h3_AF, y_AD, assignment_A = ctx.saved_tensors
+        dx, dgates, dw1, dw3, dw2 = _build().moe_backward(
+            dout_TD.contiguous(),
+            x_TD,
+            gates_TK,
+            w1_EDF,
+            w3_EDF,
+            w2_EFD,
+            h1_AF,
+            h3_AF,
+            y_AD,
+            assignment_A,
+            ctx.counts,
+            *ctx.needs_input_grad[:5],
+        )
+        return dx, dgates, dw1, dw3, dw2, None, None

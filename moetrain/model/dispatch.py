@@ -152,10 +152,12 @@ def permute(expert_idx_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor
 def combine(y_AD: torch.Tensor, perm: Permutation, gates_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Gate-weighted sum of expert outputs back onto their tokens: ``out[t] = sum_k gate[t,k] * y[t,k]``.
 
-    The weighting runs in fp32 (gates come from the fp32 router) and the result is cast to ``y``'s dtype.
+    The weighting runs in fp32 or wider (gates come from the fp32 router) and the result is cast to ``y``'s
+    dtype. The CPU expert kernel fuses this step (``cpu_experts.FusedMoEExperts``) with the same arithmetic.
     """
     gate_A = gates_TK.reshape(-1)[perm.assignment_A]
-    weighted_AD = y_AD.float() * gate_A.unsqueeze(-1)
-    out_TD = torch.zeros(num_tokens, y_AD.shape[-1], dtype=torch.float32, device=y_AD.device)
+    acc_dtype = torch.promote_types(y_AD.dtype, gates_TK.dtype)
+    weighted_AD = y_AD.to(acc_dtype) * gate_A.unsqueeze(-1)
+    out_TD = torch.zeros(num_tokens, y_AD.shape[-1], dtype=acc_dtype, device=y_AD.device)
     out_TD.index_add_(0, perm.token_A, weighted_AD)
     return out_TD.to(y_AD.dtype)

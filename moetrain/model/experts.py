@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.model import cpu_experts
+from moetrain.model.dispatch import Permutation, combine
 
 
 def _grouped_mm_supported(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
@@ -63,6 +64,20 @@ class GroupedExperts(nn.Module):
         h_SF = F.silu(grouped_mm(x_SD, self.w1_EDF, tokens_per_expert_E, self.impl))
         h_SF = h_SF * grouped_mm(x_SD, self.w3_EDF, tokens_per_expert_E, self.impl)
         return grouped_mm(h_SF, self.w2_EFD, tokens_per_expert_E, self.impl)
+
+    def forward_tokens(
+        self, x_TD: torch.Tensor, perm: Permutation, gates_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every kept assignment of ``perm`` through its expert, combined per token with the gates:
+        ``(out_TD, y_AD)`` with ``out[t] = sum_k gates[t, k] * y[t, k]`` and ``y_AD`` the unweighted expert
+        outputs in sorted order. On the CPU kernel gather and combine run inside it, on blocks in cache."""
+        if self._use_fused(x_TD):
+            gates_TK = gates_TK.to(torch.promote_types(x_TD.dtype, gates_TK.dtype))  # as combine weights them
+            return cpu_experts.FusedMoEExperts.apply(
+                x_TD, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD, perm.assignment_A, perm.tokens_per_expert_E
+            )
+        y_AD = self(x_TD.index_select(0, perm.token_A), perm.tokens_per_expert_E)
+        return combine(y_AD, perm, gates_TK, x_TD.shape[0]), y_AD
 
     def _use_fused(self, x_SD: torch.Tensor) -> bool:
         if self.impl == "fused":

@@ -230,10 +230,12 @@ class MoELayer(RoutingCore):
         x_TD = x_BSD.reshape(T, D)
         routed = self.route(x_TD)
         perm = permute(routed.expert_idx_TK, E, routed.keep_TK)
+        gates_TK = routed.routing.gates_TK
         if routed.plan is not None and self.padded and self.ep_size == 1:
             y_AD = self._padded_experts(x_TD, perm, routed.plan, routed.capacity)
+            out_TD = combine(y_AD, perm, gates_TK, T)
         elif self.ep_size == 1:
-            y_AD = self.experts(x_TD.index_select(0, perm.token_A), perm.tokens_per_expert_E)
+            out_TD, y_AD = self.experts.forward_tokens(x_TD, perm, gates_TK)
         else:
             from moetrain.model.expert_parallel import expert_parallel_ffn
 
@@ -244,8 +246,7 @@ class MoELayer(RoutingCore):
                 self.ep_group,
                 self.a2a_chunks,
             )
-        gates_TK = routed.routing.gates_TK
-        out_TD = combine(y_AD, perm, gates_TK, T)
+            out_TD = combine(y_AD, perm, gates_TK, T)
         with torch.no_grad():
             gate_A = gates_TK.reshape(-1)[perm.assignment_A]
             saliency_E = torch.zeros(E, device=x_TD.device).index_add(
