@@ -84,6 +84,16 @@ def init_single_process_group() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def on_tokens(module: nn.Module):
+    """x_TD -> y_TD through a layer that takes (B, S, D) and returns (y, extras) or y."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = module(x.unsqueeze(0))
+        return (y[0] if isinstance(y, tuple) else y).squeeze(0)
+
+    return run
+
+
 def candidates(d: int, f: int, E: int, k: int, device: torch.device):
     """(name, module, callable) triples; each callable maps x_TD -> y_TD."""
     from moetrain.config import MoEConfig
@@ -97,7 +107,7 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
         layer = MoELayer(d, f, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, grouped_mm=impl)).to(device)
         for p in layer.parameters():
             nn.init.normal_(p, std=0.02)
-        out.append((f"moetrain native {label}", layer, lambda x, m=layer: m(x.unsqueeze(0))[0].squeeze(0)))
+        out.append((f"moetrain native {label}", layer, on_tokens(layer)))
 
     from deepspeed.moe.layer import MoE
 
@@ -116,16 +126,14 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
             top2_2nd_expert_sampling=False,
         ).to(device)
         ds.set_deepspeed_parallelism()
-        out.append((f"DeepSpeed MoE {label}", ds, lambda x, m=ds: m(x.unsqueeze(0))[0].squeeze(0)))
+        out.append((f"DeepSpeed MoE {label}", ds, on_tokens(ds)))
 
     from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
 
     ours_on_ds = DeepSpeedMoELayer(d, f, MoEConfig(num_experts=E, top_k=k), ep_size=1, ep_rank=0).to(device)
     ours_on_ds.moe.set_deepspeed_parallelism()
     ours_on_ds.gate.reset_parameters(0.02, 0.02)
-    out.append(
-        ("moetrain deepspeed backend dropless", ours_on_ds, lambda x, m=ours_on_ds: m(x.unsqueeze(0))[0].squeeze(0))
-    )
+    out.append(("moetrain deepspeed backend dropless", ours_on_ds, on_tokens(ours_on_ds)))
 
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -134,12 +142,7 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
     block = MixtralSparseMoeBlock(cfg).to(device)
     for p in block.parameters():
         nn.init.normal_(p, std=0.02)
-
-    def mixtral(x, m=block):
-        y = m(x.unsqueeze(0))
-        return (y[0] if isinstance(y, tuple) else y).squeeze(0)
-
-    out.append(("transformers Mixtral block", block, mixtral))
+    out.append(("transformers Mixtral block", block, on_tokens(block)))
     return out
 
 
@@ -234,7 +237,7 @@ def a2a_worker(args) -> None:
             nn.init.normal_(p, std=0.02)
         x = torch.randn(args.tokens, 256)
         dist.barrier()
-        t = time_fwd_bwd(lambda xi, m=layer: m(xi.unsqueeze(0))[0].squeeze(0), x, args.iters, layer)
+        t = time_fwd_bwd(on_tokens(layer), x, args.iters, layer)
         t_max = torch.tensor([t])
         dist.all_reduce(t_max, op=dist.ReduceOp.MAX)
         base = base or float(t_max)

@@ -445,10 +445,11 @@ def _validate_routing(moe: MoEConfig) -> None:
         )
 
 
-def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
+def validate(cfg: TrainConfig, world_size: int | None = None, cuda: bool | None = None) -> None:
     """Check every value that can be checked before training starts; raise :class:`ConfigError` on the first.
 
     ``world_size`` (when known) adds the checks that depend on the launch: ``parallel.ep_size`` must divide it.
+    ``cuda`` (when known: whether the run trains on GPUs) adds the checks that depend on the device.
     """
     m, moe, p, t, d = cfg.model, cfg.moe, cfg.parallel, cfg.trainer, cfg.data
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "seq_len", "moe_every"):
@@ -512,6 +513,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         "is not supported by moe.backend=deepspeed (DeepSpeed's layer runs one all-to-all); allowed: 1",
     )
     _one_of("moe.grouped_mm", moe.grouped_mm, ("auto", "fused", "grouped", "loop"))
+    _require(
+        not (cuda and moe.grouped_mm == "fused"),
+        "moe.grouped_mm",
+        moe.grouped_mm,
+        "is the CPU expert kernel and this run trains on CUDA; allowed on CUDA: auto, grouped, loop",
+    )
     # settings of our own expert compute: DeepSpeed's layer would silently ignore them
     if moe.backend == "deepspeed":
         _require(

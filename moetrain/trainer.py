@@ -78,7 +78,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.env = init_distributed()
-        validate(cfg, world_size=self.env.world_size)
+        validate(cfg, world_size=self.env.world_size, cuda=torch.cuda.is_available())
         t = cfg.trainer
         if not torch.cuda.is_available():
             cpu_runtime.configure(t.num_threads, self.env.local_world_size, t.cpu_malloc)

@@ -113,6 +113,14 @@ def test_ep_size_must_divide_the_world_size():
         validate(cfg, world_size=2)
 
 
+def test_cpu_kernel_on_cuda_is_refused_at_start():
+    cfg = compose_config(["moe.grouped_mm=fused"])
+    validate(cfg, world_size=1, cuda=False)
+    with pytest.raises(ConfigError, match=r"^moe.grouped_mm=fused is the CPU expert kernel and this run trains on CUDA"):
+        validate(cfg, world_size=1, cuda=True)
+    validate(compose_config(["moe.grouped_mm=grouped"]), world_size=1, cuda=True)
+
+
 def test_cli_bad_value_fails_fast_with_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "launch/train.py", "moe.top_k=9", f"hydra.run.dir={tmp_path}"],
