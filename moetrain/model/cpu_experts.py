@@ -5,6 +5,9 @@ Built with ``torch.utils.cpp_extension.load`` (the way DeepSpeed builds its ops)
 lock file. When no C++ compiler is at hand ``moe.grouped_mm=auto`` warns once and uses ``torch._grouped_mm``;
 an explicit ``moe.grouped_mm=fused`` fails instead.
 
+Two entries: ``FusedSwiGLUExperts`` (rows already sorted by expert; the expert-parallel path) and
+``FusedMoEExperts`` (tokens in, tokens out: gather, experts and gate-weighted combine in one kernel call).
+
 Shape legend: S rows sorted by expert, D model dim, F expert hidden dim, E experts.
 """
 
@@ -102,7 +105,8 @@ class FusedMoEExperts(torch.autograd.Function):
     """The token-level expert FFN of one rank: ``out[t] = sum_k gates[t, k] * SwiGLU_{e(t,k)}(x[t])`` over the
     kept assignments. Each expert gathers its rows of ``x`` and the combine runs per token on the kernel's
     output, so the (A, D) gather, the gate multiply and the scatter-add of the unfused path (and their
-    backward passes) never run as separate passes. Same arithmetic as ``dispatch.combine``.
+    backward passes) never run as separate passes. Same arithmetic as ``dispatch.combine`` (which sums a token's
+    terms in expert order, this in k order: the same result for k <= 2).
 
     Inputs: ``gates_TK`` in float32 (float64 with float64 ``x``), ``assignment_A`` (flat ``t * K + k`` of each
     kept assignment, sorted by expert) and ``tokens_per_expert_E``, as in ``dispatch.Permutation``. Returns

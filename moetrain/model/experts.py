@@ -2,7 +2,8 @@
 
 Shape legend: S tokens sorted by expert, D model dim, F expert hidden dim, E experts, C capacity slots.
 
-``GroupedExperts.forward`` is the one seam for the expert FFN: on CPU the fused kernel of
+``GroupedExperts.forward`` is the one seam for the expert FFN (called with a permutation and gates it also does the
+gather and the gate-weighted combine, or hands all three to the CPU kernel's token-level entry): on CPU the kernel of
 ``cpu_experts.py`` (``moe.grouped_mm=fused``; what ``auto`` picks when it builds), else SwiGLU over
 ``grouped_mm``: ``torch._grouped_mm`` where the device and dtype support it (``grouped``), else a loop over
 ``W.unbind(0)`` (``loop``). (Indexing ``W[e]`` inside a Python loop would make autograd
@@ -56,27 +57,40 @@ class GroupedExperts(nn.Module):
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
 
-    def forward(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        if self._use_fused(x_SD):
-            return cpu_experts.FusedSwiGLUExperts.apply(
-                x_SD, self.w1_EDF, self.w3_EDF, self.w2_EFD, tokens_per_expert_E
-            )
-        h_SF = F.silu(grouped_mm(x_SD, self.w1_EDF, tokens_per_expert_E, self.impl))
-        h_SF = h_SF * grouped_mm(x_SD, self.w3_EDF, tokens_per_expert_E, self.impl)
+    def forward(
+        self,
+        x: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        *,
+        perm: Permutation | None = None,
+        gates_TK: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Rows sorted by expert (x_SD, ``tokens_per_expert_E`` per expert) -> their experts' outputs y_SD.
+
+        With ``perm`` and ``gates_TK`` (no expert parallelism): tokens in, tokens out. ``x`` is x_TD, every
+        kept assignment of ``perm`` runs through its expert and the outputs are combined per token:
+        returns ``(out_TD, y_AD)`` with ``out[t] = sum_k gates[t, k] * y[t, k]`` and ``y_AD`` the unweighted
+        outputs in sorted order. On the CPU kernel gather and combine run inside it, on blocks in cache.
+        Both modes go through this one ``forward``, so wrappers of the module (peft's LoRA on the expert
+        weights, hooks) apply to both."""
+        if perm is not None:
+            return self._forward_tokens(x, perm, gates_TK)
+        if self._use_fused(x):
+            return cpu_experts.FusedSwiGLUExperts.apply(x, self.w1_EDF, self.w3_EDF, self.w2_EFD, tokens_per_expert_E)
+        h_SF = F.silu(grouped_mm(x, self.w1_EDF, tokens_per_expert_E, self.impl))
+        h_SF = h_SF * grouped_mm(x, self.w3_EDF, tokens_per_expert_E, self.impl)
         return grouped_mm(h_SF, self.w2_EFD, tokens_per_expert_E, self.impl)
 
-    def forward_tokens(
+    def _forward_tokens(
         self, x_TD: torch.Tensor, perm: Permutation, gates_TK: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every kept assignment of ``perm`` through its expert, combined per token with the gates:
-        ``(out_TD, y_AD)`` with ``out[t] = sum_k gates[t, k] * y[t, k]`` and ``y_AD`` the unweighted expert
-        outputs in sorted order. On the CPU kernel gather and combine run inside it, on blocks in cache."""
         if self._use_fused(x_TD):
-            gates_TK = gates_TK.to(torch.promote_types(x_TD.dtype, gates_TK.dtype))  # as combine weights them
+            # the kernel weights in fp32, or fp64 for fp64 activations (the router's gates are fp32)
+            gates_TK = gates_TK.to(torch.float64 if x_TD.dtype == torch.float64 else torch.float32)
             return cpu_experts.FusedMoEExperts.apply(
                 x_TD, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD, perm.assignment_A, perm.tokens_per_expert_E
             )
-        y_AD = self(x_TD.index_select(0, perm.token_A), perm.tokens_per_expert_E)
+        y_AD = self.forward(x_TD.index_select(0, perm.token_A), perm.tokens_per_expert_E)
         return combine(y_AD, perm, gates_TK, x_TD.shape[0]), y_AD
 
     def _use_fused(self, x_SD: torch.Tensor) -> bool:

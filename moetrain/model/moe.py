@@ -235,7 +235,7 @@ class MoELayer(RoutingCore):
             y_AD = self._padded_experts(x_TD, perm, routed.plan, routed.capacity)
             out_TD = combine(y_AD, perm, gates_TK, T)
         elif self.ep_size == 1:
-            out_TD, y_AD = self.experts.forward_tokens(x_TD, perm, gates_TK)
+            out_TD, y_AD = self.experts(x_TD, perm.tokens_per_expert_E, perm=perm, gates_TK=gates_TK)
         else:
             from moetrain.model.expert_parallel import expert_parallel_ffn
 
