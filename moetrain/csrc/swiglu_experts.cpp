@@ -6,8 +6,12 @@
 // whole experts from a queue (largest first), run their GEMMs single-threaded (a nested at::parallel_for
 // region runs inline, and MKL runs single-threaded inside it) and apply the elementwise ops to one
 // expert's (n, F) block while it is still in L2. Every expert is computed by one core with the same ops,
-// so results do not depend on which core took it. The GEMMs (MKL), silu and sigmoid are ATen's; the only
-// arithmetic written here is the one-pass SwiGLU gradient of swiglu_grad_loop.
+// so results do not depend on which core took it. The GEMMs (MKL), silu and sigmoid are ATen's; the
+// arithmetic written here is elementwise: the one-pass SwiGLU gradient (swiglu_grad_loop), the per-token
+// gate-weighted sums (combine_rows_loop) and the per-row gate gradient and dy (backward_rows).
+//
+// moe_forward / moe_backward also do the token-level steps around the experts (gather of each expert's rows
+// of x, gate-weighted combine per token), so that work happens on blocks in cache too.
 //
 // Shape legend: S rows sorted by expert, D model dim, F expert hidden dim, E experts, n rows of one expert.
 #include <torch/extension.h>
@@ -247,11 +251,16 @@ void backward_rows(const T* dout, const T* y, const T* x, const int64_t* token, 
 void check_routing(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& assignment_A) {
   // the gate weighting runs in fp32 or wider: float32 gates for float32 / bfloat16 x, float64 for float64
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(gates.dim() == 2 && gates.size(0) == x.size(0) && gates.is_contiguous() &&
-                  gates.scalar_type() == acc_type,
-              "moe_experts: gates (T, K), contiguous, float32 (float64 with float64 x), with x (T, D)");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "moe_forward/backward: x must be a contiguous (T, D) tensor, got ",
+              x.sizes());
+  TORCH_CHECK(gates.dim() == 2 && gates.size(0) == x.size(0) && gates.is_contiguous(),
+              "moe_forward/backward: gates must be a contiguous (T, K) tensor with T = ", x.size(0), ", got ",
+              gates.sizes());
+  TORCH_CHECK(gates.scalar_type() == acc_type, "moe_forward/backward: gates must be ", acc_type, " for x of ",
+              x.scalar_type(), " (the weighting runs in fp32 or wider), got ", gates.scalar_type());
   TORCH_CHECK(assignment_A.dim() == 1 && assignment_A.scalar_type() == at::kLong && assignment_A.is_contiguous(),
-              "moe_experts: assignment_A is a contiguous int64 vector");
+              "moe_forward/backward: assignment_A must be a contiguous int64 vector, got ",
+              assignment_A.scalar_type(), " ", assignment_A.sizes());
 }
 
 }  // namespace
@@ -313,10 +322,12 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& dout, const at::Tensor& x
                                      bool need_gates, bool need_w1, bool need_w3, bool need_w2) {
   check_routing(x, gates, assignment_A);
   const int64_t T = x.size(0), D = x.size(1), K = gates.size(1), A = assignment_A.size(0);
-  TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type() && dout.is_contiguous() &&
-                  x.is_contiguous() && y.is_contiguous() && y.sizes() == at::IntArrayRef({A, D}) &&
-                  y.scalar_type() == x.scalar_type(),
-              "moe_backward: dout like x, y (A, D) of x's dtype, all contiguous");
+  TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type() && dout.is_contiguous(),
+              "moe_backward: dout must be contiguous like x ", x.sizes(), " ", x.scalar_type(), ", got ",
+              dout.sizes(), " ", dout.scalar_type());
+  TORCH_CHECK(y.sizes() == at::IntArrayRef({A, D}) && y.scalar_type() == x.scalar_type() && y.is_contiguous(),
+              "moe_backward: y must be contiguous (A, D) = (", A, ", ", D, ") of ", x.scalar_type(), ", got ",
+              y.sizes(), " ", y.scalar_type());
   const auto token_A = at::floor_divide(assignment_A, K);
   const auto gate_A = gates.reshape(-1).index_select(0, assignment_A);
   check_inputs(x, w1, w3, w2, counts, A);
