@@ -7,6 +7,7 @@ single-run path (every GEMM multi-threaded) and the split of experts across core
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -34,6 +35,23 @@ def naive_experts(x_SD, w1_EDF, w3_EDF, w2_EFD, counts):
     """Independent reference: one expert at a time through autograd (moe_reference's SwiGLU)."""
     rows = torch.split(x_SD, counts)
     return torch.cat([swiglu(x_e, w1_EDF[e], w3_EDF[e], w2_EFD[e]) for e, x_e in enumerate(rows)])
+
+
+def test_builds_use_the_environments_ninja(monkeypatch, tmp_path):
+    """The environment's ninja goes first on PATH (once), so every launch builds with the same ninja."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ninja").write_text("#!/bin/sh\n")
+    (bin_dir / "ninja").chmod(0o755)
+    monkeypatch.setattr(cpu_experts.sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    cpu_experts.use_environment_ninja()
+    cpu_experts.use_environment_ninja()
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"
+    (bin_dir / "ninja").unlink()
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    cpu_experts.use_environment_ninja()  # no ninja in the environment: PATH stays as it is
+    assert os.environ["PATH"] == "/usr/bin:/bin"
 
 
 def test_kernel_builds_here():

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -29,10 +31,22 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "swiglu_experts.cpp"
 
 
+def use_environment_ninja() -> None:
+    """Put this Python environment's ``bin`` first on PATH when it has a ``ninja`` (pip installs one with
+    DeepSpeed's requirements). Why: ninja's build log hashes commands differently across versions (the pip
+    1.13 and a system 1.11 here), so an activated shell and a ``make`` target would each see the other's build
+    as stale and rebuild this kernel and DeepSpeed's ops (~25 s each) every time they alternate."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja", path=bin_dir) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
 @functools.cache
 def _build() -> ModuleType:
     from torch.utils.cpp_extension import get_default_build_root, load
 
+    use_environment_ninja()
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     # the build runs under a lock file there; a build killed midway leaves it behind and the next one waits
     log.info("loading the CPU expert kernel (built once, ~20 s) from %s; a stale 'lock' there blocks this", root)
