@@ -94,14 +94,22 @@ def reference_moe(
 ):
     choices, rankings, scores = reference_choices(x_TD, router_ED, top_k, renormalize, score_func, bias, active)
     placed = reference_placement(choices, rankings, router_ED.shape[0], capacity, policy)
+    gates = [[gate for _, gate in token_choices] for token_choices in choices]
+    out, outputs = reference_combine(x_TD, gates, placed, w1_EDF, w3_EDF, w2_EFD)
+    return out, choices, placed, scores, outputs
+
+
+def reference_combine(x_TD, gates, placed, w1_EDF, w3_EDF, w2_EFD):
+    """One token at a time: ``out[t] = sum over placed (t, k) of gates[t][k] * SwiGLU_e(x[t])`` with
+    ``e = placed[(t, k)]``; unplaced (dropped) assignments add nothing. Returns (out, {(t, k): y})."""
     rows, outputs = [], {}
     for t in range(x_TD.shape[0]):
         acc = torch.zeros_like(x_TD[t])
-        for k, (_, gate) in enumerate(choices[t]):
+        for k in range(len(gates[t])):
             if (t, k) in placed:
                 e = placed[(t, k)]
                 y = swiglu(x_TD[t], w1_EDF[e], w3_EDF[e], w2_EFD[e])
                 outputs[(t, k)] = y
-                acc = acc + gate * y
+                acc = acc + gates[t][k] * y
         rows.append(acc)
-    return torch.stack(rows), choices, placed, scores, outputs
+    return torch.stack(rows), outputs

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from moe_reference import swiglu
+from moe_reference import reference_combine, swiglu
 
 from moetrain.config import MoEConfig
 from moetrain.model import cpu_experts
@@ -196,16 +196,11 @@ def token_routing(T, E, K, drop_fraction, seed=0):
 
 
 def naive_token_moe(x_TD, gates_TK, expert_idx_TK, keep_TK, w1, w3, w2):
-    """Independent reference, one token at a time: out[t] = sum over kept k of gates[t, k] * SwiGLU_e(x[t])."""
-    rows = []
-    for t in range(x_TD.shape[0]):
-        out = torch.zeros_like(x_TD[t])
-        for k in range(expert_idx_TK.shape[1]):
-            if keep_TK[t, k]:
-                e = int(expert_idx_TK[t, k])
-                out = out + gates_TK[t, k] * swiglu(x_TD[t : t + 1], w1[e], w3[e], w2[e])[0]
-        rows.append(out)
-    return torch.stack(rows)
+    """Independent reference, one token at a time (moe_reference): out[t] = sum over kept k of
+    gates[t, k] * SwiGLU_e(x[t])."""
+    T, K = expert_idx_TK.shape
+    placed = {(t, k): int(expert_idx_TK[t, k]) for t in range(T) for k in range(K) if keep_TK[t, k]}
+    return reference_combine(x_TD, gates_TK, placed, w1, w3, w2)[0]
 
 
 @pytest.mark.parametrize(("K", "drop"), [(1, 0.0), (2, 0.0), (2, 0.3), (3, 0.5)])

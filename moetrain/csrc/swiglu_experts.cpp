@@ -135,7 +135,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w
   TORCH_CHECK(total == num_rows, "swiglu_experts: counts sum to ", total, " but there are ", num_rows, " rows");
 }
 
-// Every expert's forward; x_rows(e, s, n) is expert e's (n, D) input, rows [s, s + n) of the S sorted rows.
+// Every expert's forward; x_rows(s, n) is the (n, D) input of sorted rows [s, s + n) (one expert's rows).
 // Returns (y_SD, h1_SF, h3_SF).
 template <typename RowsFn>
 std::vector<at::Tensor> experts_forward(const std::vector<int64_t>& counts, const RowsFn& x_rows, int64_t S,
@@ -148,7 +148,7 @@ std::vector<at::Tensor> experts_forward(const std::vector<int64_t>& counts, cons
   for_each_expert(g, [&](int64_t e) {
     const int64_t s = g.start[e], n = g.count[e];
     if (n == 0) return;
-    expert_forward(x_rows(e, s, n), w1.select(0, e), w3.select(0, e), w2.select(0, e), h1.narrow(0, s, n),
+    expert_forward(x_rows(s, n), w1.select(0, e), w3.select(0, e), w2.select(0, e), h1.narrow(0, s, n),
                    h3.narrow(0, s, n), y.narrow(0, s, n));
   });
   return {y, h1, h3};
@@ -269,7 +269,7 @@ void check_routing(const at::Tensor& x, const at::Tensor& gates, const at::Tenso
 std::vector<at::Tensor> swiglu_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
                                        const at::Tensor& w2, const std::vector<int64_t>& counts) {
   check_inputs(x, w1, w3, w2, counts, x.size(0));
-  return experts_forward(counts, [&](int64_t, int64_t s, int64_t n) { return x.narrow(0, s, n); }, x.size(0), w1, w3,
+  return experts_forward(counts, [&](int64_t s, int64_t n) { return x.narrow(0, s, n); }, x.size(0), w1, w3,
                          w2);
 }
 
@@ -306,7 +306,7 @@ std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& gates
   const int64_t T = x.size(0), K = gates.size(1), A = assignment_A.size(0);
   check_inputs(x, w1, w3, w2, counts, A);
   const auto token_A = at::floor_divide(assignment_A, K);
-  auto rows = [&](int64_t, int64_t s, int64_t n) { return x.index_select(0, token_A.narrow(0, s, n)); };
+  auto rows = [&](int64_t s, int64_t n) { return x.index_select(0, token_A.narrow(0, s, n)); };
   auto yh = experts_forward(counts, rows, A, w1, w3, w2);
   const auto& y = yh[0];
   return {combine_rows(y, gates, sorted_positions(assignment_A, T * K), T, K), y, yh[1], yh[2]};

@@ -74,7 +74,7 @@ class GroupedExperts(nn.Module):
         Both modes go through this one ``forward``, so wrappers of the module (peft's LoRA on the expert
         weights, hooks) apply to both."""
         if perm is not None:
-            return self._forward_tokens(x, perm, gates_TK)
+            return self._forward_tokens(x, tokens_per_expert_E, perm, gates_TK)
         if self._use_fused(x):
             return cpu_experts.FusedSwiGLUExperts.apply(x, self.w1_EDF, self.w3_EDF, self.w2_EFD, tokens_per_expert_E)
         h_SF = F.silu(grouped_mm(x, self.w1_EDF, tokens_per_expert_E, self.impl))
@@ -82,15 +82,15 @@ class GroupedExperts(nn.Module):
         return grouped_mm(h_SF, self.w2_EFD, tokens_per_expert_E, self.impl)
 
     def _forward_tokens(
-        self, x_TD: torch.Tensor, perm: Permutation, gates_TK: torch.Tensor
+        self, x_TD: torch.Tensor, tokens_per_expert_E: torch.Tensor, perm: Permutation, gates_TK: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._use_fused(x_TD):
             # the kernel weights in fp32, or fp64 for fp64 activations (the router's gates are fp32)
             gates_TK = gates_TK.to(torch.float64 if x_TD.dtype == torch.float64 else torch.float32)
             return cpu_experts.FusedMoEExperts.apply(
-                x_TD, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD, perm.assignment_A, perm.tokens_per_expert_E
+                x_TD, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD, perm.assignment_A, tokens_per_expert_E
             )
-        y_AD = self.forward(x_TD.index_select(0, perm.token_A), perm.tokens_per_expert_E)
+        y_AD = self.forward(x_TD.index_select(0, perm.token_A), tokens_per_expert_E)
         return combine(y_AD, perm, gates_TK, x_TD.shape[0]), y_AD
 
     def _use_fused(self, x_SD: torch.Tensor) -> bool:
