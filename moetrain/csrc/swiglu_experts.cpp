@@ -19,6 +19,8 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/OpMathType.h>
 
+#include "f32_gemm.h"
+
 #include <algorithm>
 #include <atomic>
 #include <numeric>
@@ -109,9 +111,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_grad_block(const at::Tenso
   return {g, dh1, a.mul_(dg)};
 }
 
+// The AVX-512 fp32 GEMMs (f32_gemm.cpp) instead of ATen's, where the CPU has them; tests and the benchmark
+// switch them off to compare with ATen's (set_f32_gemm).
+std::atomic<bool> f32_gemm_enabled{true};
+
+// Whether one expert's GEMMs run on f32_gemm: fp32, the CPU has AVX-512, and every weight's rows are contiguous
+// (f32_gemm reads its B operand by rows; transposed weight views go to ATen).
+bool use_f32_gemm(const at::Tensor& x, std::initializer_list<const at::Tensor*> weights) {
+  if (x.scalar_type() != at::kFloat || !f32_gemm_enabled || !f32_gemm::available()) return false;
+  for (const auto* w : weights)
+    if (w->stride(1) != 1) return false;
+  return true;
+}
+
+// out (=, +=) a b on f32_gemm; a may have any strides, b's and out's rows are contiguous.
+void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, f32_gemm::Store store = f32_gemm::Store::kWrite) {
+  f32_gemm::gemm(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+                 b.const_data_ptr<float>(), b.stride(0), out.data_ptr<float>(), out.stride(0), store);
+}
+
+// A fresh contiguous t^T of a 2-D fp32 block whose rows are contiguous.
+at::Tensor transposed(const at::Tensor& t) {
+  auto out = at::empty({t.size(1), t.size(0)}, t.options());
+  f32_gemm::transpose(t.const_data_ptr<float>(), t.size(0), t.size(1), t.stride(0), out.data_ptr<float>(), t.size(0));
+  return out;
+}
+
 // One expert's forward on its rows: h1 = x w1, h3 = x w3, y = (silu(h1) * h3) w2, into the given views.
 void expert_forward(const at::Tensor& x_e, const at::Tensor& w1_e, const at::Tensor& w3_e, const at::Tensor& w2_e,
                     at::Tensor h1_e, at::Tensor h3_e, at::Tensor y_e) {
+  if (use_f32_gemm(x_e, {&w1_e, &w3_e, &w2_e})) {
+    mm_f32(h1_e, x_e, w1_e);
+    mm_f32(h3_e, x_e, w3_e);
+    mm_f32(y_e, at::silu(h1_e).mul_(h3_e), w2_e);
+    return;
+  }
   mm_into(h1_e, x_e, w1_e);
   mm_into(h3_e, x_e, w3_e);
   mm_into(y_e, at::silu(h1_e).mul_(h3_e), w2_e);
@@ -154,10 +188,36 @@ std::vector<at::Tensor> experts_forward(const std::vector<int64_t>& counts, cons
   return {y, h1, h3};
 }
 
+// expert_backward on f32_gemm. Its B operand must have contiguous rows, so the products with a transposed weight
+// are computed transposed, the weight as the broadcast operand: dg^T = w2 dy^T and dx^T = w1 dh1^T + w3 dh3^T,
+// with the small (n, .) blocks transposed around them (O(n F) work against the GEMMs' O(n D F)). The weight
+// gradients are written with streaming stores: nothing reads them before the optimizer.
+void expert_backward_f32(const at::Tensor& dy_e, const at::Tensor& x_e, const at::Tensor& w1_e, const at::Tensor& w3_e,
+                         const at::Tensor& w2_e, const at::Tensor& h1_e, const at::Tensor& h3_e, at::Tensor dx_e,
+                         at::Tensor dw1_e, at::Tensor dw3_e, at::Tensor dw2_e) {
+  using f32_gemm::Store;
+  const int64_t n = dy_e.size(0), F = w2_e.size(0), D = w2_e.size(1);
+  auto dg_t = at::empty({F, n}, dy_e.options());
+  mm_f32(dg_t, w2_e, transposed(dy_e));
+  auto dg_e = transposed(dg_t);
+  auto [g_e, dh1_e, dh3_e] = swiglu_grad_block(h1_e, h3_e, dg_e);
+  if (dw2_e.defined()) mm_f32(dw2_e, g_e.t(), dy_e, Store::kStream);
+  if (dw1_e.defined()) mm_f32(dw1_e, x_e.t(), dh1_e, Store::kStream);
+  if (dw3_e.defined()) mm_f32(dw3_e, x_e.t(), dh3_e, Store::kStream);
+  if (dx_e.defined()) {
+    auto dx_t = at::empty({D, n}, dy_e.options());
+    mm_f32(dx_t, w1_e, transposed(dh1_e));
+    mm_f32(dx_t, w3_e, transposed(dh3_e), Store::kAdd);
+    f32_gemm::transpose(dx_t.const_data_ptr<float>(), D, n, n, dx_e.data_ptr<float>(), dx_e.stride(0));
+  }
+}
+
 // One expert's backward from dy_e; writes the gradients that are defined (dx_e and the dw_e views).
 void expert_backward(const at::Tensor& dy_e, const at::Tensor& x_e, const at::Tensor& w1_e, const at::Tensor& w3_e,
                      const at::Tensor& w2_e, const at::Tensor& h1_e, const at::Tensor& h3_e, at::Tensor dx_e,
                      at::Tensor dw1_e, at::Tensor dw3_e, at::Tensor dw2_e) {
+  if (use_f32_gemm(dy_e, {&w1_e, &w3_e, &w2_e}))
+    return expert_backward_f32(dy_e, x_e, w1_e, w3_e, w2_e, h1_e, h3_e, dx_e, dw1_e, dw3_e, dw2_e);
   auto dg_e = at::mm(dy_e, w2_e.t());
   auto [g_e, dh1_e, dh3_e] = swiglu_grad_block(h1_e, h3_e, dg_e);
   if (dw2_e.defined()) mm_into(dw2_e, g_e.t(), dy_e);
@@ -366,7 +426,36 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& dout, const at::Tensor& x
   return {dx, dgates, dw1, dw3, dw2};
 }
 
+// Turns the AVX-512 fp32 GEMMs on or off (tests and the benchmark compare them with ATen's); returns whether they
+// were on. Where the CPU lacks AVX-512 they stay off whatever this says (f32_gemm_active).
+bool set_f32_gemm(bool on) { return f32_gemm_enabled.exchange(on); }
+bool f32_gemm_active() { return f32_gemm_enabled && f32_gemm::available(); }
+
+// out = a b through f32_gemm (tests: a with any strides, b and out with contiguous rows).
+void f32_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate, bool stream) {
+  TORCH_CHECK(f32_gemm::available(), "f32_mm: this CPU has no AVX-512");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "f32_mm: float32 tensors only");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2 && a.size(1) == b.size(0) && out.size(0) == a.size(0) &&
+                  out.size(1) == b.size(1),
+              "f32_mm: shapes ", a.sizes(), " x ", b.sizes(), " -> ", out.sizes(), " do not match");
+  TORCH_CHECK(b.stride(1) == 1 && out.stride(1) == 1, "f32_mm: b and out need contiguous rows");
+  using f32_gemm::Store;
+  mm_f32(out, a, b, accumulate ? Store::kAdd : stream ? Store::kStream : Store::kWrite);
+}
+
+at::Tensor f32_transpose(const at::Tensor& t) {
+  TORCH_CHECK(f32_gemm::available(), "f32_transpose: this CPU has no AVX-512");
+  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && t.stride(1) == 1,
+              "f32_transpose: a float32 matrix with contiguous rows, got ", t.scalar_type(), " ", t.sizes());
+  return transposed(t);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_f32_gemm", &set_f32_gemm, "turn the AVX-512 fp32 GEMMs on or off; returns the previous setting");
+  m.def("f32_gemm_active", &f32_gemm_active, "whether expert GEMMs in fp32 run on the AVX-512 kernel");
+  m.def("f32_mm", &f32_mm, "out (=, +=) a @ b on the AVX-512 fp32 GEMM (for tests)");
+  m.def("f32_transpose", &f32_transpose, "t.T on the AVX-512 transpose (for tests)");
   m.def("swiglu_forward", &swiglu_forward, "grouped SwiGLU experts, forward (CPU)");
   m.def("swiglu_backward", &swiglu_backward, "grouped SwiGLU experts, backward (CPU)");
   m.def("moe_forward", &moe_forward, "gather, SwiGLU experts and gate-weighted combine per token, forward (CPU)");

@@ -28,7 +28,8 @@ from torch.autograd.function import once_differentiable
 from moetrain.config import MoEConfig
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "swiglu_experts.cpp"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+SOURCES = [CSRC / "swiglu_experts.cpp", CSRC / "f32_gemm.cpp"]
 
 
 def use_environment_ninja() -> None:
@@ -52,7 +53,7 @@ def _build() -> ModuleType:
     log.info("loading the CPU expert kernel (built once, ~20 s) from %s; a stale 'lock' there blocks this", root)
     return load(
         name="moetrain_swiglu_experts",
-        sources=[str(SOURCE)],
+        sources=[str(s) for s in SOURCES],
         # at::parallel_for is OpenMP code inlined from ATen's headers; no FMA contraction, so the fused combine
         # rounds exactly as the unfused multiply-then-add does
         extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],

@@ -1,0 +1,254 @@
+// fp32 GEMM and transpose for one expert's blocks, AVX-512; see f32_gemm.h for why and what.
+//
+// The register tile is MR x NR = 6 rows x 64 columns (24 zmm accumulators, 4 zmm of B, 1 broadcast of A):
+// per k step 4 vector loads of B's row k and 6 broadcasts of A's column k feed 24 FMAs. Tiles at the edges
+// use fewer rows (the MR template) and fewer or masked columns (NQ and the last column's mask). Nothing is
+// packed: B's rows are read in place (a tile's 64 columns of B are 4 cache lines per row) and A by broadcasts.
+//
+// Tile order: when A is the larger operand (it streams: a weight in the input-gradient GEMMs) the tiles go
+// row-tile by row-tile and the first tile of a row prefetches the next row-tile of A; otherwise (B streams: a
+// weight in the forward GEMMs, or neither) column panel by panel, and the row-tiles of a panel prefetch the
+// next panel of B between them. One prefetch per k step rides along with the FMAs.
+#include "f32_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <utility>
+#include <cstdint>
+
+namespace f32_gemm {
+namespace {
+
+constexpr int64_t kMR = 6, kNR = 64, kLine = 64;  // rows and columns of a register tile; cache line bytes
+
+// Cache lines to prefetch while a tile's k loop runs, one per k step: base + k * stride for k < count. (A
+// constant stride keeps the bookkeeping to one pointer: the loop needs every register it has.)
+struct Prefetch {
+  const char* base = nullptr;
+  int64_t stride = 0, count = 0;
+};
+
+// The k steps [k0, k1) of a tile into acc; with PREFETCH one line of pf per step (a separate instantiation, so
+// that no branch splits the loop body: the compiler then keeps all 24 accumulators in registers).
+template <int MR, int NQ, bool PREFETCH>
+__attribute__((target("avx512f"), always_inline)) inline void tile_steps(__m512 (&acc)[MR][NQ], int64_t k0, int64_t k1,
+                                                                      const float* a, int64_t a_si, int64_t a_sk,
+                                                                      const float* b, int64_t ldb, __mmask16 last_mask,
+                                                                      const Prefetch& pf) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* b_k = b + k * ldb;
+    __m512 bv[NQ];
+#pragma GCC unroll 4
+    for (int q = 0; q < NQ; ++q)
+      bv[q] = q == NQ - 1 ? _mm512_maskz_loadu_ps(last_mask, b_k + 16 * q) : _mm512_loadu_ps(b_k + 16 * q);
+    if constexpr (PREFETCH) _mm_prefetch(pf.base + k * pf.stride, _MM_HINT_T0);
+    const float* a_k = a + k * a_sk;
+#pragma GCC unroll 24
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a_k[r * a_si]);
+#pragma GCC unroll 4
+      for (int q = 0; q < NQ; ++q) acc[r][q] = _mm512_fmadd_ps(av, bv[q], acc[r][q]);
+    }
+  }
+}
+
+template <int MR, int NQ>
+__attribute__((target("avx512f"))) void tile_kernel(int64_t K, const float* a, int64_t a_si, int64_t a_sk,
+                                                     const float* b, int64_t ldb, float* c, int64_t ldc,
+                                                     __mmask16 last_mask, Store store, bool stream, Prefetch pf) {
+  __m512 acc[MR][NQ];
+#pragma GCC unroll 24
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < NQ; ++q) acc[r][q] = _mm512_setzero_ps();
+  const int64_t pf_end = std::min(pf.count, K);
+  tile_steps<MR, NQ, true>(acc, 0, pf_end, a, a_si, a_sk, b, ldb, last_mask, pf);
+  tile_steps<MR, NQ, false>(acc, pf_end, K, a, a_si, a_sk, b, ldb, last_mask, pf);
+  const bool full = last_mask == 0xFFFF;
+#pragma GCC unroll 24
+  for (int r = 0; r < MR; ++r) {
+    float* c_r = c + r * ldc;
+#pragma GCC unroll 4
+    for (int q = 0; q < NQ; ++q) {
+      const __mmask16 m = q == NQ - 1 ? last_mask : __mmask16(0xFFFF);
+      __m512 v = acc[r][q];
+      if (store == Store::kAdd) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, c_r + 16 * q));
+      if (stream && (q < NQ - 1 || full))
+        _mm512_stream_ps(c_r + 16 * q, v);
+      else
+        _mm512_mask_storeu_ps(c_r + 16 * q, m, v);
+    }
+  }
+}
+
+using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, __mmask16,
+                        Store, bool, Prefetch);
+
+// Rows of a tile with nq zmm columns: 24 accumulators whatever the width, so that a narrow column block at the
+// right edge (an expert with 70 rows is a 64 + 6 column GEMM in the input-gradient products) still does 24 FMAs
+// per k step: 6 x 4, 8 x 3, 12 x 2 or 24 x 1.
+constexpr int64_t rows_for(int64_t nq) { return 24 / nq; }
+constexpr int64_t kBand = 24;  // rows per task when A streams: a multiple of every rows_for
+
+template <int NQ, int... R>
+constexpr std::array<TileFn, sizeof...(R)> kernels_of_width(std::integer_sequence<int, R...>) {
+  return {tile_kernel<R + 1, NQ>...};
+}
+
+TileFn pick(int64_t rows, int64_t nq) {
+  static constexpr auto w1 = kernels_of_width<1>(std::make_integer_sequence<int, rows_for(1)>{});
+  static constexpr auto w2 = kernels_of_width<2>(std::make_integer_sequence<int, rows_for(2)>{});
+  static constexpr auto w3 = kernels_of_width<3>(std::make_integer_sequence<int, rows_for(3)>{});
+  static constexpr auto w4 = kernels_of_width<4>(std::make_integer_sequence<int, rows_for(4)>{});
+  switch (nq) {
+    case 1: return w1[rows - 1];
+    case 2: return w2[rows - 1];
+    case 3: return w3[rows - 1];
+    default: return w4[rows - 1];
+  }
+}
+
+struct Problem {
+  int64_t M, N, K;
+  const float* a;
+  int64_t a_si, a_sk;
+  const float* b;
+  int64_t ldb;
+  float* c;
+  int64_t ldc;
+  Store store;
+  bool stream;
+
+  int64_t blocks() const { return (N + kNR - 1) / kNR; }
+  int64_t cols(int64_t j) const { return std::min(kNR, N - j * kNR); }
+  static int64_t zmm_of(int64_t cols) { return (cols + 15) / 16; }
+  int64_t tile_rows(int64_t j) const { return rows_for(zmm_of(cols(j))); }
+  int64_t row_tiles(int64_t j) const { return (M + tile_rows(j) - 1) / tile_rows(j); }
+
+  // C[i0 : i0 + rows, column block j] with the given prefetch
+  void tile(int64_t i0, int64_t rows, int64_t j, const Prefetch& pf) const {
+    const int64_t n = cols(j), nq = zmm_of(n), tail = n - 16 * (nq - 1);
+    const auto last_mask = __mmask16(tail == 16 ? 0xFFFF : (1u << tail) - 1);
+    pick(rows, nq)(K, a + i0 * a_si, a_si, a_sk, b + j * kNR, ldb, c + i0 * ldc + j * kNR, ldc, last_mask, store, stream,
+                   pf);
+  }
+};
+
+// A streams (it is the larger operand: a weight in the input-gradient products): task = a band of kBand rows,
+// across all column blocks; the band's tiles prefetch the next band of A between them, K lines each, where
+// A's rows run along k (one block of memory).
+void run_band(const Problem& p, int64_t band) {
+  const int64_t i0 = band * kBand, rows = std::min(kBand, p.M - i0);
+  const int64_t next = i0 + kBand, next_rows = std::min(kBand, p.M - next);
+  const char* pf_base = p.a_sk == 1 && next_rows > 0 ? reinterpret_cast<const char*>(p.a + next * p.a_si) : nullptr;
+  const int64_t pf_lines = pf_base ? ((next_rows - 1) * p.a_si + p.K) * int64_t(sizeof(float)) / kLine + 1 : 0;
+  int64_t done = 0;  // lines of the next band prefetched so far
+  for (int64_t j = 0; j < p.blocks(); ++j) {
+    const int64_t h = p.tile_rows(j);
+    for (int64_t r = 0; r < rows; r += h) {
+      Prefetch pf;
+      if (done < pf_lines) {
+        pf = {pf_base + done * kLine, kLine, std::min(p.K, pf_lines - done)};
+        done += pf.count;
+      }
+      p.tile(i0 + r, std::min(h, rows - r), j, pf);
+    }
+  }
+}
+
+// B streams (a weight in the forward products, or neither operand dominates): task = tile (i, j) in column-block
+// order; the row-tiles of block j share the prefetch of block j + 1 (K rows of up to 4 lines): row-tile i takes
+// line column i % 4 of a range of rows.
+void run_tile(const Problem& p, int64_t j, int64_t i) {
+  const int64_t h = p.tile_rows(j), tiles = p.row_tiles(j);
+  Prefetch pf;
+  if (j + 1 < p.blocks()) {
+    const int64_t f = sizeof(float), line_cols = (p.cols(j + 1) * f + kLine - 1) / kLine;
+    const int64_t groups = (tiles + line_cols - 1) / line_cols, group = i / line_cols;
+    const int64_t r0 = group * p.K / groups, r1 = (group + 1) * p.K / groups;
+    pf = {reinterpret_cast<const char*>(p.b + (j + 1) * kNR + r0 * p.ldb) + (i % line_cols) * kLine, p.ldb * f, r1 - r0};
+  }
+  p.tile(i * h, std::min(h, p.M - i * h), j, pf);
+}
+
+__attribute__((target("avx512f"))) inline void transpose16(const float* src, int64_t ld_src, float* dst,
+                                                           int64_t ld_dst) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xDD);
+    }
+  for (int i = 0; i < 8; ++i) {
+    _mm512_storeu_ps(dst + i * ld_dst, _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88));
+    _mm512_storeu_ps(dst + (i + 8) * ld_dst, _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD));
+  }
+}
+
+__attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64_t rows, int64_t cols,
+                                                         int64_t ld_src, float* dst, int64_t ld_dst) {
+  const int64_t rows16 = rows / 16 * 16, cols16 = cols / 16 * 16;
+  for (int64_t i = 0; i < rows16; i += 16)
+    for (int64_t j = 0; j < cols16; j += 16) transpose16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+  for (int64_t i = 0; i < rows; ++i)  // the edges
+    for (int64_t j = i < rows16 ? cols16 : 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+}
+
+}  // namespace
+
+bool available() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b, int64_t ldb,
+          float* c, int64_t ldc, Store store) {
+  if (M <= 0 || N <= 0) return;
+  const bool stream = store == Store::kStream && reinterpret_cast<uintptr_t>(c) % kLine == 0 && ldc % 16 == 0;
+  const Problem p{M, N, K, a, a_si, a_sk, b, ldb, c, ldc, store == Store::kAdd ? Store::kAdd : Store::kWrite, stream};
+  // tasks of ~4 MFLOP or more, so that small GEMMs outside a parallel region stay on one thread
+  const int64_t flops_per_row = 2 * N * std::max<int64_t>(K, 1);
+  const auto finish = [&] {
+    if (stream) _mm_sfence();  // streaming stores are weakly ordered: publish them before other threads read C
+  };
+  if (M > N) {
+    const int64_t bands = (M + kBand - 1) / kBand;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / (kBand * flops_per_row));
+    at::parallel_for(0, bands, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t band = b0; band < b1; ++band) run_band(p, band);
+      finish();
+    });
+    return;
+  }
+  // tiles numbered block by block; only the last block can have other tile rows than the first
+  const int64_t full_blocks = p.blocks() - 1, per_block = p.row_tiles(0);
+  const int64_t tiles = full_blocks * per_block + p.row_tiles(full_blocks);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / (2 * kMR * kNR * std::max<int64_t>(K, 1)));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = std::min(t / per_block, full_blocks);
+      run_tile(p, j, t - j * per_block);
+    }
+    finish();
+  });
+}
+
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst) {
+  transpose_avx512(src, rows, cols, ld_src, dst, ld_dst);
+}
+
+}  // namespace f32_gemm

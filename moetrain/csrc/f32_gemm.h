@@ -1,0 +1,35 @@
+// fp32 GEMM and transpose for one expert's blocks, AVX-512 (f32_gemm.cpp).
+//
+// Why not MKL: measured on the 2-core AMD EPYC (Zen 4) development machine, single-threaded, one expert's
+// shapes (64 rows, d_model 256, d_ff 512) with each expert's weights cold as in a step: at::mm (MKL) runs
+// the forward GEMMs at 68-75 GFLOP/s and the weight-gradient GEMMs at ~75, this kernel at 81-87 and ~91 (its
+// stores of the gradient bypass the cache); at 512 rows and warm weights 100-110 against MKL's ~97
+// (docs/benchmarks.md). What makes the difference: B is read in place (no packing pass that would stall on
+// memory before any arithmetic), the next panel of the streamed operand is prefetched while the current one
+// is computed, and outputs that are not read again soon are written with streaming stores.
+#pragma once
+
+#include <cstdint>
+
+namespace f32_gemm {
+
+enum class Store {
+  kWrite,   // C = A B
+  kAdd,     // C += A B
+  kStream,  // C = A B with non-temporal stores (C is not read again soon: weight gradients)
+};
+
+// Whether this CPU runs the kernel (AVX-512F); callers use ATen's GEMMs otherwise.
+bool available();
+
+// C[i, j] (=, +=) sum_k A(i, k) B(k, j) for i < M, j < N, k < K, with A(i, k) = a[i * a_si + k * a_sk] (any
+// strides: A is read by scalar broadcasts, so transposed operands cost nothing), B(k, j) = b[k * ldb + j]
+// and C(i, j) = c[i * ldc + j] (rows contiguous). Each C tile is summed over k in order by one thread, so the
+// result does not depend on the number of threads; inside an at::parallel_for region it runs inline.
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b, int64_t ldb,
+          float* c, int64_t ldc, Store store);
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols.
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst);
+
+}  // namespace f32_gemm
