@@ -17,6 +17,7 @@ expert kernel, to show what the kernel buys.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -95,19 +96,23 @@ def on_tokens(module: nn.Module):
 
 
 def candidates(d: int, f: int, E: int, k: int, device: torch.device):
-    """(name, module, callable) triples; each callable maps x_TD -> y_TD."""
+    """(name, module, callable, context) tuples; each callable maps x_TD -> y_TD and is timed inside context()."""
     from moetrain.config import MoEConfig
+    from moetrain.model import cpu_experts
     from moetrain.model.moe import MoELayer
 
     out = []
-    native = [("dropless", None, "auto"), ("cf 1.25", 1.25, "auto")]
-    if device.type == "cpu":  # what the CPU kernel (moe.grouped_mm=fused, auto's pick) buys over _grouped_mm
-        native.append(("dropless, grouped_mm=grouped", None, "grouped"))
-    for label, cf, impl in native:
+    native = [("dropless", None, "auto", contextlib.nullcontext), ("cf 1.25", 1.25, "auto", contextlib.nullcontext)]
+    if device.type == "cpu":
+        # what the CPU kernel (moe.grouped_mm=fused, auto's pick) buys over _grouped_mm, and its own GEMM over ATen's
+        native.append(("dropless, grouped_mm=grouped", None, "grouped", contextlib.nullcontext))
+        if cpu_experts.f32_gemm_active():
+            native.append(("dropless, kernel on ATen GEMMs", None, "auto", cpu_experts.aten_gemms))
+    for label, cf, impl, context in native:
         layer = MoELayer(d, f, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, grouped_mm=impl)).to(device)
         for p in layer.parameters():
             nn.init.normal_(p, std=0.02)
-        out.append((f"moetrain native {label}", layer, on_tokens(layer)))
+        out.append((f"moetrain native {label}", layer, on_tokens(layer), context))
 
     from deepspeed.moe.layer import MoE
 
@@ -126,14 +131,14 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
             top2_2nd_expert_sampling=False,
         ).to(device)
         ds.set_deepspeed_parallelism()
-        out.append((f"DeepSpeed MoE {label}", ds, on_tokens(ds)))
+        out.append((f"DeepSpeed MoE {label}", ds, on_tokens(ds), contextlib.nullcontext))
 
     from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
 
     ours_on_ds = DeepSpeedMoELayer(d, f, MoEConfig(num_experts=E, top_k=k), ep_size=1, ep_rank=0).to(device)
     ours_on_ds.moe.set_deepspeed_parallelism()
     ours_on_ds.gate.reset_parameters(0.02, 0.02)
-    out.append(("moetrain deepspeed backend dropless", ours_on_ds, on_tokens(ours_on_ds)))
+    out.append(("moetrain deepspeed backend dropless", ours_on_ds, on_tokens(ours_on_ds), contextlib.nullcontext))
 
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -142,8 +147,23 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
     block = MixtralSparseMoeBlock(cfg).to(device)
     for p in block.parameters():
         nn.init.normal_(p, std=0.02)
-    out.append(("transformers Mixtral block", block, on_tokens(block)))
+    out.append(("transformers Mixtral block", block, on_tokens(block), contextlib.nullcontext))
     return out
+
+
+def own_gemm_bound(d: int, f: int, x_dense: torch.Tensor, iters: int) -> float | None:
+    """The dense bound's FLOPs on the CPU kernel's own GEMM: one expert of ``tokens * k`` rows (every GEMM
+    split over the threads by tiles); None where the kernel runs on ATen's GEMMs (no AVX-512, or not CPU)."""
+    from moetrain.model import cpu_experts
+    from moetrain.model.experts import GroupedExperts
+
+    if x_dense.device.type != "cpu" or not cpu_experts.f32_gemm_active():
+        return None
+    one = GroupedExperts(1, d, f, "fused")
+    for p in one.parameters():
+        nn.init.normal_(p, std=0.02)
+    rows = torch.tensor([x_dense.shape[0]])
+    return time_fwd_bwd(lambda x: one(x, rows), x_dense, iters, one)
 
 
 def bench_moe(args) -> str:
@@ -156,15 +176,19 @@ def bench_moe(args) -> str:
             dense = SwiGLU(d, f).to(device)
             x_dense = torch.randn(args.tokens * k, d, device=device)
             bound = time_fwd_bwd(dense, x_dense, args.iters, dense)
+            own = own_gemm_bound(d, f, x_dense, args.iters)
             flops = expert_flops(args.tokens, k, d, f)
-            rows.append((d, f, E, k, "dense-GEMM bound", bound, 1.0, flops / bound / 1e9))
-            print(f"(d={d}, f={f}, E={E}, k={k}) dense bound {bound * 1e3:.1f} ms", flush=True)
-            for name, module, fn in candidates(d, f, E, k, device):
-                t = time_fwd_bwd(fn, x, args.iters, module)
-                rows.append((d, f, E, k, name, t, bound / t, flops / t / 1e9))
-                print(f"    {name:32s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound", flush=True)
+            print(f"(d={d}, f={f}, E={E}, k={k})", flush=True)
+            timed = [("dense-GEMM bound", bound)] + ([("dense bound on the kernel's GEMM", own)] if own else [])
+            for name, module, fn, context in candidates(d, f, E, k, device):
+                with context():
+                    timed.append((name, time_fwd_bwd(fn, x, args.iters, module)))
+            for name, t in timed:
+                own_frac = f"{own / t:.2f}" if own else "-"
+                rows.append((d, f, E, k, name, t, f"{bound / t:.2f}", own_frac, flops / t / 1e9))
+                print(f"    {name:40s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound  {own_frac} of own", flush=True)
     lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {args.device}, cpu_malloc {args.cpu_malloc}; tokens={args.tokens}, "
         f"fp32, forward+backward (gradients set to None before each), median of {args.iters} after 3 warm-up "
         "iterations.",
@@ -172,14 +196,26 @@ def bench_moe(args) -> str:
         f"Command: `python launch/bench.py moe --tokens {args.tokens} --iters {args.iters} --threads {args.threads}"
         f" --device {args.device} --cpu-malloc {args.cpu_malloc}`",
         "",
-        "| d_model | d_ff | E | k | implementation | ms | fraction of dense bound | expert GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| d_model | d_ff | E | k | implementation | ms | fraction of dense bound | fraction of own-GEMM bound "
+        "| expert GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {d} | {f} | {E} | {k} | {name} | {t * 1e3:.1f} | {frac:.2f} | {gf:.0f} |"
-        for d, f, E, k, name, t, frac, gf in rows
+        f"| {d} | {f} | {E} | {k} | {name} | {t * 1e3:.1f} | {frac} | {own_frac} | {gf:.0f} |"
+        for d, f, E, k, name, t, frac, own_frac, gf in rows
     ]
     return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), e.g. 'AMD EPYC'; the platform's processor string elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def bench_a2a(args) -> str:

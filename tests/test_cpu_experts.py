@@ -289,3 +289,125 @@ def test_token_kernel_frozen_experts_bf16_and_inference_mode(threads):
     torch.testing.assert_close(out16.float(), out32, rtol=2e-2, atol=2e-2)
     for g, r in zip(grads16, grads32):
         torch.testing.assert_close(g.float(), r, rtol=5e-2, atol=5e-2)
+
+
+# ---------------------------------------------------------------- the kernel's own fp32 GEMM (csrc/f32_gemm.cpp)
+def cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+needs_avx512 = pytest.mark.skipif(not cpu_has_avx512(), reason="this CPU has no AVX-512: fp32 runs on ATen's GEMMs")
+
+
+def test_own_gemm_runs_exactly_where_the_cpu_has_avx512():
+    assert cpu_experts.f32_gemm_active() == cpu_has_avx512()
+    with cpu_experts.aten_gemms():
+        assert not cpu_experts.f32_gemm_active()
+    assert cpu_experts.f32_gemm_active() == cpu_has_avx512()
+
+
+def operand(rows: int, cols: int, layout: str) -> torch.Tensor:
+    """A (rows, cols) float32 matrix laid out as asked: contiguous, a transposed view, every other column of a
+    wider matrix (any strides are allowed for A), or rows padded (row stride > cols)."""
+    if layout == "transposed":
+        return torch.randn(cols, rows).t()
+    if layout == "every-other-column":
+        return torch.randn(rows, 2 * cols)[:, ::2]
+    if layout == "padded-rows":
+        return torch.randn(rows, cols + 5)[:, :cols]
+    return torch.randn(rows, cols)
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    ("M", "N", "K"),
+    # one expert's forward (64 rows), an M edge, A streaming with N edges of every width, K = 0 and 1-element
+    [
+        (64, 512, 256),
+        (70, 256, 512),
+        (512, 70, 256),
+        (256, 27, 512),
+        (512, 16, 33),
+        (600, 130, 7),
+        (7, 16, 0),
+        (1, 1, 1),
+        (25, 1, 3),
+        (256, 512, 64),
+    ],
+)
+@pytest.mark.parametrize("a_layout", ["contiguous", "transposed", "every-other-column"])
+@pytest.mark.parametrize("store", ["write", "add", "stream"])
+def test_own_gemm_equals_a_float64_product(M, N, K, a_layout, store):
+    torch.manual_seed(M * 1000 + N + K)
+    kernel = cpu_experts._build()
+    a, b = operand(M, K, a_layout), operand(K, N, "padded-rows")
+    c = operand(M, N, "padded-rows" if store != "stream" else "contiguous")
+    before = c.clone()
+    kernel.f32_mm(c, a, b, store == "add", store == "stream")
+    ref = a.double() @ b.double() + (before.double() if store == "add" else 0)
+    torch.testing.assert_close(c.double(), ref, rtol=1e-5, atol=1e-5 * max(K, 1) ** 0.5)
+
+
+@needs_avx512
+@pytest.mark.parametrize(("rows", "cols"), [(16, 16), (64, 512), (512, 64), (17, 33), (130, 70), (1, 5)])
+def test_own_transpose_is_exact(rows, cols):
+    kernel = cpu_experts._build()
+    for t in (torch.randn(rows, cols), operand(rows, cols, "padded-rows")):
+        assert torch.equal(kernel.f32_transpose(t), t.t().contiguous())
+
+
+@needs_avx512
+def test_own_gemm_gives_the_same_bits_on_any_number_of_threads():
+    """Each output tile is summed by one thread in k order, so 1 and 2 threads agree bit for bit, for a lone GEMM
+    (split over the threads by tiles) and for the kernel's single-expert path."""
+    kernel = cpu_experts._build()
+    a, b = torch.randn(300, 200), torch.randn(200, 260)
+    x, w1, w3, w2 = random_experts([300])
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            c = torch.empty(300, 260)
+            kernel.f32_mm(c, a, b, False, False)
+            outs.append((c, *kernel.swiglu_forward(x, w1, w3, w2, [300])))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*outs):
+        assert torch.equal(one, two)
+
+
+@needs_avx512
+@pytest.mark.parametrize(("d", "ff"), [(64, 128), (80, 100)], ids=["aligned", "unaligned"])
+def test_token_kernel_on_own_gemm_equals_it_on_aten_gemms(d, ff, threads):
+    """The whole token-level kernel, forward and every gradient, on its own GEMM against ATen's (MKL), with
+    experts of 0 to ~130 rows (every tile edge); 'unaligned' rows (d_ff 100) keep d_ff-wide weight gradients off
+    the streaming stores."""
+    E, T, K = 6, 260, 2
+    gen = torch.Generator().manual_seed(0)
+    # the tokens choose among the first 5 experts only: the last one gets no rows, the others ~94 each
+    expert_idx_TK = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)])
+    perm = permute(expert_idx_TK, E, torch.rand(T, K, generator=gen) >= 0.1)
+    experts = GroupedExperts(E, d, ff, "fused")
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(T, d, requires_grad=True)
+    gates = torch.rand(T, K, requires_grad=True)
+    dout = torch.randn(T, d)
+    inputs = [x, gates, *experts.parameters()]
+
+    def run():
+        out, y = experts(x, perm.tokens_per_expert_E, perm=perm, gates_TK=gates)
+        return (out, y, *torch.autograd.grad(out, inputs, dout))
+
+    own = run()
+    with cpu_experts.aten_gemms():
+        aten = run()
+    for name, o, r in zip(["out", "y", "x", "gates", "w1", "w3", "w2"], own, aten):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    counts = perm.tokens_per_expert_E.tolist()
+    assert counts[-1] == 0 and min(counts[:-1]) > 64  # an empty expert; the others span two 64-column blocks

@@ -1,28 +1,34 @@
 // fp32 GEMM and transpose for one expert's blocks, AVX-512; see f32_gemm.h for why and what.
 //
-// The register tile is MR x NR = 6 rows x 64 columns (24 zmm accumulators, 4 zmm of B, 1 broadcast of A):
-// per k step 4 vector loads of B's row k and 6 broadcasts of A's column k feed 24 FMAs. Tiles at the edges
-// use fewer rows (the MR template) and fewer or masked columns (NQ and the last column's mask). Nothing is
-// packed: B's rows are read in place (a tile's 64 columns of B are 4 cache lines per row) and A by broadcasts.
+// Register tiles hold 24 zmm accumulators: 6 rows x 64 columns (4 zmm) in full column blocks, and at a narrow
+// right edge 8 x 48, 12 x 32 or 24 x 16 (the last zmm masked), so that every k step still does 24 FMAs for
+// one broadcast of A per row and one load of B per zmm. Rows at the bottom edge use a smaller row count
+// (the MR template). Nothing is packed: B's rows are read in place and A by broadcasts.
 //
-// Tile order: when A is the larger operand (it streams: a weight in the input-gradient GEMMs) the tiles go
-// row-tile by row-tile and the first tile of a row prefetches the next row-tile of A; otherwise (B streams: a
-// weight in the forward GEMMs, or neither) column panel by panel, and the row-tiles of a panel prefetch the
-// next panel of B between them. One prefetch per k step rides along with the FMAs.
+// Task order: when A is the larger operand (it streams: a weight in the input-gradient products) a task is a
+// band of 24 rows across all column blocks, whose tiles prefetch the next band of A between them; otherwise
+// (B streams: a weight in the forward products, or neither) a task is one tile, column block by block, and
+// the row-tiles of a block prefetch the next block of B between them. One prefetch per k step rides along
+// with the FMAs.
 #include "f32_gemm.h"
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <array>
 #include <utility>
 #include <cstdint>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
 namespace f32_gemm {
 namespace {
 
 constexpr int64_t kMR = 6, kNR = 64, kLine = 64;  // rows and columns of a register tile; cache line bytes
+constexpr int64_t kKC = 512;     // k steps per pass: a 64-column panel of B is then at most 128 KiB (L2)
+constexpr int64_t kChunk = 192;  // rows per chunk when B streams (a multiple of every tile's row count)
 
 // Cache lines to prefetch while a tile's k loop runs, one per k step: base + k * stride for k < count. (A
 // constant stride keeps the bookkeeping to one pointer: the loop needs every register it has.)
@@ -199,12 +205,13 @@ __attribute__((target("avx512f"))) inline void transpose16(const float* src, int
   }
 }
 
-__attribute__((target("avx512f"))) void transpose_avx512(const float* src, int64_t rows, int64_t cols,
-                                                         int64_t ld_src, float* dst, int64_t ld_dst) {
-  const int64_t rows16 = rows / 16 * 16, cols16 = cols / 16 * 16;
-  for (int64_t i = 0; i < rows16; i += 16)
+// Rows [r0, r1) of src (r0 a multiple of 16) into their columns of dst.
+__attribute__((target("avx512f"))) void transpose_rows(const float* src, int64_t r0, int64_t r1, int64_t cols,
+                                                       int64_t ld_src, float* dst, int64_t ld_dst) {
+  const int64_t rows16 = r0 + (r1 - r0) / 16 * 16, cols16 = cols / 16 * 16;
+  for (int64_t i = r0; i < rows16; i += 16)
     for (int64_t j = 0; j < cols16; j += 16) transpose16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
-  for (int64_t i = 0; i < rows; ++i)  // the edges
+  for (int64_t i = r0; i < r1; ++i)  // the edges
     for (int64_t j = i < rows16 ? cols16 : 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
 }
 
@@ -215,18 +222,17 @@ bool available() {
   return yes;
 }
 
-void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b, int64_t ldb,
-          float* c, int64_t ldc, Store store) {
-  if (M <= 0 || N <= 0) return;
-  const bool stream = store == Store::kStream && reinterpret_cast<uintptr_t>(c) % kLine == 0 && ldc % 16 == 0;
-  const Problem p{M, N, K, a, a_si, a_sk, b, ldb, c, ldc, store == Store::kAdd ? Store::kAdd : Store::kWrite, stream};
-  // tasks of ~4 MFLOP or more, so that small GEMMs outside a parallel region stay on one thread
-  const int64_t flops_per_row = 2 * N * std::max<int64_t>(K, 1);
+namespace {
+
+// One pass over p.K (at most kKC): bands when A streams; else chunks of kChunk rows, each tiled block by block.
+void run_pass(const Problem& p) {
   const auto finish = [&] {
-    if (stream) _mm_sfence();  // streaming stores are weakly ordered: publish them before other threads read C
+    if (p.stream) _mm_sfence();  // streaming stores are weakly ordered: publish them before other threads read C
   };
-  if (M > N) {
-    const int64_t bands = (M + kBand - 1) / kBand;
+  // tasks of ~4 MFLOP or more, so that small GEMMs outside a parallel region stay on one thread
+  const int64_t flops_per_row = 2 * p.N * std::max<int64_t>(p.K, 1);
+  if (p.M > p.N) {
+    const int64_t bands = (p.M + kBand - 1) / kBand;
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / (kBand * flops_per_row));
     at::parallel_for(0, bands, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t band = b0; band < b1; ++band) run_band(p, band);
@@ -234,21 +240,61 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t
     });
     return;
   }
-  // tiles numbered block by block; only the last block can have other tile rows than the first
-  const int64_t full_blocks = p.blocks() - 1, per_block = p.row_tiles(0);
-  const int64_t tiles = full_blocks * per_block + p.row_tiles(full_blocks);
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / (2 * kMR * kNR * std::max<int64_t>(K, 1)));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t j = std::min(t / per_block, full_blocks);
-      run_tile(p, j, t - j * per_block);
-    }
-    finish();
-  });
+  for (int64_t m0 = 0; m0 < p.M; m0 += kChunk) {
+    Problem q = p;  // rows [m0, m0 + kChunk): their A rows stay in cache across the column blocks
+    q.M = std::min(kChunk, p.M - m0);
+    q.a += m0 * p.a_si;
+    q.c += m0 * p.ldc;
+    // tiles numbered block by block; only the last block can have other tile rows than the first
+    const int64_t full_blocks = q.blocks() - 1, per_block = q.row_tiles(0);
+    const int64_t tiles = full_blocks * per_block + q.row_tiles(full_blocks);
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / (kMR * flops_per_row));
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t j = std::min(t / per_block, full_blocks);
+        run_tile(q, j, t - j * per_block);
+      }
+      finish();
+    });
+  }
+}
+
+}  // namespace
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b, int64_t ldb,
+          float* c, int64_t ldc, Store store) {
+  if (M <= 0 || N <= 0) return;
+  const bool can_stream = store == Store::kStream && reinterpret_cast<uintptr_t>(c) % kLine == 0 && ldc % 16 == 0;
+  // K in passes of at most kKC, so that a tile's panel of B (kKC x 64) stays in L2 however long K is (the weight
+  // gradients of an expert with thousands of rows); later passes add to C, the last one may stream it out.
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, K - k0);
+    const bool add = store == Store::kAdd || k0 > 0;
+    run_pass(Problem{M, N, kc, a + k0 * a_sk, a_si, a_sk, b + k0 * ldb, ldb, c, ldc, add ? Store::kAdd : Store::kWrite,
+                     can_stream && k0 + kKC >= K});
+  }
 }
 
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst) {
-  transpose_avx512(src, rows, cols, ld_src, dst, ld_dst);
+  // 16-row blocks over the threads when called outside a parallel region (one large expert), inline inside
+  const int64_t blocks = (rows + 15) / 16, grain = std::max<int64_t>(1, (int64_t(1) << 16) / (16 * std::max<int64_t>(cols, 1)));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    transpose_rows(src, b0 * 16, std::min(rows, b1 * 16), cols, ld_src, dst, ld_dst);
+  });
 }
 
 }  // namespace f32_gemm
+
+#else  // not x86-64: available() is false and the kernel's callers use ATen's GEMMs
+
+namespace f32_gemm {
+bool available() { return false; }
+void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, Store) {
+  TORCH_CHECK(false, "f32_gemm::gemm needs an x86-64 CPU with AVX-512");
+}
+void transpose(const float*, int64_t, int64_t, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "f32_gemm::transpose needs an x86-64 CPU with AVX-512");
+}
+}  // namespace f32_gemm
+
+#endif

@@ -100,8 +100,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_grad_block(const at::Tenso
     auto dh1 = dg;                 // holds dg until the loop overwrites it with dh1
     auto g = at::empty_like(h1);
     AT_DISPATCH_FLOATING_TYPES(h1.scalar_type(), "swiglu_grad_block", [&] {
-      swiglu_grad_loop<scalar_t>(h1.const_data_ptr<scalar_t>(), h3.const_data_ptr<scalar_t>(),
-                                 dh1.data_ptr<scalar_t>(), dh3.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), h1.numel());
+      // over the threads for one large expert (outside a parallel region), inline inside one
+      at::parallel_for(0, h1.numel(), 1 << 15, [&](int64_t i0, int64_t i1) {
+        swiglu_grad_loop<scalar_t>(h1.const_data_ptr<scalar_t>() + i0, h3.const_data_ptr<scalar_t>() + i0,
+                                   dh1.data_ptr<scalar_t>() + i0, dh3.data_ptr<scalar_t>() + i0,
+                                   g.data_ptr<scalar_t>() + i0, i1 - i0);
+      });
     });
     return {g, dh1, dh3};
   }

@@ -8,17 +8,21 @@ an explicit ``moe.grouped_mm=fused`` fails instead.
 Two entries: ``FusedSwiGLUExperts`` (rows already sorted by expert; the expert-parallel path) and
 ``FusedMoEExperts`` (tokens in, tokens out: gather, experts and gate-weighted combine in one kernel call).
 
+On a CPU with AVX-512 the fp32 GEMMs run on the kernel's own GEMM (``csrc/f32_gemm.cpp``; why in its header),
+elsewhere and for bfloat16 / float64 on ATen's.
+
 Shape legend: S rows sorted by expert, D model dim, F expert hidden dim, E experts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -83,6 +87,24 @@ def build_before_training(moe: MoEConfig, local_rank: int, barrier: Callable[[],
         fused_kernel_available()
     barrier()
     fused_kernel_available()
+
+
+def f32_gemm_active() -> bool:
+    """Whether the kernel's fp32 GEMMs run on its own AVX-512 GEMM (``csrc/f32_gemm.cpp``) rather than ATen's
+    (MKL): where the CPU has AVX-512 and ``aten_gemms`` is not in force."""
+    return _build().f32_gemm_active()
+
+
+@contextlib.contextmanager
+def aten_gemms() -> Iterator[None]:
+    """Within the block the kernel runs its GEMMs on ATen's (MKL), as on a CPU without AVX-512: for tests and
+    the benchmark, which compare the two."""
+    kernel = _build()
+    before = kernel.set_f32_gemm(False)
+    try:
+        yield
+    finally:
+        kernel.set_f32_gemm(before)
 
 
 def fused_supported(x_SD: torch.Tensor) -> bool:
