@@ -1,12 +1,13 @@
 // fp32 GEMM and transpose for one expert's blocks, AVX-512 (f32_gemm.cpp).
 //
-// Why not MKL: measured on the 2-core AMD EPYC (Zen 4) development machine, single-threaded, one expert's
-// shapes (64 rows, d_model 256, d_ff 512) with each expert's weights cold as in a step: at::mm (MKL) runs
-// the forward GEMMs at 68-75 GFLOP/s and the weight-gradient GEMMs at ~75, this kernel at 81-87 and ~91 (its
-// stores of the gradient bypass the cache); at 512 rows and warm weights 100-110 against MKL's ~97
-// (docs/benchmarks.md). What makes the difference: B is read in place (no packing pass that would stall on
-// memory before any arithmetic), the next panel of the streamed operand is prefetched while the current one
-// is computed, and outputs that are not read again soon are written with streaming stores.
+// Why not MKL: measured on the 2-core AMD EPYC (Zen 4) development machine with one expert's shapes
+// (d_model 256, d_ff 512). Single-threaded, warm: MKL (at::mm) 93-103 GFLOP/s, this 105-113; with 27 columns
+// (an expert's rows as the columns of an input-gradient product) MKL 42, this 88. In the expert kernel, 64
+// experts of 64 rows, 2 threads, each expert's weights cold as in a step: forward 22.2 -> 18.7 ms, backward
+// 46.3 -> 33.3 ms; 8 experts of 512 rows: 17.9 -> 16.7 and 35.6 -> 35.1 ms (docs/benchmarks.md). What makes
+// the difference: B is read in place (no packing pass that stalls on memory before any arithmetic), the
+// next panel of the streamed operand is prefetched while the current one is computed, narrow edges keep 24
+// accumulators busy, and outputs nothing reads soon (weight gradients) are written with streaming stores.
 #pragma once
 
 #include <cstdint>
