@@ -39,6 +39,10 @@ class Distiller:
             p.requires_grad_(False)
         self.teacher = teacher
 
+    def drop_teacher(self) -> None:
+        """No teacher again (a pruning round that took it was rolled back)."""
+        self.teacher = None
+
     @torch.no_grad()
     def teacher_logits(self, inputs_BS: torch.Tensor) -> torch.Tensor:
         return self.teacher(inputs_BS).logits_BSV

@@ -220,10 +220,15 @@ class Trainer:
         return self.checkpoints.save(self.engine, self.step, self.client_state(), tag=name)
 
     def restore_snapshot(self, path: Path) -> None:
-        """Collective: back to the snapshot's structure, weights, optimizer state and RNG."""
+        """Collective: back to the snapshot's structure, weights, optimizer state and RNG, and to its
+        distillation teacher: a teacher taken by the round being rolled back goes with it (the snapshot has
+        none to load; the next round that removes experts takes it again)."""
         structure = CheckpointManager.saved_structure(path)
         self.cfg.moe.expert_ids = structure.get("expert_ids") or []
         self.model, expert_shards = build_model_for_engine(self.cfg, load_init=False)
+        if not structure.get("teacher_expert_ids"):
+            self.distiller.drop_teacher()
+            self.teacher_expert_ids = None
         self._assemble(expert_shards)
         self.checkpoints.load(self.engine, path.parent, path.name)
         barrier()

@@ -125,13 +125,15 @@ PRUNE_FAST = [
 
 @pytest.mark.slow
 def test_forced_bad_round_rolls_back(tmp_path):
+    """With distillation on: the teacher that round 1 takes goes with its rollback (the snapshot has none),
+    and the final checkpoint's teacher is the one the first kept round took, if any."""
     run_dir = tmp_path / "run"
     overrides = [
         *PRUNE_FAST,
         "prune.threshold=1.0",
         "prune.max_fraction=0.5",
         "prune.max_loss_increase=0.0",
-        "distill.enabled=false",
+        "distill.enabled=true",
         f"hydra.run.dir={run_dir}",
     ]
     env = {"MOETRAIN_FAULT": "hurt-prune-round:1"}  # the round also scales every expert output up 100x
@@ -143,6 +145,10 @@ def test_forced_bad_round_rolls_back(tmp_path):
     assert r["val_loss_restored"] == r["val_loss_before"]  # weights, structure and routing exactly restored
     assert s["prune_rounds"][1]["experts_before"] == [8, 8]  # round 2 starts from the unpruned model
     assert not any(p.name.startswith("pre_prune") for p in (run_dir / "checkpoints").iterdir())
+    kept = [r for r in s["prune_rounds"] if r["outcome"] == "kept"]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    structure = json.loads((run_dir / "checkpoints" / latest / "structure.json").read_text())
+    assert structure["teacher_expert_ids"] == (kept[0]["expert_ids_before"] if kept else None)
 
 
 @pytest.mark.slow
