@@ -203,6 +203,14 @@ def naive_token_moe(x_TD, gates_TK, expert_idx_TK, keep_TK, w1, w3, w2):
     return reference_combine(x_TD, gates_TK, placed, w1, w3, w2)[0]
 
 
+def fused_experts_and_inputs(E: int, d: int, ff: int, T: int, K: int, std: float):
+    """Kernel experts with N(0, std) weights, and x, gates (both needing gradients) and dout for T tokens."""
+    experts = GroupedExperts(E, d, ff, "fused")
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return experts, torch.randn(T, d, requires_grad=True), torch.rand(T, K, requires_grad=True), torch.randn(T, d)
+
+
 @pytest.mark.parametrize(("K", "drop"), [(1, 0.0), (2, 0.0), (2, 0.3), (3, 0.5)])
 def test_token_kernel_gradcheck_fp64(K, drop, threads):
     E, T = 8, 24
@@ -229,12 +237,7 @@ def test_token_kernel_equals_gather_experts_combine(K, T, d, threads):
     gradient."""
     E = 8
     expert_idx_TK, keep_TK, perm = token_routing(T, E, K, 0.2)
-    experts = GroupedExperts(E, d, FF, "fused")
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(T, d, requires_grad=True)
-    gates = torch.rand(T, K, requires_grad=True)
-    dout = torch.randn(T, d)
+    experts, x, gates, dout = fused_experts_and_inputs(E, d, FF, T, K, std=0.3)
     out, y = experts(x, perm.tokens_per_expert_E, perm=perm, gates_TK=gates)
     y_ref = experts(x.index_select(0, perm.token_A), perm.tokens_per_expert_E)
     out_ref = combine(y_ref, perm, gates, T)
@@ -392,12 +395,7 @@ def test_token_kernel_on_own_gemm_equals_it_on_aten_gemms(d, ff, threads):
     # the tokens choose among the first 5 experts only: the last one gets no rows, the others ~94 each
     expert_idx_TK = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)])
     perm = permute(expert_idx_TK, E, torch.rand(T, K, generator=gen) >= 0.1)
-    experts = GroupedExperts(E, d, ff, "fused")
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    x = torch.randn(T, d, requires_grad=True)
-    gates = torch.rand(T, K, requires_grad=True)
-    dout = torch.randn(T, d)
+    experts, x, gates, dout = fused_experts_and_inputs(E, d, ff, T, K, std=0.1)
     inputs = [x, gates, *experts.parameters()]
 
     def run():
