@@ -54,7 +54,7 @@ def _build() -> ModuleType:
     use_environment_ninja()
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     # the build runs under a lock file there; a build killed midway leaves it behind and the next one waits
-    log.info("loading the CPU expert kernel (built once, ~20 s) from %s; a stale 'lock' there blocks this", root)
+    log.info("loading the CPU expert kernel (built once, ~35 s) from %s; a stale 'lock' there blocks this", root)
     return load(
         name="moetrain_swiglu_experts",
         sources=[str(s) for s in SOURCES],
