@@ -328,7 +328,8 @@ def operand(rows: int, cols: int, layout: str) -> torch.Tensor:
 @needs_avx512
 @pytest.mark.parametrize(
     ("M", "N", "K"),
-    # one expert's forward (64 rows), an M edge, A streaming with N edges of every width, K = 0 and 1-element
+    # one expert's forward (64 rows), an M edge, A streaming with N edges of every width, K = 0 and 1-element,
+    # K over one pass (512) and B streaming over more than one chunk of rows (192)
     [
         (64, 512, 256),
         (70, 256, 512),
@@ -340,6 +341,8 @@ def operand(rows: int, cols: int, layout: str) -> torch.Tensor:
         (1, 1, 1),
         (25, 1, 3),
         (256, 512, 64),
+        (70, 96, 1100),
+        (300, 520, 40),
     ],
 )
 @pytest.mark.parametrize("a_layout", ["contiguous", "transposed", "every-other-column"])
