@@ -241,7 +241,8 @@ def bench_a2a(args) -> str:
     rows = [line.removeprefix("A2A ") for line in out.splitlines() if line.startswith("A2A ")]
     return "\n".join(
         [
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 2 ranks (gloo), "
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}, "
+            "2 ranks (gloo), "
             f"1 thread each; tokens={args.tokens} per rank, d_model=256, d_ff=512, E=8, k=2, dropless, "
             "forward+backward, median.",
             "",

@@ -388,6 +388,37 @@ def test_own_gemm_gives_the_same_bits_on_any_number_of_threads():
 
 
 @needs_avx512
+def test_one_large_expert_splits_its_work_over_the_threads_alike():
+    """One expert of 2000 rows runs outside a parallel region: its GEMM tiles, block transposes and SwiGLU
+    gradient loop are split over the threads. 1 and 2 threads give the same bits, and both equal the same
+    kernel on ATen's GEMMs to fp32 rounding (a wrong split would change the 2-thread result only)."""
+    kernel = cpu_experts._build()
+    E, D_, F_, S = 1, 64, 96, 2000
+    x, dy = torch.randn(S, D_), torch.randn(S, D_)
+    w1, w3 = (0.1 * torch.randn(E, D_, F_) for _ in range(2))
+    w2 = 0.1 * torch.randn(E, F_, D_)
+
+    def forward_backward():
+        y, h1, h3 = kernel.swiglu_forward(x, w1, w3, w2, [S])
+        return (y, *kernel.swiglu_backward(dy, x, w1, w3, w2, h1, h3, [S], True, True, True, True))
+
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(forward_backward())
+        with cpu_experts.aten_gemms():
+            aten = forward_backward()
+    finally:
+        torch.set_num_threads(before)
+    for one, two, ref in zip(*runs, aten):
+        assert torch.equal(one, two)
+        # the weight gradients sum over all 2000 rows, in another order on ATen: rounding grows with sqrt(S)
+        torch.testing.assert_close(two, ref, rtol=1e-5, atol=1e-5 * S**0.5)
+
+
+@needs_avx512
 @pytest.mark.parametrize(("d", "ff"), [(64, 128), (80, 100)], ids=["aligned", "unaligned"])
 def test_token_kernel_on_own_gemm_equals_it_on_aten_gemms(d, ff, threads):
     """The whole token-level kernel, forward and every gradient, on its own GEMM against ATen's (MKL), with

@@ -144,15 +144,13 @@ at::Tensor transposed(const at::Tensor& t) {
 // One expert's forward on its rows: h1 = x w1, h3 = x w3, y = (silu(h1) * h3) w2, into the given views.
 void expert_forward(const at::Tensor& x_e, const at::Tensor& w1_e, const at::Tensor& w3_e, const at::Tensor& w2_e,
                     at::Tensor h1_e, at::Tensor h3_e, at::Tensor y_e) {
-  if (use_f32_gemm(x_e, {&w1_e, &w3_e, &w2_e})) {
-    mm_f32(h1_e, x_e, w1_e);
-    mm_f32(h3_e, x_e, w3_e);
-    mm_f32(y_e, at::silu(h1_e).mul_(h3_e), w2_e);
-    return;
-  }
-  mm_into(h1_e, x_e, w1_e);
-  mm_into(h3_e, x_e, w3_e);
-  mm_into(y_e, at::silu(h1_e).mul_(h3_e), w2_e);
+  const bool own = use_f32_gemm(x_e, {&w1_e, &w3_e, &w2_e});
+  const auto mm = [own](at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+    own ? mm_f32(out, a, b) : mm_into(out, a, b);
+  };
+  mm(h1_e, x_e, w1_e);
+  mm(h3_e, x_e, w3_e);
+  mm(y_e, at::silu(h1_e).mul_(h3_e), w2_e);
 }
 
 // num_rows: the rows the experts compute (x's rows, or the kept assignments when the kernel gathers them).
