@@ -25,6 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,23 +41,52 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SHAPES = [(256, 512, 8), (256, 512, 32), (256, 512, 64), (512, 1024, 32)]  # (d_model, d_ff, E)
 
 
-def time_fwd_bwd(module_fn, x: torch.Tensor, iters: int, module: nn.Module, warmup: int = 3) -> float:
-    """Median seconds of forward + backward (sum of squares of the output as the loss: no stride-0 grads).
+def one_fwd_bwd(module_fn, x: torch.Tensor, module: nn.Module) -> float:
+    """Seconds of one forward + backward (sum of squares of the output as the loss: no stride-0 grads).
 
-    ``module``'s gradients are set to None before each iteration, outside the timing, as a training loop's
-    ``zero_grad()`` does: each backward writes fresh gradients instead of adding to the last ones."""
-    times = []
-    for i in range(warmup + iters):
-        module.zero_grad(set_to_none=True)
-        xi = x.detach().requires_grad_(True)
-        t0 = time.perf_counter()
-        out = module_fn(xi)
-        out.square().sum().backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    ``module``'s gradients are set to None first, outside the timing, as a training loop's ``zero_grad()`` does:
+    each backward writes fresh gradients instead of adding to the last ones."""
+    module.zero_grad(set_to_none=True)
+    xi = x.detach().requires_grad_(True)
+    t0 = time.perf_counter()
+    out = module_fn(xi)
+    out.square().sum().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_fwd_bwd(module_fn, x: torch.Tensor, iters: int, module: nn.Module, warmup: int = 3) -> float:
+    """Median seconds of ``one_fwd_bwd`` over ``iters`` iterations after ``warmup``."""
+    times = [one_fwd_bwd(module_fn, x, module) for _ in range(warmup + iters)]
+    return statistics.median(times[warmup:])
+
+
+@dataclass
+class Entry:
+    """One row of the table: what runs (x_TD -> y_TD), on which input, whose gradients reset, inside what."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    x: torch.Tensor
+    module: nn.Module
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def time_in_rounds(entries: list[Entry], iters: int, warmup: int = 3) -> list[float]:
+    """Median seconds of forward + backward of each entry, timed in rounds: every round runs each entry once,
+    in turn. Why: on a shared machine a slow spell lasting seconds would otherwise fall on whichever entries
+    ran then (the same code measured 59 and 63 ms an hour apart); in rounds it falls on all of them alike, so
+    the ratios between rows of one shape hold. It also means no entry finds its weights still in cache from its
+    own previous iteration, as a layer inside a model would not."""
+    times: list[list[float]] = [[] for _ in entries]
+    for r in range(warmup + iters):
+        for i, e in enumerate(entries):
+            with e.context():
+                t = one_fwd_bwd(e.fn, e.x, e.module)
+            if r >= warmup:
+                times[i].append(t)
+    return [statistics.median(t) for t in times]
 
 
 def expert_flops(tokens: int, k: int, d: int, f: int) -> float:
@@ -95,12 +126,13 @@ def on_tokens(module: nn.Module):
     return run
 
 
-def candidates(d: int, f: int, E: int, k: int, device: torch.device):
-    """(name, module, callable, context) tuples; each callable maps x_TD -> y_TD and is timed inside context()."""
+def candidates(d: int, f: int, E: int, k: int, x: torch.Tensor) -> list[Entry]:
+    """The MoE layers compared, each on the tokens ``x`` (T, d)."""
     from moetrain.config import MoEConfig
     from moetrain.model import cpu_experts
     from moetrain.model.moe import MoELayer
 
+    device = x.device
     out = []
     native = [("dropless", None, "auto", contextlib.nullcontext), ("cf 1.25", 1.25, "auto", contextlib.nullcontext)]
     if device.type == "cpu":
@@ -112,7 +144,7 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
         layer = MoELayer(d, f, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, grouped_mm=impl)).to(device)
         for p in layer.parameters():
             nn.init.normal_(p, std=0.02)
-        out.append((f"moetrain native {label}", layer, on_tokens(layer), context))
+        out.append(Entry(f"moetrain native {label}", on_tokens(layer), x, layer, context))
 
     from deepspeed.moe.layer import MoE
 
@@ -131,14 +163,14 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
             top2_2nd_expert_sampling=False,
         ).to(device)
         ds.set_deepspeed_parallelism()
-        out.append((f"DeepSpeed MoE {label}", ds, on_tokens(ds), contextlib.nullcontext))
+        out.append(Entry(f"DeepSpeed MoE {label}", on_tokens(ds), x, ds))
 
     from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
 
     ours_on_ds = DeepSpeedMoELayer(d, f, MoEConfig(num_experts=E, top_k=k), ep_size=1, ep_rank=0).to(device)
     ours_on_ds.moe.set_deepspeed_parallelism()
     ours_on_ds.gate.reset_parameters(0.02, 0.02)
-    out.append(("moetrain deepspeed backend dropless", ours_on_ds, on_tokens(ours_on_ds), contextlib.nullcontext))
+    out.append(Entry("moetrain deepspeed backend dropless", on_tokens(ours_on_ds), x, ours_on_ds))
 
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -147,23 +179,26 @@ def candidates(d: int, f: int, E: int, k: int, device: torch.device):
     block = MixtralSparseMoeBlock(cfg).to(device)
     for p in block.parameters():
         nn.init.normal_(p, std=0.02)
-    out.append(("transformers Mixtral block", block, on_tokens(block), contextlib.nullcontext))
+    out.append(Entry("transformers Mixtral block", on_tokens(block), x, block))
     return out
 
 
-def own_gemm_bound(d: int, f: int, x_dense: torch.Tensor, iters: int) -> float | None:
-    """The dense bound's FLOPs on the CPU kernel's own GEMM: one expert of ``tokens * k`` rows (every GEMM
-    split over the threads by tiles); None where the kernel runs on ATen's GEMMs (no AVX-512, or not CPU)."""
+def bounds(d: int, f: int, x_dense: torch.Tensor) -> list[Entry]:
+    """The dense-GEMM bound (``tokens * k`` rows through one SwiGLU FFN in PyTorch: MKL's GEMMs on CPU) and, where
+    the CPU kernel runs its own GEMM, the same FLOPs on it: one expert of ``tokens * k`` rows (every GEMM split
+    over the threads by tiles)."""
     from moetrain.model import cpu_experts
     from moetrain.model.experts import GroupedExperts
 
-    if x_dense.device.type != "cpu" or not cpu_experts.f32_gemm_active():
-        return None
-    one = GroupedExperts(1, d, f, "fused")
-    for p in one.parameters():
-        nn.init.normal_(p, std=0.02)
-    rows = torch.tensor([x_dense.shape[0]])
-    return time_fwd_bwd(lambda x: one(x, rows), x_dense, iters, one)
+    dense = SwiGLU(d, f).to(x_dense.device)
+    out = [Entry("dense-GEMM bound", dense, x_dense, dense)]
+    if x_dense.device.type == "cpu" and cpu_experts.f32_gemm_active():
+        one = GroupedExperts(1, d, f, "fused")
+        for p in one.parameters():
+            nn.init.normal_(p, std=0.02)
+        rows = torch.tensor([x_dense.shape[0]])
+        out.append(Entry("dense bound on the kernel's GEMM", lambda x: one(x, rows), x_dense, one))
+    return out
 
 
 def bench_moe(args) -> str:
@@ -173,25 +208,22 @@ def bench_moe(args) -> str:
         for k in (1, 2):
             torch.manual_seed(0)
             x = torch.randn(args.tokens, d, device=device)
-            dense = SwiGLU(d, f).to(device)
             x_dense = torch.randn(args.tokens * k, d, device=device)
-            bound = time_fwd_bwd(dense, x_dense, args.iters, dense)
-            own = own_gemm_bound(d, f, x_dense, args.iters)
-            flops = expert_flops(args.tokens, k, d, f)
+            entries = bounds(d, f, x_dense) + candidates(d, f, E, k, x)
             print(f"(d={d}, f={f}, E={E}, k={k})", flush=True)
-            timed = [("dense-GEMM bound", bound)] + ([("dense bound on the kernel's GEMM", own)] if own else [])
-            for name, module, fn, context in candidates(d, f, E, k, device):
-                with context():
-                    timed.append((name, time_fwd_bwd(fn, x, args.iters, module)))
-            for name, t in timed:
+            times = time_in_rounds(entries, args.iters)
+            bound = times[0]
+            own = times[1] if len(entries) > 1 and entries[1].name.startswith("dense bound on") else None
+            flops = expert_flops(args.tokens, k, d, f)
+            for e, t in zip(entries, times):
                 own_frac = f"{own / t:.2f}" if own else "-"
-                rows.append((d, f, E, k, name, t, f"{bound / t:.2f}", own_frac, flops / t / 1e9))
-                print(f"    {name:40s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound  {own_frac} of own", flush=True)
+                rows.append((d, f, E, k, e.name, t, f"{bound / t:.2f}", own_frac, flops / t / 1e9))
+                print(f"    {e.name:40s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound  {own_frac} of own", flush=True)
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {args.device}, cpu_malloc {args.cpu_malloc}; tokens={args.tokens}, "
-        f"fp32, forward+backward (gradients set to None before each), median of {args.iters} after 3 warm-up "
-        "iterations.",
+        f"fp32, forward+backward (gradients set to None before each), median of {args.iters} rounds after 3 warm-up "
+        "rounds; a round runs every row of a shape once, in turn.",
         "",
         f"Command: `python launch/bench.py moe --tokens {args.tokens} --iters {args.iters} --threads {args.threads}"
         f" --device {args.device} --cpu-malloc {args.cpu_malloc}`",

@@ -418,13 +418,21 @@ def test_one_large_expert_splits_its_work_over_the_threads_alike():
         torch.testing.assert_close(two, ref, rtol=1e-5, atol=1e-5 * S**0.5)
 
 
+def transposes_weights(rows: int, d: int, ff: int) -> bool:
+    """Whether the kernel's backward transposes an expert's weights rather than its row blocks for both products
+    with a transposed weight (expert_backward_f32: whichever moves fewer elements)."""
+    return rows * (d + ff) > d * ff and rows * (2 * ff + d) > 2 * d * ff
+
+
 @needs_avx512
 @pytest.mark.parametrize(("d", "ff"), [(64, 128), (80, 100)], ids=["aligned", "unaligned"])
-def test_token_kernel_on_own_gemm_equals_it_on_aten_gemms(d, ff, threads):
+@pytest.mark.parametrize("E", [6, 17], ids=["E6-weights-transposed", "E17-rows-transposed"])
+def test_token_kernel_on_own_gemm_equals_it_on_aten_gemms(d, ff, E, threads):
     """The whole token-level kernel, forward and every gradient, on its own GEMM against ATen's (MKL), with
     experts of 0 to ~130 rows (every tile edge); 'unaligned' rows (d_ff 100) keep d_ff-wide weight gradients off
-    the streaming stores."""
-    E, T, K = 6, 260, 2
+    the streaming stores. With 6 experts (~94 rows) the backward transposes the weights, with 17 (~30 rows) the
+    experts' row blocks."""
+    T, K = 260, 2
     gen = torch.Generator().manual_seed(0)
     # the tokens choose among the first 5 experts only: the last one gets no rows, the others ~94 each
     expert_idx_TK = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)])
@@ -442,4 +450,50 @@ def test_token_kernel_on_own_gemm_equals_it_on_aten_gemms(d, ff, threads):
     for name, o, r in zip(["out", "y", "x", "gates", "w1", "w3", "w2"], own, aten):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     counts = perm.tokens_per_expert_E.tolist()
-    assert counts[-1] == 0 and min(counts[:-1]) > 64  # an empty expert; the others span two 64-column blocks
+    assert counts[-1] == 0  # an empty expert
+    if E == 6:  # the others span two 64-column blocks
+        assert min(counts[:-1]) > 64 and all(transposes_weights(n, d, ff) for n in counts[:-1])
+    else:
+        assert not any(transposes_weights(n, d, ff) for n in counts)
+
+
+# ---------------------------------------------------------------- the router's logits GEMM (cpu_experts.linear)
+@needs_avx512
+@pytest.mark.parametrize(("T", "d", "E"), [(4096, 256, 64), (300, 20, 8), (7, 33, 3)])
+def test_router_linear_on_own_gemm_equals_a_float64_product(T, d, E):
+    """``cpu_experts.linear`` runs x w^T and both gradients on the kernel's GEMM; each against float64, also
+    with an upstream gradient of zero strides (what autograd hands over for a sum)."""
+    torch.manual_seed(T + d + E)
+    x, w = torch.randn(T, d, requires_grad=True), torch.randn(E, d, requires_grad=True)
+    out = cpu_experts.linear(x, w)
+    assert type(out.grad_fn).__name__ == "KernelLinearBackward"
+    x64, w64 = (t.detach().double().requires_grad_(True) for t in (x, w))
+    ref = x64 @ w64.t()
+    for dout in (torch.randn(T, E), torch.ones(1, 1).expand(T, E)):
+        dx, dw = torch.autograd.grad(out, [x, w], dout, retain_graph=True)
+        dx64, dw64 = torch.autograd.grad(ref, [x64, w64], dout.double(), retain_graph=True)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * d**0.5)
+        torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-5 * E**0.5)
+        torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5 * T**0.5)
+
+
+def test_router_linear_falls_back_to_aten_off_the_kernel():
+    x, w = torch.randn(5, 8, requires_grad=True), torch.randn(3, 8)
+    with cpu_experts.aten_gemms():
+        assert type(cpu_experts.linear(x, w).grad_fn).__name__ != "KernelLinearBackward"
+    for other in (x.double(), x.t().contiguous().t()):  # not fp32, rows not contiguous
+        assert not cpu_experts.kernel_linear_supported(other, w.to(other.dtype))
+
+
+@pytest.mark.parametrize(
+    ("backend", "impl", "kernel_gemm"),
+    [("native", "auto", True), ("native", "fused", True), ("native", "grouped", False), ("deepspeed", "auto", False)],
+)
+def test_router_logits_use_the_kernel_gemm_where_the_experts_do(backend, impl, kernel_gemm):
+    from moetrain.model.moe import RoutingCore
+
+    core = RoutingCore(D, MoEConfig(num_experts=4, top_k=2, backend=backend, grouped_mm=impl))
+    assert core.router.kernel_gemm == kernel_gemm
+    torch.nn.init.normal_(core.router.weight_ED)
+    x = torch.randn(9, D)
+    torch.testing.assert_close(core.router(x).logits_TE, x @ core.router.weight_ED.t(), rtol=1e-5, atol=1e-5)

@@ -190,28 +190,43 @@ std::vector<at::Tensor> experts_forward(const std::vector<int64_t>& counts, cons
   return {y, h1, h3};
 }
 
-// expert_backward on f32_gemm. Its B operand must have contiguous rows, so the products with a transposed weight
-// are computed transposed, the weight as the broadcast operand: dg^T = w2 dy^T and dx^T = w1 dh1^T + w3 dh3^T,
-// with the small (n, .) blocks transposed around them (O(n F) work against the GEMMs' O(n D F)). The weight
-// gradients are written with streaming stores: nothing reads them before the optimizer.
+// expert_backward on f32_gemm. Its B operand must have contiguous rows, so a product with a transposed weight
+// either transposes the weight (dg = dy w2^T, dx = dh1 w1^T + dh3 w3^T) or is computed transposed with the weight
+// as the broadcast operand (dg^T = w2 dy^T, dx^T = w1 dh1^T + w3 dh3^T) with the expert's (n, .) blocks
+// transposed around it: whichever moves fewer elements (experts of more than ~200 rows at d_model 256, d_ff 512
+// transpose their weights). The weight gradients are written with streaming stores: nothing reads them before the
+// optimizer.
 void expert_backward_f32(const at::Tensor& dy_e, const at::Tensor& x_e, const at::Tensor& w1_e, const at::Tensor& w3_e,
                          const at::Tensor& w2_e, const at::Tensor& h1_e, const at::Tensor& h3_e, at::Tensor dx_e,
                          at::Tensor dw1_e, at::Tensor dw3_e, at::Tensor dw2_e) {
   using f32_gemm::Store;
   const int64_t n = dy_e.size(0), F = w2_e.size(0), D = w2_e.size(1);
-  auto dg_t = at::empty({F, n}, dy_e.options());
-  mm_f32(dg_t, w2_e, transposed(dy_e));
-  auto dg_e = transposed(dg_t);
+  // Either the weight or the expert's blocks get transposed, whichever is smaller: both give the same bits (each
+  // output is one in-order sum over the same products). dg = dy w2^T moves dy and dg (n (D + F)) or w2 (D F).
+  at::Tensor dg_e;
+  if (n * (D + F) > D * F) {
+    dg_e = at::empty({n, F}, dy_e.options());
+    mm_f32(dg_e, dy_e, transposed(w2_e));
+  } else {
+    auto dg_t = at::empty({F, n}, dy_e.options());
+    mm_f32(dg_t, w2_e, transposed(dy_e));
+    dg_e = transposed(dg_t);
+  }
   auto [g_e, dh1_e, dh3_e] = swiglu_grad_block(h1_e, h3_e, dg_e);
   if (dw2_e.defined()) mm_f32(dw2_e, g_e.t(), dy_e, Store::kStream);
   if (dw1_e.defined()) mm_f32(dw1_e, x_e.t(), dh1_e, Store::kStream);
   if (dw3_e.defined()) mm_f32(dw3_e, x_e.t(), dh3_e, Store::kStream);
-  if (dx_e.defined()) {
-    auto dx_t = at::empty({D, n}, dy_e.options());
-    mm_f32(dx_t, w1_e, transposed(dh1_e));
-    mm_f32(dx_t, w3_e, transposed(dh3_e), Store::kAdd);
-    f32_gemm::transpose(dx_t.const_data_ptr<float>(), D, n, n, dx_e.data_ptr<float>(), dx_e.stride(0));
+  if (!dx_e.defined()) return;
+  // dx = dh1 w1^T + dh3 w3^T moves dh1, dh3 and dx (n (2 F + D)) or w1 and w3 (2 D F)
+  if (n * (2 * F + D) > 2 * D * F) {
+    mm_f32(dx_e, dh1_e, transposed(w1_e));
+    mm_f32(dx_e, dh3_e, transposed(w3_e), Store::kAdd);
+    return;
   }
+  auto dx_t = at::empty({D, n}, dy_e.options());
+  mm_f32(dx_t, w1_e, transposed(dh1_e));
+  mm_f32(dx_t, w3_e, transposed(dh3_e), Store::kAdd);
+  f32_gemm::transpose(dx_t.const_data_ptr<float>(), D, n, n, dx_e.data_ptr<float>(), dx_e.stride(0));
 }
 
 // One expert's backward from dy_e; writes the gradients that are defined (dx_e and the dw_e views).

@@ -84,6 +84,7 @@ class RoutingCore(nn.Module):
             n_group=cfg.n_group,
             topk_group=cfg.topk_group,
             group_score=cfg.group_score,
+            kernel_gemm=cfg.backend == "native" and cfg.grouped_mm in ("auto", "fused"),
         )
         # aux-loss-free balancing: token counts of training forwards since the last optimizer step
         self.register_buffer("_load_since_step_E", torch.zeros(cfg.num_experts), persistent=False)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import SCORE_FUNCS
+from moetrain.model import cpu_experts
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -128,6 +129,7 @@ class TopKRouter(nn.Module):
         n_group: int = 1,
         topk_group: int = 1,
         group_score: str = "max",
+        kernel_gemm: bool = False,
     ) -> None:
         super().__init__()
         if score_func not in SCORE_FUNCS:
@@ -142,6 +144,8 @@ class TopKRouter(nn.Module):
         if num_experts % n_group:  # e.g. a pruned layer: group-limited routing needs equal groups
             raise ValueError(f"moe.n_group={n_group} does not divide this layer's {num_experts} experts")
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
+        # the logits GEMM on the CPU expert kernel's own GEMM where it runs (cpu_experts.linear), else ATen's
+        self.kernel_gemm = kernel_gemm
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("bias_E", torch.zeros(num_experts))
         self.register_buffer("active_E", torch.ones(num_experts, dtype=torch.bool))
@@ -155,14 +159,18 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter_eps > 0:
             # Switch-style multiplicative input jitter, training only.
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        logits_TE = F.linear(x_TD, self.weight_ED.float())
-        masked = ~self.active_E
-        logits_TE = logits_TE.masked_fill(masked, float("-inf"))
+        logits_TE = (cpu_experts.linear if self.kernel_gemm else F.linear)(x_TD, self.weight_ED.float())
+        # a pruned layer masks its removed experts; with every expert active the two (T, E) fills are skipped
+        masked = ~self.active_E if self.num_active < self.num_experts else None
+        if masked is not None:
+            logits_TE = logits_TE.masked_fill(masked, float("-inf"))
         if self.score_func == "softmax":
             probs_TE = torch.softmax(logits_TE, dim=-1)
         else:
             probs_TE = torch.sigmoid(logits_TE)  # sigmoid(-inf) = 0 for masked experts
-        selection_TE = (probs_TE.detach() + self.bias_E).masked_fill(masked, float("-inf"))
+        selection_TE = probs_TE.detach() + self.bias_E
+        if masked is not None:
+            selection_TE = selection_TE.masked_fill(masked, float("-inf"))
         if self.n_group > 1:
             allowed_TE = group_limited_mask(selection_TE, self.n_group, self.topk_group, self.group_score)
             selection_TE = selection_TE.masked_fill(~allowed_TE, float("-inf"))
