@@ -497,3 +497,24 @@ def test_router_logits_use_the_kernel_gemm_where_the_experts_do(backend, impl, k
     torch.nn.init.normal_(core.router.weight_ED)
     x = torch.randn(9, D)
     torch.testing.assert_close(core.router(x).logits_TE, x @ core.router.weight_ED.t(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- SwiGLU's elementwise passes (csrc/f32_swiglu.cpp)
+@needs_avx512
+@pytest.mark.parametrize("n", [1, 15, 16, 4099])
+def test_own_swiglu_passes_equal_float64(n):
+    """g = silu(h1) h3 and the gradient (g, dh1, dh3) on the kernel's AVX-512 code, its own exp inside, against
+    float64 over h1 in [-100, 100] (beyond exp's fp32 range at both ends), with every tail length of a lane. The
+    absolute tolerance is for dh1 near silu's minimum (h1 = -1.28), where 1 + h1 (1 - s) cancels in fp32."""
+    torch.manual_seed(n)
+    kernel = cpu_experts._build()
+    h1 = torch.cat(
+        [torch.tensor([-100.0, -89.0, -88.0, -20.0, -1e-6, 0.0, 1e-6, 20.0, 88.0, 89.0, 100.0]), torch.randn(n) * 6]
+    )[:n].contiguous()
+    h3, dg = torch.randn(n), torch.randn(n)
+    x, u, d = (t.double() for t in (h1, h3, dg))
+    s = torch.sigmoid(x)
+    refs = [x * s * u, d * u * s * (1 + x * (1 - s)), d * x * s]
+    got = [kernel.f32_swiglu_forward(h1, h3)] + list(kernel.f32_swiglu_backward(h1, h3, dg))
+    for name, value, ref in zip(["forward g", "backward g", "dh1", "dh3"], got, [refs[0], *refs]):
+        torch.testing.assert_close(value.double(), ref, rtol=2e-6, atol=1e-7, msg=lambda m, k=name: f"{k}: {m}")

@@ -6,9 +6,11 @@
 // whole experts from a queue (largest first), run their GEMMs single-threaded (a nested at::parallel_for
 // region runs inline, and MKL runs single-threaded inside it) and apply the elementwise ops to one
 // expert's (n, F) block while it is still in L2. Every expert is computed by one core with the same ops,
-// so results do not depend on which core took it. The GEMMs (MKL), silu and sigmoid are ATen's; the
-// arithmetic written here is elementwise: the one-pass SwiGLU gradient (swiglu_grad_loop), the per-token
-// gate-weighted sums (combine_rows_loop) and the per-row gate gradient and dy (backward_rows).
+// so results do not depend on which core took it. In fp32 on a CPU with AVX-512 the GEMMs are the kernel's own
+// (f32_gemm.cpp) and so are SwiGLU's elementwise passes, sigmoid included (f32_swiglu.cpp); elsewhere the GEMMs
+// (MKL), silu and sigmoid are ATen's with a one-pass SwiGLU gradient written here (swiglu_grad_loop). Also
+// written here: the per-token gate-weighted sums (combine_rows_loop) and the per-row gate gradient and dy
+// (backward_rows).
 //
 // moe_forward / moe_backward also do the token-level steps around the experts (gather of each expert's rows
 // of x, gate-weighted combine per token), so that work happens on blocks in cache too.
@@ -20,6 +22,7 @@
 #include <ATen/OpMathType.h>
 
 #include "f32_gemm.h"
+#include "f32_swiglu.h"
 
 #include <algorithm>
 #include <atomic>
@@ -91,9 +94,20 @@ void swiglu_grad_loop(const T* __restrict h1, const T* __restrict h3, T* __restr
   }
 }
 
-// (g, dh1, dh3) of one expert block; dg must be a fresh contiguous tensor (it is overwritten by dh1).
+// (g, dh1, dh3) of one expert block; dg must be a fresh contiguous tensor (it is overwritten by dh1). own: fp32
+// on the kernel's own AVX-512 code (f32_swiglu: the sigmoid in registers, no separate pass).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_grad_block(const at::Tensor& h1, const at::Tensor& h3,
-                                                                 at::Tensor& dg) {
+                                                                 at::Tensor& dg, bool own = false) {
+  if (own) {
+    TORCH_CHECK(h1.is_contiguous() && h3.is_contiguous() && dg.is_contiguous(), "swiglu_grad_block: contiguous blocks");
+    auto dh3 = at::empty_like(h1), g = at::empty_like(h1);
+    // over the threads for one large expert (outside a parallel region), inline inside one
+    at::parallel_for(0, h1.numel(), 1 << 15, [&](int64_t i0, int64_t i1) {
+      f32_swiglu::backward(h1.const_data_ptr<float>() + i0, h3.const_data_ptr<float>() + i0, dg.data_ptr<float>() + i0,
+                           dh3.data_ptr<float>() + i0, g.data_ptr<float>() + i0, i1 - i0);
+    });
+    return {g, dg, dh3};
+  }
   if (h1.scalar_type() == at::kFloat || h1.scalar_type() == at::kDouble) {
     TORCH_CHECK(h1.is_contiguous() && h3.is_contiguous() && dg.is_contiguous(), "swiglu_grad_block: contiguous blocks");
     auto dh3 = at::sigmoid(h1);  // holds s until the loop overwrites it with dh3
@@ -150,7 +164,13 @@ void expert_forward(const at::Tensor& x_e, const at::Tensor& w1_e, const at::Ten
   };
   mm(h1_e, x_e, w1_e);
   mm(h3_e, x_e, w3_e);
-  mm(y_e, at::silu(h1_e).mul_(h3_e), w2_e);
+  if (!own) return mm(y_e, at::silu(h1_e).mul_(h3_e), w2_e);
+  auto g_e = at::empty_like(h1_e);  // h1_e, h3_e: whole rows of (S, F) tensors, so contiguous
+  at::parallel_for(0, g_e.numel(), 1 << 15, [&](int64_t i0, int64_t i1) {  // inline inside a parallel region
+    f32_swiglu::forward(h1_e.const_data_ptr<float>() + i0, h3_e.const_data_ptr<float>() + i0, g_e.data_ptr<float>() + i0,
+                        i1 - i0);
+  });
+  mm_f32(y_e, g_e, w2_e);
 }
 
 // num_rows: the rows the experts compute (x's rows, or the kept assignments when the kernel gathers them).
@@ -212,7 +232,7 @@ void expert_backward_f32(const at::Tensor& dy_e, const at::Tensor& x_e, const at
     mm_f32(dg_t, w2_e, transposed(dy_e));
     dg_e = transposed(dg_t);
   }
-  auto [g_e, dh1_e, dh3_e] = swiglu_grad_block(h1_e, h3_e, dg_e);
+  auto [g_e, dh1_e, dh3_e] = swiglu_grad_block(h1_e, h3_e, dg_e, /*own=*/true);
   if (dw2_e.defined()) mm_f32(dw2_e, g_e.t(), dy_e, Store::kStream);
   if (dw1_e.defined()) mm_f32(dw1_e, x_e.t(), dh1_e, Store::kStream);
   if (dw3_e.defined()) mm_f32(dw3_e, x_e.t(), dh3_e, Store::kStream);
@@ -468,11 +488,35 @@ at::Tensor f32_transpose(const at::Tensor& t) {
   return transposed(t);
 }
 
+// SwiGLU's elementwise passes on the AVX-512 code (for tests): g = silu(h1) h3, and (g, dh1, dh3) from dg.
+void check_swiglu_blocks(std::initializer_list<const at::Tensor*> blocks) {
+  TORCH_CHECK(f32_gemm::available(), "f32_swiglu: this CPU has no AVX-512");
+  for (const auto* t : blocks)
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->sizes() == blocks.begin()[0]->sizes(),
+                "f32_swiglu: contiguous float32 blocks of one shape");
+}
+
+at::Tensor f32_swiglu_forward(const at::Tensor& h1, const at::Tensor& h3) {
+  check_swiglu_blocks({&h1, &h3});
+  auto g = at::empty_like(h1);
+  f32_swiglu::forward(h1.const_data_ptr<float>(), h3.const_data_ptr<float>(), g.data_ptr<float>(), g.numel());
+  return g;
+}
+
+std::vector<at::Tensor> f32_swiglu_backward(const at::Tensor& h1, const at::Tensor& h3, const at::Tensor& dg) {
+  check_swiglu_blocks({&h1, &h3, &dg});
+  auto dh1 = dg.clone();
+  auto [g, dh1_out, dh3] = swiglu_grad_block(h1, h3, dh1, /*own=*/true);
+  return {g, dh1_out, dh3};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_f32_gemm", &set_f32_gemm, "turn the AVX-512 fp32 GEMMs on or off; returns the previous setting");
   m.def("f32_gemm_active", &f32_gemm_active, "whether expert GEMMs in fp32 run on the AVX-512 kernel");
   m.def("f32_mm", &f32_mm, "out (=, +=) a @ b on the AVX-512 fp32 GEMM (for tests)");
   m.def("f32_transpose", &f32_transpose, "t.T on the AVX-512 transpose (for tests)");
+  m.def("f32_swiglu_forward", &f32_swiglu_forward, "silu(h1) * h3 on the AVX-512 code (for tests)");
+  m.def("f32_swiglu_backward", &f32_swiglu_backward, "(g, dh1, dh3) of SwiGLU on the AVX-512 code (for tests)");
   m.def("swiglu_forward", &swiglu_forward, "grouped SwiGLU experts, forward (CPU)");
   m.def("swiglu_backward", &swiglu_backward, "grouped SwiGLU experts, backward (CPU)");
   m.def("moe_forward", &moe_forward, "gather, SwiGLU experts and gate-weighted combine per token, forward (CPU)");

@@ -33,7 +33,7 @@ from moetrain.config import MoEConfig
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
-SOURCES = [CSRC / "swiglu_experts.cpp", CSRC / "f32_gemm.cpp"]
+SOURCES = [CSRC / "swiglu_experts.cpp", CSRC / "f32_gemm.cpp", CSRC / "f32_swiglu.cpp"]
 
 
 def use_environment_ninja() -> None:

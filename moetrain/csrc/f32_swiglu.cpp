@@ -1,0 +1,89 @@
+// SwiGLU's elementwise passes in fp32, AVX-512; see f32_swiglu.h for why.
+//
+// sigmoid(x) = 1 / (1 + exp(-x)) with exp by range reduction: exp(y) = 2^n exp(r), n = round(y log2(e)),
+// r = y - n ln 2 (ln 2 in two parts, so r is exact to fp32), exp(r) by Cephes' degree-6 polynomial on
+// |r| <= ln(2) / 2 (relative error ~1e-7), 2^n by vscalefps. y is clamped to +-88.376 (exp's fp32 range): a
+// sigmoid below 4e-39 comes out as 4e-39, which no sum of the kernel can tell from 0.
+#include "f32_swiglu.h"
+
+#include <c10/util/Exception.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+namespace f32_swiglu {
+namespace {
+
+__attribute__((target("avx512f"), always_inline)) inline __m512 exp_ps(__m512 y) {
+  y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-88.3762626647949f)), _mm512_set1_ps(88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f"), always_inline)) inline __m512 sigmoid_ps(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// 16 lanes of each pass (m masks the last, partial step)
+__attribute__((target("avx512f"), always_inline)) inline void forward16(const float* h1, const float* h3, float* g,
+                                                                       __mmask16 m) {
+  const __m512 x = _mm512_maskz_loadu_ps(m, h1), u = _mm512_maskz_loadu_ps(m, h3);
+  _mm512_mask_storeu_ps(g, m, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid_ps(x)), u));
+}
+
+__attribute__((target("avx512f"), always_inline)) inline void backward16(const float* h1, const float* h3,
+                                                                        float* dg_dh1, float* dh3, float* g,
+                                                                        __mmask16 m) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 x = _mm512_maskz_loadu_ps(m, h1), u = _mm512_maskz_loadu_ps(m, h3);
+  const __m512 d = _mm512_maskz_loadu_ps(m, dg_dh1), s = sigmoid_ps(x);
+  const __m512 a = _mm512_mul_ps(x, s);  // silu(h1)
+  _mm512_mask_storeu_ps(g, m, _mm512_mul_ps(a, u));
+  _mm512_mask_storeu_ps(dh3, m, _mm512_mul_ps(d, a));
+  // dh1 = dg h3 s (1 + h1 (1 - s)), in the order of the scalar loop it replaces
+  const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(d, u), s);
+  _mm512_mask_storeu_ps(dg_dh1, m, _mm512_mul_ps(ds, _mm512_add_ps(one, _mm512_mul_ps(x, _mm512_sub_ps(one, s)))));
+}
+
+__mmask16 tail_mask(int64_t left) { return __mmask16((1u << left) - 1); }
+
+}  // namespace
+
+__attribute__((target("avx512f"))) void forward(const float* h1, const float* h3, float* g, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) forward16(h1 + i, h3 + i, g + i, 0xFFFF);
+  if (i < n) forward16(h1 + i, h3 + i, g + i, tail_mask(n - i));
+}
+
+__attribute__((target("avx512f"))) void backward(const float* h1, const float* h3, float* dg_dh1, float* dh3, float* g,
+                                                int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) backward16(h1 + i, h3 + i, dg_dh1 + i, dh3 + i, g + i, 0xFFFF);
+  if (i < n) backward16(h1 + i, h3 + i, dg_dh1 + i, dh3 + i, g + i, tail_mask(n - i));
+}
+
+}  // namespace f32_swiglu
+
+#else  // not x86-64: f32_gemm::available() is false and the kernel uses ATen's ops
+
+namespace f32_swiglu {
+void forward(const float*, const float*, float*, int64_t) {
+  TORCH_CHECK(false, "f32_swiglu::forward needs an x86-64 CPU with AVX-512");
+}
+void backward(const float*, const float*, float*, float*, float*, int64_t) {
+  TORCH_CHECK(false, "f32_swiglu::backward needs an x86-64 CPU with AVX-512");
+}
+}  // namespace f32_swiglu
+
+#endif
