@@ -53,10 +53,10 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
 
 
-def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of ``-sum_i p_i log p_i`` of the normalised routing distribution (nats)."""
-    p = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-    return -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
+def router_entropy(dist_TE: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``-sum_i p_i log p_i`` (nats) of a routing distribution: rows of ``dist_TE`` sum to 1
+    (softmax scores, or sigmoid scores normalised per token); masked experts have p_i = 0 and add 0."""
+    return torch.special.entr(dist_TE).sum(-1).mean()
 
 
 def balancing_bias_update(load_E: torch.Tensor, active_E: torch.Tensor, rate: float) -> torch.Tensor:
