@@ -73,19 +73,23 @@ class Entry:
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def time_in_rounds(entries: list[Entry], iters: int, warmup: int = 3) -> list[float]:
-    """Median seconds of forward + backward of each entry, timed in rounds: every round runs each entry once,
-    in turn. Why: on a shared machine a slow spell lasting seconds would otherwise fall on whichever entries
-    ran then (the same code measured 59 and 63 ms an hour apart); in rounds it falls on all of them alike, so
-    the ratios between rows of one shape hold. It also means no entry finds its weights still in cache from its
-    own previous iteration, as a layer inside a model would not."""
+def time_in_rounds(entries: list[Entry], iters: int, warmup: int = 2) -> list[float]:
+    """Median seconds of forward + backward of each entry, timed in rounds: after ``warmup`` untimed rounds, each
+    of ``iters`` rounds runs every entry twice in turn, the first run untimed.
+
+    Why rounds: on a shared machine a slow spell lasting seconds would otherwise fall on whichever entries ran
+    then (the same code measured 59 and 63 ms an hour apart); in rounds it falls on all of them alike, so the
+    ratios between rows of one shape hold. Why the untimed run first: the entry before leaves the caches, the
+    allocator's free lists and the thread pool in its own state (at 64 experts a fresh heap for the 96 MiB of
+    expert gradients alone costs ~8 ms of page faults); one run of its own restores what back-to-back
+    iterations of one layer would see."""
     times: list[list[float]] = [[] for _ in entries]
     for r in range(warmup + iters):
         for i, e in enumerate(entries):
             with e.context():
-                t = one_fwd_bwd(e.fn, e.x, e.module)
-            if r >= warmup:
-                times[i].append(t)
+                one_fwd_bwd(e.fn, e.x, e.module)
+                if r >= warmup:
+                    times[i].append(one_fwd_bwd(e.fn, e.x, e.module))
     return [statistics.median(t) for t in times]
 
 
@@ -222,8 +226,8 @@ def bench_moe(args) -> str:
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {args.device}, cpu_malloc {args.cpu_malloc}; tokens={args.tokens}, "
-        f"fp32, forward+backward (gradients set to None before each), median of {args.iters} rounds after 3 warm-up "
-        "rounds; a round runs every row of a shape once, in turn.",
+        f"fp32, forward+backward (gradients set to None before each), median of {args.iters} rounds after 2 warm-up "
+        "rounds; a round runs every row of a shape in turn, twice each, timing the second run.",
         "",
         f"Command: `python launch/bench.py moe --tokens {args.tokens} --iters {args.iters} --threads {args.threads}"
         f" --device {args.device} --cpu-malloc {args.cpu_malloc}`",

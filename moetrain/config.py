@@ -133,6 +133,7 @@ class MoEConfig:
     backend: str = "native"
     # Expert FFN path: "fused" (CPU kernel, moetrain/csrc), "grouped" (torch._grouped_mm), "loop" (one GEMM
     # per expert). "auto": fused on CPU when it builds, else grouped where device and dtype support it, else loop.
+    # Where the kernel runs the experts (native backend, auto or fused) it also runs the router's logits GEMM.
     grouped_mm: str = "auto"
     a2a_chunks: int = 1  # expert-parallel dispatch split into chunks to overlap all-to-all with compute
     # Structure after expert pruning (written by the pruner, read when a pruned model is rebuilt): per MoE
