@@ -171,7 +171,8 @@ def candidates(d: int, f: int, E: int, k: int, x: torch.Tensor) -> list[Entry]:
 
     from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
 
-    ours_on_ds = DeepSpeedMoELayer(d, f, MoEConfig(num_experts=E, top_k=k), ep_size=1, ep_rank=0).to(device)
+    cfg = MoEConfig(num_experts=E, top_k=k, backend="deepspeed")  # as a moe.backend=deepspeed run builds it
+    ours_on_ds = DeepSpeedMoELayer(d, f, cfg, ep_size=1, ep_rank=0).to(device)
     ours_on_ds.moe.set_deepspeed_parallelism()
     ours_on_ds.gate.reset_parameters(0.02, 0.02)
     out.append(Entry("moetrain deepspeed backend dropless", on_tokens(ours_on_ds), x, ours_on_ds))

@@ -418,23 +418,31 @@ def test_one_large_expert_splits_its_work_over_the_threads_alike():
         torch.testing.assert_close(two, ref, rtol=1e-5, atol=1e-5 * S**0.5)
 
 
-def transposes_weights(rows: int, d: int, ff: int) -> bool:
-    """Whether the kernel's backward transposes an expert's weights rather than its row blocks for both products
-    with a transposed weight (expert_backward_f32: whichever moves fewer elements)."""
-    return rows * (d + ff) > d * ff and rows * (2 * ff + d) > 2 * d * ff
-
-
 @needs_avx512
 @pytest.mark.parametrize(("d", "ff"), [(64, 128), (80, 100)], ids=["aligned", "unaligned"])
-@pytest.mark.parametrize("E", [6, 17], ids=["E6-weights-transposed", "E17-rows-transposed"])
+@pytest.mark.parametrize("E", [6, 17])
 def test_token_kernel_on_own_gemm_equals_it_on_aten_gemms(d, ff, E, threads):
     """The whole token-level kernel, forward and every gradient, on its own GEMM against ATen's (MKL), with
     experts of 0 to ~130 rows (every tile edge); 'unaligned' rows (d_ff 100) keep d_ff-wide weight gradients off
-    the streaming stores. With 6 experts (~94 rows) the backward transposes the weights, with 17 (~30 rows) the
-    experts' row blocks."""
+    the streaming stores. With 6 experts (~94 rows) the backward transposes the experts' weights, with 17 (~30
+    rows) their row blocks (test_backward_transposes_give_the_same_bits forces each)."""
+    perm, experts, run = token_kernel_case(E, d, ff)
+    own = run()
+    with cpu_experts.aten_gemms():
+        aten = run()
+    for name, o, r in zip(["out", "y", "x", "gates", "w1", "w3", "w2"], own, aten):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    counts = perm.tokens_per_expert_E.tolist()
+    assert counts[-1] == 0  # an empty expert
+    if E == 6:  # the others span two 64-column blocks
+        assert min(counts[:-1]) > 64
+
+
+def token_kernel_case(E: int, d: int, ff: int):
+    """(perm, experts, run): 260 tokens with 2 experts each among the first E - 1 (the last expert gets no rows),
+    10 % of the assignments dropped; run() returns the output, y and every gradient of the token-level kernel."""
     T, K = 260, 2
     gen = torch.Generator().manual_seed(0)
-    # the tokens choose among the first 5 experts only: the last one gets no rows, the others ~94 each
     expert_idx_TK = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)])
     perm = permute(expert_idx_TK, E, torch.rand(T, K, generator=gen) >= 0.1)
     experts, x, gates, dout = fused_experts_and_inputs(E, d, ff, T, K, std=0.1)
@@ -444,17 +452,28 @@ def test_token_kernel_on_own_gemm_equals_it_on_aten_gemms(d, ff, E, threads):
         out, y = experts(x, perm.tokens_per_expert_E, perm=perm, gates_TK=gates)
         return (out, y, *torch.autograd.grad(out, inputs, dout))
 
-    own = run()
-    with cpu_experts.aten_gemms():
-        aten = run()
-    for name, o, r in zip(["out", "y", "x", "gates", "w1", "w3", "w2"], own, aten):
-        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    counts = perm.tokens_per_expert_E.tolist()
-    assert counts[-1] == 0  # an empty expert
-    if E == 6:  # the others span two 64-column blocks
-        assert min(counts[:-1]) > 64 and all(transposes_weights(n, d, ff) for n in counts[:-1])
-    else:
-        assert not any(transposes_weights(n, d, ff) for n in counts)
+    return perm, experts, run
+
+
+@needs_avx512
+@pytest.mark.parametrize("E", [6, 17])
+def test_backward_transposes_give_the_same_bits(E, threads):
+    """The own-GEMM backward transposes either an expert's weights or its row blocks around the products with a
+    transposed weight, whichever moves fewer elements; forced to each, every gradient is the same bits."""
+    kernel = cpu_experts._build()
+    _, _, run = token_kernel_case(E, 64, 128)
+    results = {}
+    for name, mode in (("smaller", 0), ("weights", 1), ("rows", 2)):
+        before = kernel.set_backward_transposes(mode)
+        try:
+            results[name] = run()
+        finally:
+            kernel.set_backward_transposes(before)
+    for name in ("weights", "rows"):
+        for label, a, b in zip(["out", "y", "x", "gates", "w1", "w3", "w2"], results[name], results["smaller"]):
+            assert torch.equal(a, b), f"{label} with the {name} transposed differs"
+    with pytest.raises(RuntimeError, match="mode 0, 1 or 2"):
+        kernel.set_backward_transposes(3)
 
 
 # ---------------------------------------------------------------- the router's logits GEMM (cpu_experts.linear)
@@ -496,15 +515,19 @@ def test_router_logits_use_the_kernel_gemm_where_the_experts_do(backend, impl, k
     assert core.router.kernel_gemm == kernel_gemm
     torch.nn.init.normal_(core.router.weight_ED)
     x = torch.randn(9, D)
-    torch.testing.assert_close(core.router(x).logits_TE, x @ core.router.weight_ED.t(), rtol=1e-5, atol=1e-5)
+    logits = core.router(x).logits_TE
+    on_kernel = type(logits.grad_fn).__name__ == "KernelLinearBackward"
+    assert on_kernel == (kernel_gemm and cpu_has_avx512())
+    torch.testing.assert_close(logits, x @ core.router.weight_ED.t(), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- SwiGLU's elementwise passes (csrc/f32_swiglu.cpp)
 @needs_avx512
-@pytest.mark.parametrize("n", [1, 15, 16, 4099])
+@pytest.mark.parametrize("n", [*range(1, 18), 4099])
 def test_own_swiglu_passes_equal_float64(n):
     """g = silu(h1) h3 and the gradient (g, dh1, dh3) on the kernel's AVX-512 code, its own exp inside, against
-    float64 over h1 in [-100, 100] (beyond exp's fp32 range at both ends), with every tail length of a lane. The
+    float64 over h1 in [-100, 100] (beyond exp's fp32 range at both ends), with every tail length of a lane (n of
+    1-17) and a long run. The
     absolute tolerance is for dh1 near silu's minimum (h1 = -1.28), where 1 + h1 (1 - s) cancels in fp32."""
     torch.manual_seed(n)
     kernel = cpu_experts._build()

@@ -2,8 +2,10 @@
 //
 // sigmoid(x) = 1 / (1 + exp(-x)) with exp by range reduction: exp(y) = 2^n exp(r), n = round(y log2(e)),
 // r = y - n ln 2 (ln 2 in two parts, so r is exact to fp32), exp(r) by Cephes' degree-6 polynomial on
-// |r| <= ln(2) / 2 (relative error ~1e-7), 2^n by vscalefps. y is clamped to +-88.376 (exp's fp32 range): a
-// sigmoid below 4e-39 comes out as 4e-39, which no sum of the kernel can tell from 0.
+// |r| <= ln(2) / 2 (relative error ~1e-7), 2^n by vscalefps. y is clamped to +-88.376 (exp's fp32 range, so
+// 2^n stays finite): for h1 < -88.4 the sigmoid comes out as 4.2e-39 instead of smaller, so silu(h1) is
+// h1 x 4.2e-39 instead of ~0, a difference that shows only for |h1| near 1e30. A NaN stays NaN (the products
+// with h1 carry it); silu(-inf) is -inf here where ATen gives NaN.
 #include "f32_swiglu.h"
 
 #include <c10/util/Exception.h>

@@ -165,7 +165,8 @@ void expert_forward(const at::Tensor& x_e, const at::Tensor& w1_e, const at::Ten
   mm(h1_e, x_e, w1_e);
   mm(h3_e, x_e, w3_e);
   if (!own) return mm(y_e, at::silu(h1_e).mul_(h3_e), w2_e);
-  auto g_e = at::empty_like(h1_e);  // h1_e, h3_e: whole rows of (S, F) tensors, so contiguous
+  TORCH_CHECK(h1_e.is_contiguous() && h3_e.is_contiguous(), "expert_forward: contiguous h1, h3 blocks");
+  auto g_e = at::empty_like(h1_e);
   at::parallel_for(0, g_e.numel(), 1 << 15, [&](int64_t i0, int64_t i1) {  // inline inside a parallel region
     f32_swiglu::forward(h1_e.const_data_ptr<float>() + i0, h3_e.const_data_ptr<float>() + i0, g_e.data_ptr<float>() + i0,
                         i1 - i0);
@@ -210,11 +211,16 @@ std::vector<at::Tensor> experts_forward(const std::vector<int64_t>& counts, cons
   return {y, h1, h3};
 }
 
+// Which transposes expert_backward_f32 makes for its products with a transposed weight: whichever moves fewer
+// elements (the default), or always the weights, or always the expert's row blocks (set_backward_transposes: tests
+// force each to show that both give the same bits).
+enum : int { kTransposeSmaller = 0, kTransposeWeights = 1, kTransposeRows = 2 };
+std::atomic<int> backward_transposes{kTransposeSmaller};
+
 // expert_backward on f32_gemm. Its B operand must have contiguous rows, so a product with a transposed weight
 // either transposes the weight (dg = dy w2^T, dx = dh1 w1^T + dh3 w3^T) or is computed transposed with the weight
 // as the broadcast operand (dg^T = w2 dy^T, dx^T = w1 dh1^T + w3 dh3^T) with the expert's (n, .) blocks
-// transposed around it: whichever moves fewer elements (experts of more than ~200 rows at d_model 256, d_ff 512
-// transpose their weights). The weight gradients are written with streaming stores: nothing reads them before the
+// transposed around it: whichever moves fewer elements (below). The weight gradients are written with streaming stores: nothing reads them before the
 // optimizer.
 void expert_backward_f32(const at::Tensor& dy_e, const at::Tensor& x_e, const at::Tensor& w1_e, const at::Tensor& w3_e,
                          const at::Tensor& w2_e, const at::Tensor& h1_e, const at::Tensor& h3_e, at::Tensor dx_e,
@@ -222,9 +228,16 @@ void expert_backward_f32(const at::Tensor& dy_e, const at::Tensor& x_e, const at
   using f32_gemm::Store;
   const int64_t n = dy_e.size(0), F = w2_e.size(0), D = w2_e.size(1);
   // Either the weight or the expert's blocks get transposed, whichever is smaller: both give the same bits (each
-  // output is one in-order sum over the same products). dg = dy w2^T moves dy and dg (n (D + F)) or w2 (D F).
+  // output is summed over the same products in the same order, in the same passes of kKC steps: the GEMM's order
+  // does not depend on which operand is broadcast). dg = dy w2^T moves dy and dg (n (D + F)) or w2 (D F); dx =
+  // dh1 w1^T + dh3 w3^T moves dh1, dh3 and dx (n (2 F + D)) or w1 and w3 (2 D F). At d_model 256, d_ff 512 the
+  // weights are the smaller above 170 rows for dg and 204 for dx.
+  const int mode = backward_transposes;
+  const bool weights_for_dg = mode == kTransposeWeights || (mode == kTransposeSmaller && n * (D + F) > D * F);
+  const bool weights_for_dx =
+      mode == kTransposeWeights || (mode == kTransposeSmaller && n * (2 * F + D) > 2 * D * F);
   at::Tensor dg_e;
-  if (n * (D + F) > D * F) {
+  if (weights_for_dg) {
     dg_e = at::empty({n, F}, dy_e.options());
     mm_f32(dg_e, dy_e, transposed(w2_e));
   } else {
@@ -237,8 +250,7 @@ void expert_backward_f32(const at::Tensor& dy_e, const at::Tensor& x_e, const at
   if (dw1_e.defined()) mm_f32(dw1_e, x_e.t(), dh1_e, Store::kStream);
   if (dw3_e.defined()) mm_f32(dw3_e, x_e.t(), dh3_e, Store::kStream);
   if (!dx_e.defined()) return;
-  // dx = dh1 w1^T + dh3 w3^T moves dh1, dh3 and dx (n (2 F + D)) or w1 and w3 (2 D F)
-  if (n * (2 * F + D) > 2 * D * F) {
+  if (weights_for_dx) {
     mm_f32(dx_e, dh1_e, transposed(w1_e));
     mm_f32(dx_e, dh3_e, transposed(w3_e), Store::kAdd);
     return;
@@ -466,6 +478,14 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& dout, const at::Tensor& x
 // Turns the AVX-512 fp32 GEMMs on or off (tests and the benchmark compare them with ATen's); returns whether they
 // were on. Where the CPU lacks AVX-512 they stay off whatever this says (f32_gemm_active).
 bool set_f32_gemm(bool on) { return f32_gemm_enabled.exchange(on); }
+
+// Forces expert_backward_f32's transposes (0: whichever moves fewer elements, 1: the weights, 2: the row blocks);
+// returns the previous mode. For tests.
+int set_backward_transposes(int mode) {
+  TORCH_CHECK(mode >= kTransposeSmaller && mode <= kTransposeRows, "set_backward_transposes: mode 0, 1 or 2, got ",
+              mode);
+  return backward_transposes.exchange(mode);
+}
 bool f32_gemm_active() { return f32_gemm_enabled && f32_gemm::available(); }
 
 // out = a b through f32_gemm (tests: a with any strides, b and out with contiguous rows).
@@ -512,6 +532,8 @@ std::vector<at::Tensor> f32_swiglu_backward(const at::Tensor& h1, const at::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_f32_gemm", &set_f32_gemm, "turn the AVX-512 fp32 GEMMs on or off; returns the previous setting");
+  m.def("set_backward_transposes", &set_backward_transposes,
+        "force the own-GEMM backward's transposes (0 smaller, 1 weights, 2 row blocks; for tests)");
   m.def("f32_gemm_active", &f32_gemm_active, "whether expert GEMMs in fp32 run on the AVX-512 kernel");
   m.def("f32_mm", &f32_mm, "out (=, +=) a @ b on the AVX-512 fp32 GEMM (for tests)");
   m.def("f32_transpose", &f32_transpose, "t.T on the AVX-512 transpose (for tests)");
