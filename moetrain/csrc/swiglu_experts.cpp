@@ -94,6 +94,24 @@ void swiglu_grad_loop(const T* __restrict h1, const T* __restrict h3, T* __restr
   }
 }
 
+// fn(i0, i1) over the elements [0, numel) of one expert's block: over the threads for one large expert (outside a
+// parallel region), inline inside one.
+template <typename Fn>
+void over_elements(int64_t numel, const Fn& fn) {
+  at::parallel_for(0, numel, 1 << 15, fn);
+}
+
+// g = silu(h1) * h3 of one expert's contiguous fp32 blocks on the kernel's own AVX-512 code (f32_swiglu).
+at::Tensor swiglu_block_f32(const at::Tensor& h1, const at::Tensor& h3) {
+  TORCH_CHECK(h1.is_contiguous() && h3.is_contiguous(), "swiglu_block_f32: contiguous h1, h3 blocks");
+  auto g = at::empty_like(h1);
+  over_elements(g.numel(), [&](int64_t i0, int64_t i1) {
+    f32_swiglu::forward(h1.const_data_ptr<float>() + i0, h3.const_data_ptr<float>() + i0, g.data_ptr<float>() + i0,
+                        i1 - i0);
+  });
+  return g;
+}
+
 // (g, dh1, dh3) of one expert block; dg must be a fresh contiguous tensor (it is overwritten by dh1). own: fp32
 // on the kernel's own AVX-512 code (f32_swiglu: the sigmoid in registers, no separate pass).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_grad_block(const at::Tensor& h1, const at::Tensor& h3,
@@ -101,8 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_grad_block(const at::Tenso
   if (own) {
     TORCH_CHECK(h1.is_contiguous() && h3.is_contiguous() && dg.is_contiguous(), "swiglu_grad_block: contiguous blocks");
     auto dh3 = at::empty_like(h1), g = at::empty_like(h1);
-    // over the threads for one large expert (outside a parallel region), inline inside one
-    at::parallel_for(0, h1.numel(), 1 << 15, [&](int64_t i0, int64_t i1) {
+    over_elements(h1.numel(), [&](int64_t i0, int64_t i1) {
       f32_swiglu::backward(h1.const_data_ptr<float>() + i0, h3.const_data_ptr<float>() + i0, dg.data_ptr<float>() + i0,
                            dh3.data_ptr<float>() + i0, g.data_ptr<float>() + i0, i1 - i0);
     });
@@ -114,8 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_grad_block(const at::Tenso
     auto dh1 = dg;                 // holds dg until the loop overwrites it with dh1
     auto g = at::empty_like(h1);
     AT_DISPATCH_FLOATING_TYPES(h1.scalar_type(), "swiglu_grad_block", [&] {
-      // over the threads for one large expert (outside a parallel region), inline inside one
-      at::parallel_for(0, h1.numel(), 1 << 15, [&](int64_t i0, int64_t i1) {
+      over_elements(h1.numel(), [&](int64_t i0, int64_t i1) {
         swiglu_grad_loop<scalar_t>(h1.const_data_ptr<scalar_t>() + i0, h3.const_data_ptr<scalar_t>() + i0,
                                    dh1.data_ptr<scalar_t>() + i0, dh3.data_ptr<scalar_t>() + i0,
                                    g.data_ptr<scalar_t>() + i0, i1 - i0);
@@ -164,14 +180,7 @@ void expert_forward(const at::Tensor& x_e, const at::Tensor& w1_e, const at::Ten
   };
   mm(h1_e, x_e, w1_e);
   mm(h3_e, x_e, w3_e);
-  if (!own) return mm(y_e, at::silu(h1_e).mul_(h3_e), w2_e);
-  TORCH_CHECK(h1_e.is_contiguous() && h3_e.is_contiguous(), "expert_forward: contiguous h1, h3 blocks");
-  auto g_e = at::empty_like(h1_e);
-  at::parallel_for(0, g_e.numel(), 1 << 15, [&](int64_t i0, int64_t i1) {  // inline inside a parallel region
-    f32_swiglu::forward(h1_e.const_data_ptr<float>() + i0, h3_e.const_data_ptr<float>() + i0, g_e.data_ptr<float>() + i0,
-                        i1 - i0);
-  });
-  mm_f32(y_e, g_e, w2_e);
+  mm(y_e, own ? swiglu_block_f32(h1_e, h3_e) : at::silu(h1_e).mul_(h3_e), w2_e);
 }
 
 // num_rows: the rows the experts compute (x's rows, or the kept assignments when the kernel gathers them).
@@ -220,8 +229,8 @@ std::atomic<int> backward_transposes{kTransposeSmaller};
 // expert_backward on f32_gemm. Its B operand must have contiguous rows, so a product with a transposed weight
 // either transposes the weight (dg = dy w2^T, dx = dh1 w1^T + dh3 w3^T) or is computed transposed with the weight
 // as the broadcast operand (dg^T = w2 dy^T, dx^T = w1 dh1^T + w3 dh3^T) with the expert's (n, .) blocks
-// transposed around it: whichever moves fewer elements (below). The weight gradients are written with streaming stores: nothing reads them before the
-// optimizer.
+// transposed around it: whichever moves fewer elements (below). The weight gradients are written with streaming
+// stores: nothing reads them before the optimizer.
 void expert_backward_f32(const at::Tensor& dy_e, const at::Tensor& x_e, const at::Tensor& w1_e, const at::Tensor& w3_e,
                          const at::Tensor& w2_e, const at::Tensor& h1_e, const at::Tensor& h3_e, at::Tensor dx_e,
                          at::Tensor dw1_e, at::Tensor dw3_e, at::Tensor dw2_e) {
@@ -478,6 +487,7 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& dout, const at::Tensor& x
 // Turns the AVX-512 fp32 GEMMs on or off (tests and the benchmark compare them with ATen's); returns whether they
 // were on. Where the CPU lacks AVX-512 they stay off whatever this says (f32_gemm_active).
 bool set_f32_gemm(bool on) { return f32_gemm_enabled.exchange(on); }
+bool f32_gemm_active() { return f32_gemm_enabled && f32_gemm::available(); }
 
 // Forces expert_backward_f32's transposes (0: whichever moves fewer elements, 1: the weights, 2: the row blocks);
 // returns the previous mode. For tests.
@@ -486,9 +496,9 @@ int set_backward_transposes(int mode) {
               mode);
   return backward_transposes.exchange(mode);
 }
-bool f32_gemm_active() { return f32_gemm_enabled && f32_gemm::available(); }
 
-// out = a b through f32_gemm (tests: a with any strides, b and out with contiguous rows).
+// out = a b through f32_gemm: a with any strides, b and out with contiguous rows (the router's logits GEMM,
+// cpu_experts.KernelLinear, and tests).
 void f32_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate, bool stream) {
   TORCH_CHECK(f32_gemm::available(), "f32_mm: this CPU has no AVX-512");
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
@@ -518,9 +528,7 @@ void check_swiglu_blocks(std::initializer_list<const at::Tensor*> blocks) {
 
 at::Tensor f32_swiglu_forward(const at::Tensor& h1, const at::Tensor& h3) {
   check_swiglu_blocks({&h1, &h3});
-  auto g = at::empty_like(h1);
-  f32_swiglu::forward(h1.const_data_ptr<float>(), h3.const_data_ptr<float>(), g.data_ptr<float>(), g.numel());
-  return g;
+  return swiglu_block_f32(h1, h3);
 }
 
 std::vector<at::Tensor> f32_swiglu_backward(const at::Tensor& h1, const at::Tensor& h3, const at::Tensor& dg) {
@@ -535,7 +543,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_backward_transposes", &set_backward_transposes,
         "force the own-GEMM backward's transposes (0 smaller, 1 weights, 2 row blocks; for tests)");
   m.def("f32_gemm_active", &f32_gemm_active, "whether expert GEMMs in fp32 run on the AVX-512 kernel");
-  m.def("f32_mm", &f32_mm, "out (=, +=) a @ b on the AVX-512 fp32 GEMM (for tests)");
+  m.def("f32_mm", &f32_mm, "out (=, +=) a @ b on the AVX-512 fp32 GEMM (router logits, tests)");
   m.def("f32_transpose", &f32_transpose, "t.T on the AVX-512 transpose (for tests)");
   m.def("f32_swiglu_forward", &f32_swiglu_forward, "silu(h1) * h3 on the AVX-512 code (for tests)");
   m.def("f32_swiglu_backward", &f32_swiglu_backward, "(g, dh1, dh3) of SwiGLU on the AVX-512 code (for tests)");

@@ -115,7 +115,7 @@ def kernel_linear_supported(x_TD: torch.Tensor, w_ED: torch.Tensor) -> bool:
     """Whether ``x_TD @ w_ED.T`` can run on the kernel's own GEMM: fp32 CPU matrices with contiguous rows, and the
     kernel built here with its AVX-512 GEMM active."""
     return (
-        x_TD.device.type == "cpu"
+        fused_supported(x_TD)
         and x_TD.dtype == w_ED.dtype == torch.float32
         and x_TD.dim() == w_ED.dim() == 2
         and x_TD.stride(-1) == 1
