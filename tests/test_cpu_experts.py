@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from cpu_features import cpu_has_avx512, needs_avx512
 from moe_reference import reference_combine, swiglu
 
 from moetrain.config import MoEConfig
@@ -295,17 +296,6 @@ def test_token_kernel_frozen_experts_bf16_and_inference_mode(threads):
 
 
 # ---------------------------------------------------------------- the kernel's own fp32 GEMM (csrc/f32_gemm.cpp)
-def cpu_has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
-
-
-needs_avx512 = pytest.mark.skipif(not cpu_has_avx512(), reason="this CPU has no AVX-512: fp32 runs on ATen's GEMMs")
-
-
 def test_own_gemm_runs_exactly_where_the_cpu_has_avx512():
     assert cpu_experts.f32_gemm_active() == cpu_has_avx512()
     with cpu_experts.aten_gemms():
@@ -505,19 +495,19 @@ def test_router_linear_falls_back_to_aten_off_the_kernel():
 
 
 @pytest.mark.parametrize(
-    ("backend", "impl", "kernel_gemm"),
+    ("backend", "impl", "on_kernel"),
     [("native", "auto", True), ("native", "fused", True), ("native", "grouped", False), ("deepspeed", "auto", False)],
 )
-def test_router_logits_use_the_kernel_gemm_where_the_experts_do(backend, impl, kernel_gemm):
+def test_router_logits_use_the_kernel_gemm_where_the_experts_do(backend, impl, on_kernel):
     from moetrain.model.moe import RoutingCore
 
     core = RoutingCore(D, MoEConfig(num_experts=4, top_k=2, backend=backend, grouped_mm=impl))
-    assert core.router.kernel_gemm == kernel_gemm
+    assert core.router.on_cpu_kernel == on_kernel
     torch.nn.init.normal_(core.router.weight_ED)
     x = torch.randn(9, D)
     logits = core.router(x).logits_TE
-    on_kernel = type(logits.grad_fn).__name__ == "KernelLinearBackward"
-    assert on_kernel == (kernel_gemm and cpu_has_avx512())
+    ran_on_kernel = type(logits.grad_fn).__name__ == "KernelLinearBackward"
+    assert ran_on_kernel == (on_kernel and cpu_has_avx512())
     torch.testing.assert_close(logits, x @ core.router.weight_ED.t(), rtol=1e-5, atol=1e-5)
 
 

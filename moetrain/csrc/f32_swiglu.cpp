@@ -1,12 +1,11 @@
 // SwiGLU's elementwise passes in fp32, AVX-512; see f32_swiglu.h for why.
 //
-// sigmoid(x) = 1 / (1 + exp(-x)) with exp by range reduction: exp(y) = 2^n exp(r), n = round(y log2(e)),
-// r = y - n ln 2 (ln 2 in two parts, so r is exact to fp32), exp(r) by Cephes' degree-6 polynomial on
-// |r| <= ln(2) / 2 (relative error ~1e-7), 2^n by vscalefps. y is clamped to +-88.376 (exp's fp32 range, so
-// 2^n stays finite): for h1 < -88.4 the sigmoid comes out as 4.2e-39 instead of smaller, so silu(h1) is
+// sigmoid(x) = 1 / (1 + exp(-x)) with exp from f32_exp.h (relative error ~1e-7, its argument clamped to
+// +-88.376): for h1 < -88.4 the sigmoid comes out as 4.2e-39 instead of smaller, so silu(h1) is
 // h1 x 4.2e-39 instead of ~0, a difference that shows only for |h1| near 1e30. A NaN stays NaN (the products
 // with h1 carry it); silu(-inf) is -inf here where ATen gives NaN.
 #include "f32_swiglu.h"
+#include "f32_exp.h"
 
 #include <c10/util/Exception.h>
 
@@ -16,21 +15,7 @@
 namespace f32_swiglu {
 namespace {
 
-__attribute__((target("avx512f"), always_inline)) inline __m512 exp_ps(__m512 y) {
-  y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-88.3762626647949f)), _mm512_set1_ps(88.3762626647949f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+using f32_math::exp_ps;
 
 __attribute__((target("avx512f"), always_inline)) inline __m512 sigmoid_ps(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f);

@@ -23,6 +23,7 @@
 
 #include "f32_gemm.h"
 #include "f32_swiglu.h"
+#include "softmax_router.h"
 
 #include <algorithm>
 #include <atomic>
@@ -547,6 +548,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("f32_transpose", &f32_transpose, "t.T on the AVX-512 transpose (for tests)");
   m.def("f32_swiglu_forward", &f32_swiglu_forward, "silu(h1) * h3 on the AVX-512 code (for tests)");
   m.def("f32_swiglu_backward", &f32_swiglu_backward, "(g, dh1, dh3) of SwiGLU on the AVX-512 code (for tests)");
+  m.def("router_forward", &softmax_router::forward, "the softmax router after its logits GEMM, forward (AVX-512)");
+  m.def("router_backward", &softmax_router::backward, "the softmax router after its logits GEMM, backward (AVX-512)");
   m.def("swiglu_forward", &swiglu_forward, "grouped SwiGLU experts, forward (CPU)");
   m.def("swiglu_backward", &swiglu_backward, "grouped SwiGLU experts, backward (CPU)");
   m.def("moe_forward", &moe_forward, "gather, SwiGLU experts and gate-weighted combine per token, forward (CPU)");

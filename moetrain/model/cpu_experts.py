@@ -33,7 +33,7 @@ from moetrain.config import MoEConfig
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
-SOURCES = [CSRC / "swiglu_experts.cpp", CSRC / "f32_gemm.cpp", CSRC / "f32_swiglu.cpp"]
+SOURCES = [CSRC / n for n in ("swiglu_experts.cpp", "f32_gemm.cpp", "f32_swiglu.cpp", "softmax_router.cpp")]
 
 
 def use_environment_ninja() -> None:

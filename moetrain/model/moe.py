@@ -19,14 +19,7 @@ from torch import nn
 from moetrain.config import MoEConfig
 from moetrain.model.dispatch import CapacityPlan, apply_capacity, combine, expert_capacity, permute
 from moetrain.model.experts import GroupedExperts
-from moetrain.model.router import (
-    Routing,
-    TopKRouter,
-    balancing_bias_update,
-    load_balancing_loss,
-    router_entropy,
-    router_z_loss,
-)
+from moetrain.model.router import Routing, TopKRouter, balance_loss, balancing_bias_update, z_loss_of_lse
 
 
 @dataclass
@@ -84,7 +77,7 @@ class RoutingCore(nn.Module):
             n_group=cfg.n_group,
             topk_group=cfg.topk_group,
             group_score=cfg.group_score,
-            kernel_gemm=cfg.backend == "native" and cfg.grouped_mm in ("auto", "fused"),
+            on_cpu_kernel=cfg.backend == "native" and cfg.grouped_mm in ("auto", "fused"),
         )
         # aux-loss-free balancing: token counts of training forwards since the last optimizer step
         self.register_buffer("_load_since_step_E", torch.zeros(cfg.num_experts), persistent=False)
@@ -160,15 +153,11 @@ class RoutingCore(nn.Module):
         of gate * ||expert output||, which only the code that ran the experts can measure."""
         routing, E = routed.routing, self.num_experts
         T, K = routing.expert_idx_TK.shape
-        # the balancing loss uses the routing *distribution*: sigmoid scores are normalised per token
-        dist_TE = routing.probs_TE
-        if self.base_router.score_func == "sigmoid":
-            dist_TE = dist_TE / dist_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-        aux_loss = load_balancing_loss(dist_TE, routing.expert_idx_TK, self.base_router.num_active)
-        z_loss = router_z_loss(routing.logits_TE)
+        aux_loss = balance_loss(routing.mean_dist_E, routed.routed_per_expert_E, T * K, self.base_router.num_active)
+        z_loss = z_loss_of_lse(routing.lse_T)
         with torch.no_grad():
             computed = int(tokens_per_expert_E.sum())
-            gate_mass_E = torch.zeros(E, device=dist_TE.device).index_add(
+            gate_mass_E = torch.zeros(E, device=routing.gates_TK.device).index_add(
                 0, routing.expert_idx_TK.reshape(-1), routing.gates_TK.reshape(-1)
             )
             return MoEStats(
@@ -178,7 +167,7 @@ class RoutingCore(nn.Module):
                 tokens_per_expert_E=tokens_per_expert_E,
                 gate_mass_E=gate_mass_E,
                 saliency_sum_E=saliency_sum_E,
-                entropy_sum=router_entropy(dist_TE) * T,
+                entropy_sum=routing.entropy_sum,
                 num_tokens=T,
                 dropped=T * K - computed,
                 rerouted=int(routed.plan.rerouted_TK.sum()) if routed.plan is not None else 0,

@@ -5,6 +5,10 @@ Shape legend: T tokens, D model dim, E experts, K experts per token (top-k).
 The router runs in fp32 whatever the model dtype: the score function and the aux losses are sensitive to
 rounding. ``top_k`` is a plain attribute, so a schedule can switch it at run time without rebuilding.
 
+Where the experts run on the CPU kernel, the router does too (``on_cpu_kernel``): its logits GEMM, and for
+softmax scores without group limits everything after it in one pass each way (``cpu_router``); the
+reductions the losses need (``lse_T``, ``mean_dist_E``, the entropy) come out of that pass.
+
 Scores: ``softmax`` over experts (Switch, Mixtral) or an independent ``sigmoid`` per expert (DeepSeek-V3).
 Selection: the k best ``score + bias`` among unmasked experts. ``bias_E`` is the aux-loss-free balancing
 bias (a buffer, never trained by the optimizer; DeepSeek-V3's ``e_score_correction_bias``): it shifts *which*
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import SCORE_FUNCS
-from moetrain.model import cpu_experts
+from moetrain.model import cpu_experts, cpu_router
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -37,20 +41,32 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num
     expert-parallel exchange (so it does not depend on ``parallel.ep_size``). ``num_experts`` is the number
     of experts that can be selected (masked experts have f_i = P_i = 0), so balance over them scores 1.0.
     """
-    T, K = expert_idx_TK.shape
-    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=probs_TE.shape[1]).to(probs_TE.dtype)
-    f_E = counts_E / (T * K)
-    P_E = probs_TE.mean(dim=0)
-    return num_experts * torch.sum(f_E * P_E)
+    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=probs_TE.shape[1])
+    return balance_loss(probs_TE.mean(dim=0), counts_E, expert_idx_TK.numel(), num_experts)
+
+
+def balance_loss(
+    mean_probs_E: torch.Tensor, counts_E: torch.Tensor, num_assignments: int, num_experts: int
+) -> torch.Tensor:
+    """:func:`load_balancing_loss` from its two reductions: ``E * sum_i (counts_i / (T * K)) * P_i`` with
+    ``P_i = mean_probs_E[i]`` (what the router computes in its own pass) and ``counts_E`` the assignments per
+    expert."""
+    f_E = counts_E.to(mean_probs_E.dtype) / num_assignments
+    return num_experts * torch.sum(f_E * mean_probs_E)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE), without its coefficient: ``mean_t (log sum_i exp(logits[t, i]))^2``.
 
     Keeps router logits small so the score function stays well conditioned. The trainer multiplies it by
-    ``moe.z_loss_coef``. Masked experts are excluded from the sum.
+    ``moe.z_loss_coef``. Masked experts are excluded from the sum (their logits are -inf).
     """
-    return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+    return z_loss_of_lse(torch.logsumexp(logits_TE, dim=-1))
+
+
+def z_loss_of_lse(lse_T: torch.Tensor) -> torch.Tensor:
+    """:func:`router_z_loss` from ``lse_T[t] = log sum_i exp(logits[t, i])``: ``mean_t lse_t^2``."""
+    return lse_T.pow(2).mean()
 
 
 def router_entropy(dist_TE: torch.Tensor) -> torch.Tensor:
@@ -89,29 +105,56 @@ def group_limited_mask(selection_TE: torch.Tensor, n_group: int, topk_group: int
     return keep_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
 
 
+def renormalizes(renormalize: bool, renormalize_top1: bool, top_k: int) -> bool:
+    """Whether the gates are renormalised over the k chosen: with ``renormalize``, at k = 1 only with
+    ``renormalize_top1`` (the gate is then 1.0, as in Mixtral; without it the top-1 gate is the raw ``p_1``,
+    Switch-style)."""
+    return renormalize and (top_k > 1 or renormalize_top1)
+
+
 def combine_gates(
     scores_TK: torch.Tensor, renormalize: bool, renormalize_top1: bool, routed_scaling_factor: float
 ) -> torch.Tensor:
     """Combine weights of the k selected experts from their scores ``p``.
 
-    ``g_k = p_k / sum_j p_j`` when ``renormalize`` (at k = 1 only when ``renormalize_top1``: the gate is then
-    1.0, as in Mixtral; without it the top-1 gate is the raw ``p_1``, Switch-style), else ``g_k = p_k``; then
-    ``g_k *= routed_scaling_factor`` (DeepSeek).
+    ``g_k = p_k / sum_j p_j`` where :func:`renormalizes`, else ``g_k = p_k``; then ``g_k *=
+    routed_scaling_factor`` (DeepSeek).
     """
-    if renormalize and (scores_TK.shape[1] > 1 or renormalize_top1):
+    if renormalizes(renormalize, renormalize_top1, scores_TK.shape[1]):
         scores_TK = scores_TK / scores_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     if routed_scaling_factor != 1.0:
         scores_TK = scores_TK * routed_scaling_factor
     return scores_TK
 
 
+def selection_scores(probs_TE: torch.Tensor, bias_E: torch.Tensor, masked_E: torch.Tensor | None) -> torch.Tensor:
+    """What top-k ranks: ``scores + bias`` (no gradient), -inf for masked experts."""
+    selection_TE = probs_TE.detach() + bias_E
+    return selection_TE if masked_E is None else selection_TE.masked_fill(masked_E, float("-inf"))
+
+
 @dataclass
 class Routing:
-    logits_TE: torch.Tensor  # fp32 (masked experts: -inf)
+    """One call's routing: the choices and gates, and the reductions the losses and metrics are computed from."""
+
+    logits_TE: torch.Tensor  # fp32, as the logits GEMM gave them (before masking)
     probs_TE: torch.Tensor  # fp32 scores: softmax distribution, or per-expert sigmoid (masked: 0)
     expert_idx_TK: torch.Tensor  # int64, best expert first
     gates_TK: torch.Tensor  # fp32 combine weights
-    selection_TE: torch.Tensor  # what top-k ranked: scores + bias (masked: -inf), for rerouting
+    lse_T: torch.Tensor  # log sum_i exp(logits) over the active experts: the z-loss's input
+    mean_dist_E: torch.Tensor  # mean over tokens of the routing distribution (sigmoid: normalised per token)
+    entropy_sum: torch.Tensor  # sum over tokens of that distribution's entropy (nats), no gradient
+    bias_E: torch.Tensor  # the selection bias top-k ranked with
+    masked_E: torch.Tensor | None  # experts that cannot be selected (None: every expert can)
+    _selection_TE: torch.Tensor | None = None
+
+    @property
+    def selection_TE(self) -> torch.Tensor:
+        """What top-k ranked (scores + bias, -inf where masked or outside the allowed groups), for rerouting;
+        the router's fused pass does not write it, so it is computed when first asked for."""
+        if self._selection_TE is None:
+            self._selection_TE = selection_scores(self.probs_TE, self.bias_E, self.masked_E)
+        return self._selection_TE
 
 
 class TopKRouter(nn.Module):
@@ -129,7 +172,7 @@ class TopKRouter(nn.Module):
         n_group: int = 1,
         topk_group: int = 1,
         group_score: str = "max",
-        kernel_gemm: bool = False,
+        on_cpu_kernel: bool = False,
     ) -> None:
         super().__init__()
         if score_func not in SCORE_FUNCS:
@@ -144,8 +187,9 @@ class TopKRouter(nn.Module):
         if num_experts % n_group:  # e.g. a pruned layer: group-limited routing needs equal groups
             raise ValueError(f"moe.n_group={n_group} does not divide this layer's {num_experts} experts")
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
-        # the logits GEMM on the CPU expert kernel's own GEMM where it runs (cpu_experts.linear), else ATen's
-        self.kernel_gemm = kernel_gemm
+        # on the CPU expert kernel where the experts run on it: the logits GEMM on its own GEMM (cpu_experts.linear)
+        # and, for softmax scores without group limits, the rest in one pass each way (cpu_router); else ATen's ops
+        self.on_cpu_kernel = on_cpu_kernel
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("bias_E", torch.zeros(num_experts))
         self.register_buffer("active_E", torch.ones(num_experts, dtype=torch.bool))
@@ -159,18 +203,29 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter_eps > 0:
             # Switch-style multiplicative input jitter, training only.
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        logits_TE = (cpu_experts.linear if self.kernel_gemm else F.linear)(x_TD, self.weight_ED.float())
-        # a pruned layer masks its removed experts; with every expert active the two (T, E) fills are skipped
-        masked = ~self.active_E if self.num_active < self.num_experts else None
-        if masked is not None:
-            logits_TE = logits_TE.masked_fill(masked, float("-inf"))
+        logits_TE = (cpu_experts.linear if self.on_cpu_kernel else F.linear)(x_TD, self.weight_ED.float())
+        # a pruned layer masks its removed experts; with every expert active the (T, E) mask fills are skipped
+        masked_E = ~self.active_E if self.num_active < self.num_experts else None
+        fused = self.on_cpu_kernel and self.score_func == "softmax" and self.n_group == 1
+        if fused and cpu_router.supported(logits_TE):
+            return self._route_fused(logits_TE, masked_E)
+        return self._route_aten(logits_TE, masked_E)
+
+    def _route_fused(self, logits_TE: torch.Tensor, masked_E: torch.Tensor | None) -> Routing:
+        renormalize = renormalizes(self.renormalize, self.renormalize_top1, self.top_k)
+        probs_TE, idx_TK, gates_TK, lse_T, psum_E, entropy_sum = cpu_router.FusedSoftmaxRouter.apply(
+            logits_TE, self.bias_E, self.active_E, self.top_k, renormalize, float(self.routed_scaling_factor)
+        )
+        mean_dist_E = psum_E / logits_TE.shape[0]
+        return Routing(logits_TE, probs_TE, idx_TK, gates_TK, lse_T, mean_dist_E, entropy_sum, self.bias_E, masked_E)
+
+    def _route_aten(self, logits_TE: torch.Tensor, masked_E: torch.Tensor | None) -> Routing:
+        scored_TE = logits_TE if masked_E is None else logits_TE.masked_fill(masked_E, float("-inf"))
         if self.score_func == "softmax":
-            probs_TE = torch.softmax(logits_TE, dim=-1)
+            probs_TE = torch.softmax(scored_TE, dim=-1)
         else:
-            probs_TE = torch.sigmoid(logits_TE)  # sigmoid(-inf) = 0 for masked experts
-        selection_TE = probs_TE.detach() + self.bias_E
-        if masked is not None:
-            selection_TE = selection_TE.masked_fill(masked, float("-inf"))
+            probs_TE = torch.sigmoid(scored_TE)  # sigmoid(-inf) = 0 for masked experts
+        selection_TE = selection_scores(probs_TE, self.bias_E, masked_E)
         if self.n_group > 1:
             allowed_TE = group_limited_mask(selection_TE, self.n_group, self.topk_group, self.group_score)
             selection_TE = selection_TE.masked_fill(~allowed_TE, float("-inf"))
@@ -178,5 +233,23 @@ class TopKRouter(nn.Module):
         gates_TK = combine_gates(
             probs_TE.gather(1, expert_idx_TK), self.renormalize, self.renormalize_top1, self.routed_scaling_factor
         )
+        # the balancing loss and the entropy use the routing *distribution*: sigmoid scores normalised per token
+        dist_TE = probs_TE
+        if self.score_func == "sigmoid":
+            dist_TE = dist_TE / dist_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+        with torch.no_grad():
+            entropy_sum = router_entropy(dist_TE) * logits_TE.shape[0]
         # z-loss over the active experts only (masked logits are -inf and drop out of logsumexp)
-        return Routing(logits_TE, probs_TE, expert_idx_TK, gates_TK, selection_TE)
+        lse_T = torch.logsumexp(scored_TE, dim=-1)
+        return Routing(
+            logits_TE,
+            probs_TE,
+            expert_idx_TK,
+            gates_TK,
+            lse_T,
+            dist_TE.mean(dim=0),
+            entropy_sum,
+            self.bias_E,
+            masked_E,
+            selection_TE,
+        )

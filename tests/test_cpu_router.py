@@ -1,0 +1,168 @@
+"""The router's fused pass on the CPU kernel (csrc/softmax_router.cpp) against ATen's router code in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cpu_features import needs_avx512
+
+from moetrain.config import MoEConfig
+from moetrain.model import cpu_router
+from moetrain.model.moe import MoELayer
+from moetrain.model.router import TopKRouter, balance_loss, z_loss_of_lse
+
+pytestmark = needs_avx512
+D = 12
+
+
+def make_router(E, top_k, *, masked=(), bias_scale=0.05, seed=0, **kw) -> TopKRouter:
+    torch.manual_seed(seed)
+    router = TopKRouter(D, E, top_k, on_cpu_kernel=True, **kw)
+    with torch.no_grad():
+        router.weight_ED.normal_(0, 1.0)
+        router.bias_E.normal_(0, bias_scale)
+        router.active_E[list(masked)] = False
+    return router
+
+
+def losses(routing, upstream_TK, T):
+    """A task term through the gates plus the aux and z losses: every differentiable output of the pass."""
+    counts_E = torch.bincount(routing.expert_idx_TK.reshape(-1), minlength=routing.probs_TE.shape[1])
+    aux = balance_loss(routing.mean_dist_E, counts_E, routing.expert_idx_TK.numel(), 5)
+    return (routing.gates_TK * upstream_TK).sum() + 0.3 * aux + 0.7 * z_loss_of_lse(routing.lse_T)
+
+
+CASES = [
+    # (E, top_k, renormalize, renormalize_top1, routed_scaling_factor, masked experts)
+    (8, 1, True, False, 1.0, ()),
+    (8, 1, True, True, 1.0, ()),
+    (8, 2, True, False, 1.0, ()),
+    (8, 2, False, False, 2.5, (3,)),
+    (8, 4, True, False, 1.0, (0, 5)),
+    (8, 6, True, False, 1.0, (1, 2)),  # k = every active expert
+    (20, 3, True, False, 1.0, (4, 17, 19)),  # E not a multiple of 16: a masked lane tail
+    (64, 1, False, False, 1.0, ()),
+    (64, 2, True, False, 1.5, tuple(range(0, 64, 7))),
+]
+
+
+@pytest.mark.parametrize(("E", "top_k", "renormalize", "top1", "scale", "masked"), CASES)
+def test_fused_router_equals_aten_router_in_float64(E, top_k, renormalize, top1, scale, masked):
+    router = make_router(
+        E, top_k, masked=masked, renormalize=renormalize, renormalize_top1=top1, routed_scaling_factor=scale
+    )
+    T = 150  # two full blocks of 64 tokens and a partial one
+    torch.manual_seed(1)
+    x = torch.randn(T, D)
+    upstream = torch.randn(T, top_k)
+    ours = router(x)
+    assert type(ours.gates_TK.grad_fn).__name__ == "FusedSoftmaxRouterBackward"
+    (dlogits,) = torch.autograd.grad(losses(ours, upstream, T), ours.logits_TE)
+
+    logits64 = ours.logits_TE.detach().double().requires_grad_(True)
+    masked_E = ~router.active_E if masked else None
+    ref = router._route_aten(logits64, masked_E)
+    (dlogits64,) = torch.autograd.grad(losses(ref, upstream.double(), T), logits64)
+
+    assert torch.equal(ours.expert_idx_TK, ref.expert_idx_TK)
+    for name in ("probs_TE", "gates_TK", "lse_T", "mean_dist_E", "entropy_sum"):
+        torch.testing.assert_close(getattr(ours, name).double(), getattr(ref, name), rtol=2e-6, atol=1e-7, msg=name)
+    torch.testing.assert_close(dlogits.double(), dlogits64, rtol=1e-5, atol=1e-6)
+    if masked:
+        assert not ours.probs_TE[:, list(masked)].any() and not dlogits[:, list(masked)].any()
+    # what rerouting ranks, computed on demand from the pass's scores
+    torch.testing.assert_close(ours.selection_TE.double(), ref.selection_TE)
+
+
+def test_each_loss_reaches_the_logits():
+    """The gradient of each differentiable output alone (the others None in the backward) against float64."""
+    router = make_router(16, 2, masked=(5,))
+    x = torch.randn(70, D)
+    ours = router(x)
+    logits64 = ours.logits_TE.detach().double().requires_grad_(True)
+    ref = router._route_aten(logits64, ~router.active_E)
+    for pick in (lambda r: r.gates_TK[:, 1].sum(), lambda r: r.lse_T.square().mean(), lambda r: r.mean_dist_E[3]):
+        (ours_grad,) = torch.autograd.grad(pick(ours), ours.logits_TE, retain_graph=True)
+        (ref_grad,) = torch.autograd.grad(pick(ref), logits64, retain_graph=True)
+        torch.testing.assert_close(ours_grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_ties_go_to_the_lower_expert_index():
+    router = make_router(10, 3, masked=(1,), bias_scale=0.0)
+    with torch.no_grad():
+        router.weight_ED.zero_()  # every score equal
+    routing = router(torch.randn(5, D))
+    assert routing.expert_idx_TK.tolist() == [[0, 2, 3]] * 5
+    torch.testing.assert_close(routing.gates_TK, torch.full((5, 3), 1 / 3))
+
+
+def test_far_below_the_maximum_a_score_is_zero_and_the_sums_stay_finite():
+    """A logit more than exp's fp32 range below its row's maximum gets p = 0 (no NaN from the entropy's log)."""
+    router = make_router(4, 1)
+    logits = torch.tensor([[0.0, -200.0, -50.0, 1.0]], requires_grad=True)
+    routing = router._route_fused(logits, None)
+    assert routing.probs_TE[0, 1] == 0
+    ref = router._route_aten(logits.detach().double(), None)
+    torch.testing.assert_close(routing.entropy_sum.double(), ref.entropy_sum, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(routing.lse_T.double(), ref.lse_T)
+
+
+def test_same_bits_on_one_and_two_threads():
+    router = make_router(64, 2, masked=(3, 9))
+    x = torch.randn(1000, D)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            routing = router(x)
+            (dlogits,) = torch.autograd.grad(losses(routing, torch.ones(1000, 2), 1000), routing.logits_TE)
+            outs.append(
+                [routing.probs_TE, routing.gates_TK, routing.lse_T, routing.mean_dist_E, routing.entropy_sum, dlogits]
+            )
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kw", "fused"),
+    [({}, True), ({"score_func": "sigmoid"}, False), ({"n_group": 2, "topk_group": 1}, False)],
+)
+def test_fused_pass_runs_for_softmax_without_group_limits(kw, fused):
+    router = make_router(8, 2, **kw)
+    routing = router(torch.randn(6, D))
+    assert (type(routing.gates_TK.grad_fn).__name__ == "FusedSoftmaxRouterBackward") == fused
+    assert cpu_router.supported(routing.logits_TE)
+
+
+def test_layer_losses_and_router_gradient_match_the_aten_router():
+    """The MoE layer's aux and z losses and the router weight's gradient from them: kernel router vs ATen's."""
+    cfg = MoEConfig(num_experts=8, top_k=2, capacity_factor=1.0, drop_policy="reroute", min_capacity=1)
+    layers = []
+    for on_kernel in (True, False):
+        torch.manual_seed(0)
+        layer = MoELayer(D, 16, cfg)
+        layer.reset_parameters(0.3, 0.3)
+        layer.router.on_cpu_kernel = on_kernel
+        layers.append(layer)
+    x = torch.randn(2, 40, D)
+    results = []
+    for layer in layers:
+        out, stats = layer(x)
+        (out.square().sum() + 0.5 * stats.aux_loss + 0.2 * stats.z_loss).backward()
+        results.append((out, stats))
+    (out_k, st_k), (out_a, st_a) = results
+    fused = [
+        type(layer.router(x.reshape(-1, D)).gates_TK.grad_fn).__name__ == "FusedSoftmaxRouterBackward"
+        for layer in layers
+    ]
+    assert fused == [True, False]
+    torch.testing.assert_close(out_k, out_a, rtol=1e-5, atol=1e-6)
+    for name in ("aux_loss", "z_loss", "entropy_sum", "gate_mass_E", "saliency_sum_E"):
+        torch.testing.assert_close(getattr(st_k, name), getattr(st_a, name), rtol=1e-5, atol=1e-6, msg=name)
+    assert (st_k.dropped, st_k.rerouted) == (st_a.dropped, st_a.rerouted) and st_k.rerouted > 0
+    # fp32 both ways, with the expert outputs in the gates' gradient: agree to fp32 rounding of the largest entry
+    grad_k, grad_a = layers[0].router.weight_ED.grad, layers[1].router.weight_ED.grad
+    torch.testing.assert_close(grad_k, grad_a, rtol=1e-4, atol=1e-5 * float(grad_a.abs().max()))
