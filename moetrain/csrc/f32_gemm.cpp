@@ -9,7 +9,9 @@
 // band of 24 rows across all column blocks, whose tiles prefetch the next band of A between them; otherwise
 // (B streams: a weight in the forward products, or neither) a task is one tile, column block by block, and
 // the row-tiles of a block prefetch the next block of B between them. One prefetch per k step rides along
-// with the FMAs.
+// with the FMAs. When B streams, the caller can also name the weight its next GEMM reads (`then`): the tiles
+// prefetch it in shares after their own lines, so that a chain of GEMMs over weights cold in memory (an expert's
+// forward: w1, w3, w2, then the next expert's w1) finds each weight in L2.
 #include "f32_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -35,6 +37,8 @@ constexpr int64_t kChunk = 192;  // rows per chunk when B streams (a multiple of
 struct Prefetch {
   const char* base = nullptr;
   int64_t stride = 0, count = 0;
+  const char* then = nullptr;  // after those, then_count consecutive lines from here (the next GEMM's weight)
+  int64_t then_count = 0;
 };
 
 // The k steps [k0, k1) of a tile into acc; with PREFETCH one line of pf per step (a separate instantiation, so
@@ -70,9 +74,11 @@ __attribute__((target("avx512f"))) void tile_kernel(int64_t K, const float* a, i
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int q = 0; q < NQ; ++q) acc[r][q] = _mm512_setzero_ps();
-  const int64_t pf_end = std::min(pf.count, K);
+  const int64_t pf_end = std::min(pf.count, K), then_end = std::min(pf_end + pf.then_count, K);
   tile_steps<MR, NQ, true>(acc, 0, pf_end, a, a_si, a_sk, b, ldb, last_mask, pf);
-  tile_steps<MR, NQ, false>(acc, pf_end, K, a, a_si, a_sk, b, ldb, last_mask, pf);
+  const Prefetch then{pf.then - pf_end * kLine, kLine, then_end - pf_end};  // line k - pf_end at step k
+  tile_steps<MR, NQ, true>(acc, pf_end, then_end, a, a_si, a_sk, b, ldb, last_mask, then);
+  tile_steps<MR, NQ, false>(acc, then_end, K, a, a_si, a_sk, b, ldb, last_mask, pf);
   const bool full = last_mask == 0xFFFF;
 #pragma GCC unroll 24
   for (int r = 0; r < MR; ++r) {
@@ -127,6 +133,8 @@ struct Problem {
   int64_t ldc;
   Store store;
   bool stream;
+  const char* then_base = nullptr;  // lines the tiles prefetch after their own (B streaming only; see gemm)
+  int64_t then_lines = 0;
 
   int64_t blocks() const { return (N + kNR - 1) / kNR; }
   int64_t cols(int64_t j) const { return std::min(kNR, N - j * kNR); }
@@ -167,15 +175,19 @@ void run_band(const Problem& p, int64_t band) {
 
 // B streams (a weight in the forward products, or neither operand dominates): task = tile (i, j) in column-block
 // order; the row-tiles of block j share the prefetch of block j + 1 (K rows of up to 4 lines): row-tile i takes
-// line column i % 4 of a range of rows.
-void run_tile(const Problem& p, int64_t j, int64_t i) {
+// line column i % 4 of a range of rows. `then` is the tile's share of the lines the caller's next GEMM reads.
+void run_tile(const Problem& p, int64_t j, int64_t i, const Prefetch& then) {
   const int64_t h = p.tile_rows(j), tiles = p.row_tiles(j);
   Prefetch pf;
+  pf.then = then.base;
+  pf.then_count = then.count;
   if (j + 1 < p.blocks()) {
     const int64_t f = sizeof(float), line_cols = (p.cols(j + 1) * f + kLine - 1) / kLine;
     const int64_t groups = (tiles + line_cols - 1) / line_cols, group = i / line_cols;
     const int64_t r0 = group * p.K / groups, r1 = (group + 1) * p.K / groups;
-    pf = {reinterpret_cast<const char*>(p.b + (j + 1) * kNR + r0 * p.ldb) + (i % line_cols) * kLine, p.ldb * f, r1 - r0};
+    pf.base = reinterpret_cast<const char*>(p.b + (j + 1) * kNR + r0 * p.ldb) + (i % line_cols) * kLine;
+    pf.stride = p.ldb * f;
+    pf.count = r1 - r0;
   }
   p.tile(i * h, std::min(h, p.M - i * h), j, pf);
 }
@@ -249,10 +261,18 @@ void run_pass(const Problem& p) {
     const int64_t full_blocks = q.blocks() - 1, per_block = q.row_tiles(0);
     const int64_t tiles = full_blocks * per_block + q.row_tiles(full_blocks);
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / (kMR * flops_per_row));
+    // this chunk's share of the next GEMM's lines, split again among its tiles
+    const int64_t chunks = (p.M + kChunk - 1) / kChunk, c = m0 / kChunk;
+    const int64_t l0 = c * p.then_lines / chunks, l1 = (c + 1) * p.then_lines / chunks;
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t j = std::min(t / per_block, full_blocks);
-        run_tile(q, j, t - j * per_block);
+        Prefetch then;
+        if (l1 > l0) {
+          const int64_t a0 = l0 + t * (l1 - l0) / tiles, a1 = l0 + (t + 1) * (l1 - l0) / tiles;
+          then = {q.then_base + a0 * kLine, kLine, a1 - a0};
+        }
+        run_tile(q, j, t - j * per_block, then);
       }
       finish();
     });
@@ -262,7 +282,7 @@ void run_pass(const Problem& p) {
 }  // namespace
 
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b, int64_t ldb,
-          float* c, int64_t ldc, Store store) {
+          float* c, int64_t ldc, Store store, const float* then, int64_t then_floats) {
   if (M <= 0 || N <= 0) return;
   const bool can_stream = store == Store::kStream && reinterpret_cast<uintptr_t>(c) % kLine == 0 && ldc % 16 == 0;
   // K in passes of at most kKC, so that a tile's panel of B (kKC x 64) stays in L2 however long K is (the weight
@@ -270,8 +290,10 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t
   for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
     const bool add = store == Store::kAdd || k0 > 0;
+    const bool last = k0 + kKC >= K;  // the next GEMM's lines go with the last pass
     run_pass(Problem{M, N, kc, a + k0 * a_sk, a_si, a_sk, b + k0 * ldb, ldb, c, ldc, add ? Store::kAdd : Store::kWrite,
-                     can_stream && k0 + kKC >= K});
+                     can_stream && last, last ? reinterpret_cast<const char*>(then) : nullptr,
+                     last && then ? (then_floats * int64_t(sizeof(float)) + kLine - 1) / kLine : 0});
   }
 }
 
@@ -289,7 +311,8 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, flo
 
 namespace f32_gemm {
 bool available() { return false; }
-void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, Store) {
+void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, Store,
+          const float*, int64_t) {
   TORCH_CHECK(false, "f32_gemm::gemm needs an x86-64 CPU with AVX-512");
 }
 void transpose(const float*, int64_t, int64_t, int64_t, float*, int64_t) {

@@ -54,12 +54,15 @@ Groups make_groups(const std::vector<int64_t>& counts) {
 // at::mm_out into a view (its out argument binds only to an lvalue).
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
-// Runs fn(e) once for every expert. When there are enough experts for the threads (E >= 2 x threads) and
-// none holds more than a thread's share of the rows, each core takes the next expert of the queue (largest
-// first) and runs it single-threaded. Otherwise (few experts for many threads, one dominant expert, one
-// thread) the experts run one after another and every GEMM gets all threads, as torch._grouped_mm would.
+// Runs fn(e, take_next) once for every expert e. take_next() claims the expert the same thread runs after e and
+// returns it (-1 when none), so that e's last GEMM can prefetch that expert's first weight; claimed late (fn calls it
+// before its last GEMM), the claim takes from the queue at the time a free core would. When there are enough experts
+// for the threads (E >= 2 x threads) and none holds more than a thread's share of the rows, each core takes the next
+// expert of the queue (largest first) and runs it single-threaded. Otherwise (few experts for many threads, one
+// dominant expert, one thread) the experts run one after another and every GEMM gets all threads, as
+// torch._grouped_mm would.
 template <typename Fn>
-void for_each_expert(const Groups& g, const Fn& fn) {
+void for_each_expert_ahead(const Groups& g, const Fn& fn) {
   const int64_t E = static_cast<int64_t>(g.order.size());
   const int64_t threads = at::get_num_threads();
   int64_t total = 0, largest = 0;
@@ -68,7 +71,7 @@ void for_each_expert(const Groups& g, const Fn& fn) {
     largest = std::max(largest, c);
   }
   if (threads <= 1 || E < 2 * threads || largest * threads > total) {
-    for (auto e : g.order) fn(e);
+    for (int64_t i = 0; i < E; ++i) fn(g.order[i], [&] { return i + 1 < E ? g.order[i + 1] : int64_t(-1); });
     return;
   }
   // Worker threads do not inherit the caller's thread-local state (grad mode, inference mode, autocast).
@@ -76,8 +79,22 @@ void for_each_expert(const Groups& g, const Fn& fn) {
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     at::ThreadLocalStateGuard same_state(caller_state);
-    for (int64_t i = next++; i < E; i = next++) fn(g.order[i]);
+    for (int64_t i = next++; i < E;) {
+      int64_t after = -1;  // claimed at most once, by take_next
+      const auto take_next = [&] {
+        if (after < 0) after = next++;
+        return after < E ? g.order[after] : int64_t(-1);
+      };
+      fn(g.order[i], take_next);
+      i = after < 0 ? next++ : after;
+    }
   });
+}
+
+// fn(e) once for every expert, as for_each_expert_ahead.
+template <typename Fn>
+void for_each_expert(const Groups& g, const Fn& fn) {
+  for_each_expert_ahead(g, [&](int64_t e, const auto&) { fn(e); });
 }
 
 // One pass over an expert's (n, F) block for float / double: from h1, h3, dg = dL/dg and s = sigmoid(h1)
@@ -159,10 +176,14 @@ bool use_f32_gemm(const at::Tensor& x, std::initializer_list<const at::Tensor*> 
   return true;
 }
 
-// out (=, +=) a b on f32_gemm; a may have any strides, b's and out's rows are contiguous.
-void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, f32_gemm::Store store = f32_gemm::Store::kWrite) {
+// out (=, +=) a b on f32_gemm; a may have any strides, b's and out's rows are contiguous. then: the 2-D weight the
+// caller's next GEMM reads (rows contiguous), prefetched during this one.
+void mm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, f32_gemm::Store store = f32_gemm::Store::kWrite,
+            const at::Tensor& then = at::Tensor()) {
+  const int64_t then_floats = then.defined() ? (then.size(0) - 1) * then.stride(0) + then.size(1) : 0;
   f32_gemm::gemm(a.size(0), b.size(1), a.size(1), a.const_data_ptr<float>(), a.stride(0), a.stride(1),
-                 b.const_data_ptr<float>(), b.stride(0), out.data_ptr<float>(), out.stride(0), store);
+                 b.const_data_ptr<float>(), b.stride(0), out.data_ptr<float>(), out.stride(0), store,
+                 then.defined() ? then.const_data_ptr<float>() : nullptr, then_floats);
 }
 
 // A fresh contiguous t^T of a 2-D fp32 block whose rows are contiguous.
@@ -172,16 +193,23 @@ at::Tensor transposed(const at::Tensor& t) {
   return out;
 }
 
-// One expert's forward on its rows: h1 = x w1, h3 = x w3, y = (silu(h1) * h3) w2, into the given views.
+// One expert's forward on its rows: h1 = x w1, h3 = x w3, y = (silu(h1) * h3) w2, into the given views. w1_next():
+// the w1 of the expert this thread runs next (undefined if none), asked for before the last GEMM.
+template <typename NextFn>
 void expert_forward(const at::Tensor& x_e, const at::Tensor& w1_e, const at::Tensor& w3_e, const at::Tensor& w2_e,
-                    at::Tensor h1_e, at::Tensor h3_e, at::Tensor y_e) {
+                    at::Tensor h1_e, at::Tensor h3_e, at::Tensor y_e, const NextFn& w1_next) {
   const bool own = use_f32_gemm(x_e, {&w1_e, &w3_e, &w2_e});
-  const auto mm = [own](at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
-    own ? mm_f32(out, a, b) : mm_into(out, a, b);
-  };
-  mm(h1_e, x_e, w1_e);
-  mm(h3_e, x_e, w3_e);
-  mm(y_e, own ? swiglu_block_f32(h1_e, h3_e) : at::silu(h1_e).mul_(h3_e), w2_e);
+  if (!own) {
+    mm_into(h1_e, x_e, w1_e);
+    mm_into(h3_e, x_e, w3_e);
+    mm_into(y_e, at::silu(h1_e).mul_(h3_e), w2_e);
+    return;
+  }
+  // each weight is read once per step, from memory at 32-64 experts: each GEMM prefetches the next one's weight
+  using f32_gemm::Store;
+  mm_f32(h1_e, x_e, w1_e, Store::kWrite, w3_e);
+  mm_f32(h3_e, x_e, w3_e, Store::kWrite, w2_e);
+  mm_f32(y_e, swiglu_block_f32(h1_e, h3_e), w2_e, Store::kWrite, w1_next());
 }
 
 // num_rows: the rows the experts compute (x's rows, or the kept assignments when the kernel gathers them).
@@ -212,11 +240,15 @@ std::vector<at::Tensor> experts_forward(const std::vector<int64_t>& counts, cons
   auto y = at::empty({S, D}, w1.options());
   auto h1 = at::empty({S, F}, w1.options());
   auto h3 = at::empty({S, F}, w1.options());
-  for_each_expert(g, [&](int64_t e) {
+  for_each_expert_ahead(g, [&](int64_t e, const auto& take_next) {
     const int64_t s = g.start[e], n = g.count[e];
     if (n == 0) return;
+    const auto w1_next = [&] {
+      const int64_t after = take_next();
+      return after >= 0 && g.count[after] > 0 ? w1.select(0, after) : at::Tensor();
+    };
     expert_forward(x_rows(s, n), w1.select(0, e), w3.select(0, e), w2.select(0, e), h1.narrow(0, s, n),
-                   h3.narrow(0, s, n), y.narrow(0, s, n));
+                   h3.narrow(0, s, n), y.narrow(0, s, n), w1_next);
   });
   return {y, h1, h3};
 }
