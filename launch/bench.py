@@ -1,10 +1,12 @@
 """Benchmarks; results go to docs/benchmarks.md (each section replaced in place).
 
     python launch/bench.py moe   [--tokens 4096] [--iters 5] [--threads 2] [--device cpu] [--cpu-malloc cached]
+                                 [--cpu-huge-pages on]
     python launch/bench.py a2a   [--tokens 4096] [--iters 5]     (spawns 2 ranks with torchrun)
 
 ``--cpu-malloc cached`` (the default) sets glibc's allocator as the trainer does on CPU
-(``trainer.cpu_malloc``, moetrain/cpu_runtime.py); ``default`` leaves it alone.
+(``trainer.cpu_malloc``, moetrain/cpu_runtime.py); ``default`` leaves it alone. ``--cpu-huge-pages on`` (the
+default) puts large tensors on transparent huge pages as the trainer does (``trainer.cpu_huge_pages``).
 
 ``moe``: forward + backward of one MoE layer (fp32) against a dense-GEMM bound doing the same expert FLOPs
 (tokens * k rows through one SwiGLU FFN of the same width), for moetrain native, moetrain's deepspeed
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import CPU_MALLOC
-from moetrain.cpu_runtime import cache_freed_memory
+from moetrain.cpu_runtime import cache_freed_memory, use_huge_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -188,22 +190,22 @@ def candidates(d: int, f: int, E: int, k: int, x: torch.Tensor) -> list[Entry]:
     return out
 
 
-def bounds(d: int, f: int, x_dense: torch.Tensor) -> list[Entry]:
+def bounds(d: int, f: int, x_dense: torch.Tensor) -> tuple[Entry, Entry | None]:
     """The dense-GEMM bound (``tokens * k`` rows through one SwiGLU FFN in PyTorch: MKL's GEMMs on CPU) and, where
-    the CPU kernel runs its own GEMM, the same FLOPs on it: one expert of ``tokens * k`` rows (every GEMM split
-    over the threads by tiles)."""
+    the CPU kernel runs its own GEMM, the same FLOPs on it (else None): one expert of ``tokens * k`` rows (every
+    GEMM split over the threads by tiles)."""
     from moetrain.model import cpu_experts
     from moetrain.model.experts import GroupedExperts
 
     dense = SwiGLU(d, f).to(x_dense.device)
-    out = [Entry("dense-GEMM bound", dense, x_dense, dense)]
-    if x_dense.device.type == "cpu" and cpu_experts.f32_gemm_active():
-        one = GroupedExperts(1, d, f, "fused")
-        for p in one.parameters():
-            nn.init.normal_(p, std=0.02)
-        rows = torch.tensor([x_dense.shape[0]])
-        out.append(Entry("dense bound on the kernel's GEMM", lambda x: one(x, rows), x_dense, one))
-    return out
+    mkl = Entry("dense-GEMM bound", dense, x_dense, dense)
+    if x_dense.device.type != "cpu" or not cpu_experts.f32_gemm_active():
+        return mkl, None
+    one = GroupedExperts(1, d, f, "fused")
+    for p in one.parameters():
+        nn.init.normal_(p, std=0.02)
+    rows = torch.tensor([x_dense.shape[0]])
+    return mkl, Entry("dense bound on the kernel's GEMM", lambda x: one(x, rows), x_dense, one)
 
 
 def bench_moe(args) -> str:
@@ -214,11 +216,12 @@ def bench_moe(args) -> str:
             torch.manual_seed(0)
             x = torch.randn(args.tokens, d, device=device)
             x_dense = torch.randn(args.tokens * k, d, device=device)
-            entries = bounds(d, f, x_dense) + candidates(d, f, E, k, x)
+            mkl_bound, own_bound = bounds(d, f, x_dense)
+            entries = [mkl_bound] + ([own_bound] if own_bound else []) + candidates(d, f, E, k, x)
             print(f"(d={d}, f={f}, E={E}, k={k})", flush=True)
             times = time_in_rounds(entries, args.iters)
             bound = times[0]
-            own = times[1] if len(entries) > 1 and entries[1].name.startswith("dense bound on") else None
+            own = times[1] if own_bound else None
             flops = expert_flops(args.tokens, k, d, f)
             for e, t in zip(entries, times):
                 own_frac = f"{own / t:.2f}" if own else "-"
@@ -226,12 +229,13 @@ def bench_moe(args) -> str:
                 print(f"    {e.name:40s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound  {own_frac} of own", flush=True)
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device {args.device}, cpu_malloc {args.cpu_malloc}; tokens={args.tokens}, "
+        f"{torch.get_num_threads()} threads, device {args.device}, cpu_malloc {args.cpu_malloc}, huge pages "
+        f"{args.huge_pages_in_use}; tokens={args.tokens}, "
         f"fp32, forward+backward (gradients set to None before each), median of {args.iters} rounds after 2 warm-up "
         "rounds; a round runs every row of a shape in turn, twice each, timing the second run.",
         "",
         f"Command: `python launch/bench.py moe --tokens {args.tokens} --iters {args.iters} --threads {args.threads}"
-        f" --device {args.device} --cpu-malloc {args.cpu_malloc}`",
+        f" --device {args.device} --cpu-malloc {args.cpu_malloc} --cpu-huge-pages {args.cpu_huge_pages}`",
         "",
         "| d_model | d_ff | E | k | implementation | ms | fraction of dense bound | fraction of own-GEMM bound "
         "| expert GFLOP/s |",
@@ -269,6 +273,8 @@ def bench_a2a(args) -> str:
             str(args.iters),
             "--cpu-malloc",
             args.cpu_malloc,
+            "--cpu-huge-pages",
+            args.cpu_huge_pages,
         ],
         capture_output=True,
         text=True,
@@ -279,12 +285,12 @@ def bench_a2a(args) -> str:
     return "\n".join(
         [
             f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}, "
-            "2 ranks (gloo), "
+            f"2 ranks (gloo), huge pages {args.huge_pages_in_use}, "
             f"1 thread each; tokens={args.tokens} per rank, d_model=256, d_ff=512, E=8, k=2, dropless, "
             "forward+backward, median.",
             "",
             f"Command: `python launch/bench.py a2a --tokens {args.tokens} --iters {args.iters} --cpu-malloc "
-            f"{args.cpu_malloc}`",
+            f"{args.cpu_malloc} --cpu-huge-pages {args.cpu_huge_pages}`",
             "",
             "| ep_size | a2a_chunks | ms | speed-up vs 1 chunk |",
             "|---|---|---|---|",
@@ -337,9 +343,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cpu-malloc", choices=CPU_MALLOC, default="cached", help="as trainer.cpu_malloc")
+    ap.add_argument("--cpu-huge-pages", choices=["on", "off"], default="on", help="as trainer.cpu_huge_pages")
     args = ap.parse_args()
+    # what the trainer does on CPU by default (moetrain/cpu_runtime.py), before any large tensor
     if args.cpu_malloc == "cached":
-        cache_freed_memory()  # what the trainer does on CPU by default (moetrain/cpu_runtime.py)
+        cache_freed_memory()
+    args.huge_pages_in_use = "on" if args.cpu_huge_pages == "on" and use_huge_pages() else "off"
     if args.what == "a2a-worker":
         a2a_worker(args)
         return

@@ -269,6 +269,9 @@ class TrainerConfig:
     # CPU runs: "cached" keeps freed large blocks in glibc's heap for reuse (moetrain/cpu_runtime.py);
     # "default" leaves the allocator alone.
     cpu_malloc: str = "cached"
+    # CPU runs: transparent huge pages for tensors of 2 MiB or more (PyTorch's THP_MEM_ALLOC_ENABLE): fewer TLB
+    # misses where the expert kernel streams the weights of many experts (moetrain/cpu_runtime.py)
+    cpu_huge_pages: bool = True
 
 
 @dataclass

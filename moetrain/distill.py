@@ -23,25 +23,29 @@ def distillation_kl(student_BSV: torch.Tensor, teacher_BSV: torch.Tensor, temper
 
 
 class Distiller:
-    """Holds the teacher; ``loss`` blends the student's CE with the KL to the teacher."""
+    """Holds the teacher and its structure (per MoE layer, the original ids of its experts: what a checkpoint
+    records to rebuild it); ``kl`` is the distillation term against the teacher."""
 
     def __init__(self, cfg: DistillConfig) -> None:
         self.cfg = cfg
         self.teacher: nn.Module | None = None
+        self.teacher_expert_ids: list[list[int]] | None = None
 
     @property
     def active(self) -> bool:
         return self.cfg.enabled and self.teacher is not None
 
-    def set_teacher(self, teacher: nn.Module) -> None:
+    def set_teacher(self, teacher: nn.Module, expert_ids: list[list[int]]) -> None:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.teacher = teacher
+        self.teacher_expert_ids = [list(ids) for ids in expert_ids]
 
     def drop_teacher(self) -> None:
         """No teacher again (a pruning round that took it was rolled back)."""
         self.teacher = None
+        self.teacher_expert_ids = None
 
     @torch.no_grad()
     def teacher_logits(self, inputs_BS: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ class Trainer:
         validate(cfg, world_size=self.env.world_size, cuda=torch.cuda.is_available())
         t = cfg.trainer
         if not torch.cuda.is_available():
-            cpu_runtime.configure(t.num_threads, self.env.local_world_size, t.cpu_malloc)
+            cpu_runtime.configure(t.num_threads, self.env.local_world_size, t.cpu_malloc, t.cpu_huge_pages)
             cpu_experts.build_before_training(cfg.moe, self.env.local_rank, barrier)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
 
@@ -95,7 +95,6 @@ class Trainer:
         self.adapters = LoRAAdapters(cfg.lora, cfg.moe.backend)
         self.distiller = Distiller(cfg.distill)
         self.pruner = PruneHook(cfg.prune)
-        self.teacher_expert_ids: list[list[int]] | None = None
 
         splits = load_splits_rank0_first(cfg.data, self.env.is_main)
         self.unigram_baseline = splits.unigram_baseline(cfg.model.vocab_size)
@@ -155,7 +154,7 @@ class Trainer:
         structure = {
             "expert_ids": cfg.moe.expert_ids,
             "lora": self.adapters.active,
-            "teacher_expert_ids": self.teacher_expert_ids,
+            "teacher_expert_ids": self.distiller.teacher_expert_ids,
         }
         teacher = TeacherState(self.distiller.teacher, self.env.rank) if self.distiller.teacher is not None else None
         self.checkpoints = CheckpointManager(
@@ -202,8 +201,7 @@ class Trainer:
                     m.set_deepspeed_parallelism()
         if from_model:
             teacher.load_state_dict(self.model.state_dict())
-        self.distiller.set_teacher(teacher)
-        self.teacher_expert_ids = [list(ids) for ids in expert_ids]
+        self.distiller.set_teacher(teacher, expert_ids)
 
     def attach_adapters(self) -> None:
         n = self.adapters.attach(self.model)
@@ -228,7 +226,6 @@ class Trainer:
         self.model, expert_shards = build_model_for_engine(self.cfg, load_init=False)
         if not structure.get("teacher_expert_ids"):
             self.distiller.drop_teacher()
-            self.teacher_expert_ids = None
         self._assemble(expert_shards)
         self.checkpoints.load(self.engine, path.parent, path.name)
         barrier()

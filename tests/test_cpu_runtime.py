@@ -40,3 +40,34 @@ def test_cached_keeps_freed_blocks_for_reuse_default_unmaps_them():
     default_free, _ = probe("default")
     assert cached_free >= 64 * 2**20, "the freed 64 MiB block stays in the heap for the next step"
     assert default_free < 64 * 2**20, "glibc's default unmaps it (the probe would not show a difference)"
+
+
+HUGE_PROBE = """
+import sys
+import torch
+from moetrain.cpu_runtime import use_huge_pages
+
+if sys.argv[1] == "late":
+    early = torch.ones(2**20)  # a large tensor first: PyTorch has read its huge-page setting by then
+print(use_huge_pages())
+"""
+
+
+def thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "none"
+    return text.split("[")[1].split("]")[0]
+
+
+def huge_probe(when: str) -> bool:
+    out = subprocess.run([sys.executable, "-c", HUGE_PROBE, when], capture_output=True, text=True, check=True).stdout
+    return out.strip() == "True"
+
+
+@pytest.mark.skipif(thp_mode() not in ("madvise", "always"), reason="Linux transparent huge pages are off here")
+def test_huge_pages_take_effect_before_the_first_large_tensor_only():
+    assert huge_probe("first"), "a fresh 4 MiB tensor sits on a huge page"
+    if thp_mode() == "madvise":  # with "always" the kernel gives huge pages without PyTorch asking
+        assert not huge_probe("late"), "PyTorch read the setting at its first large tensor: too late to change"

@@ -175,7 +175,8 @@ void run_band(const Problem& p, int64_t band) {
 
 // B streams (a weight in the forward products, or neither operand dominates): task = tile (i, j) in column-block
 // order; the row-tiles of block j share the prefetch of block j + 1 (K rows of up to 4 lines): row-tile i takes
-// line column i % 4 of a range of rows. `then` is the tile's share of the lines the caller's next GEMM reads.
+// line column i % 4 of a range of rows. (Before, the tiles split the rows in groups of 4, and with 22 row-tiles the
+// last group's 2 tiles left 2 of the 4 columns of its rows unfetched.) `then` is the tile's share of the lines the caller's next GEMM reads.
 void run_tile(const Problem& p, int64_t j, int64_t i, const Prefetch& then) {
   const int64_t h = p.tile_rows(j), tiles = p.row_tiles(j);
   Prefetch pf;
@@ -183,8 +184,9 @@ void run_tile(const Problem& p, int64_t j, int64_t i, const Prefetch& then) {
   pf.then_count = then.count;
   if (j + 1 < p.blocks()) {
     const int64_t f = sizeof(float), line_cols = (p.cols(j + 1) * f + kLine - 1) / kLine;
-    const int64_t groups = (tiles + line_cols - 1) / line_cols, group = i / line_cols;
-    const int64_t r0 = group * p.K / groups, r1 = (group + 1) * p.K / groups;
+    // row-tile i takes line column i % line_cols; the row-tiles of one column split its K rows between them
+    const int64_t column = i % line_cols, of_column = (tiles - column + line_cols - 1) / line_cols;
+    const int64_t r0 = (i / line_cols) * p.K / of_column, r1 = (i / line_cols + 1) * p.K / of_column;
     pf.base = reinterpret_cast<const char*>(p.b + (j + 1) * kNR + r0 * p.ldb) + (i % line_cols) * kLine;
     pf.stride = p.ldb * f;
     pf.count = r1 - r0;
