@@ -43,6 +43,16 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SHAPES = [(256, 512, 8), (256, 512, 32), (256, 512, 64), (512, 1024, 32)]  # (d_model, d_ff, E)
 
 
+def timing_groups(shapes: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+    """The (d_model, d_ff, E, k) cells timed together in rounds: every E and k of one (d_model, d_ff), so that
+    the ratios the targets name (top-1 against top-2, 64 experts against 8) compare rows measured in the same
+    rounds."""
+    groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+    for d, f, E in shapes:
+        groups.setdefault((d, f), []).extend((d, f, E, k) for k in (1, 2))
+    return list(groups.values())
+
+
 def one_fwd_bwd(module_fn, x: torch.Tensor, module: nn.Module) -> float:
     """Seconds of one forward + backward (sum of squares of the output as the loss: no stride-0 grads).
 
@@ -211,19 +221,25 @@ def bounds(d: int, f: int, x_dense: torch.Tensor) -> tuple[Entry, Entry | None]:
 def bench_moe(args) -> str:
     device = torch.device(args.device)
     rows = []
-    for d, f, E in SHAPES:
-        for k in (1, 2):
+    for group in timing_groups(SHAPES):
+        cells = []  # per (d, f, E, k): its entries (the MKL bound first, then the own-GEMM bound if any), and which
+        for d, f, E, k in group:
             torch.manual_seed(0)
             x = torch.randn(args.tokens, d, device=device)
             x_dense = torch.randn(args.tokens * k, d, device=device)
             mkl_bound, own_bound = bounds(d, f, x_dense)
             entries = [mkl_bound] + ([own_bound] if own_bound else []) + candidates(d, f, E, k, x)
-            print(f"(d={d}, f={f}, E={E}, k={k})", flush=True)
-            times = time_in_rounds(entries, args.iters)
-            bound = times[0]
-            own = times[1] if own_bound else None
+            cells.append(((d, f, E, k), entries, own_bound is not None))
+        print(
+            f"timing {', '.join(f'(d={d}, f={f}, E={E}, k={k})' for (d, f, E, k), _, _ in cells)} in rounds", flush=True
+        )
+        times = time_in_rounds([e for _, entries, _ in cells for e in entries], args.iters)
+        for (d, f, E, k), entries, has_own in cells:
+            cell_times, times = times[: len(entries)], times[len(entries) :]
+            bound, own = cell_times[0], cell_times[1] if has_own else None
             flops = expert_flops(args.tokens, k, d, f)
-            for e, t in zip(entries, times):
+            print(f"(d={d}, f={f}, E={E}, k={k})", flush=True)
+            for e, t in zip(entries, cell_times):
                 own_frac = f"{own / t:.2f}" if own else "-"
                 rows.append((d, f, E, k, e.name, t, f"{bound / t:.2f}", own_frac, flops / t / 1e9))
                 print(f"    {e.name:40s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound  {own_frac} of own", flush=True)
@@ -232,7 +248,8 @@ def bench_moe(args) -> str:
         f"{torch.get_num_threads()} threads, device {args.device}, cpu_malloc {args.cpu_malloc}, huge pages "
         f"{args.huge_pages_in_use}; tokens={args.tokens}, "
         f"fp32, forward+backward (gradients set to None before each), median of {args.iters} rounds after 2 warm-up "
-        "rounds; a round runs every row of a shape in turn, twice each, timing the second run.",
+        "rounds; a round runs every row of every E and k of one (d_model, d_ff) in turn, twice each, timing the "
+        "second run.",
         "",
         f"Command: `python launch/bench.py moe --tokens {args.tokens} --iters {args.iters} --threads {args.threads}"
         f" --device {args.device} --cpu-malloc {args.cpu_malloc} --cpu-huge-pages {args.cpu_huge_pages}`",

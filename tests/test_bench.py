@@ -38,3 +38,12 @@ def test_rounds_run_every_row_twice_in_turn_and_time_the_second_run(monkeypatch)
     times = bench.time_in_rounds([row("a", 0), row("b", 2)], iters=3, warmup=2)
     assert calls == ["a", "b"] * 2 + ["a", "a", "b", "b"] * 3  # 2 warm-up rounds, then 3 rounds of 2 runs each
     assert times == [1.0, 3.0]  # the timed run's own clock span: 1 s, and 2 s more for "b"
+
+
+def test_timing_groups_put_every_e_and_k_of_one_width_in_the_same_rounds():
+    bench = load_bench()
+    groups = bench.timing_groups([(256, 512, 8), (256, 512, 64), (512, 1024, 32)])
+    assert groups == [
+        [(256, 512, 8, 1), (256, 512, 8, 2), (256, 512, 64, 1), (256, 512, 64, 2)],
+        [(512, 1024, 32, 1), (512, 1024, 32, 2)],
+    ]
