@@ -362,7 +362,7 @@ def main() -> None:
     ap.add_argument("--cpu-malloc", choices=CPU_MALLOC, default="cached", help="as trainer.cpu_malloc")
     ap.add_argument("--cpu-huge-pages", choices=["on", "off"], default="on", help="as trainer.cpu_huge_pages")
     args = ap.parse_args()
-    # what the trainer does on CPU by default (moetrain/cpu_runtime.py), before any large tensor
+    # what the trainer does on CPU by default (moetrain/cpu_runtime.py), before any tensor
     if args.cpu_malloc == "cached":
         cache_freed_memory()
     args.huge_pages_in_use = "on" if args.cpu_huge_pages == "on" and use_huge_pages() else "off"

@@ -16,12 +16,13 @@ Why huge pages (``trainer.cpu_huge_pages``, on by default): with 4 KiB pages eve
 that the expert kernel reads is on a page of its own (a row of an (F, D) or (D, F) weight is 1-4 KiB), and the
 32-64 experts' weights (96-192 MiB) are far beyond what the TLB maps, so the reads that stream the weights from
 memory also wait on page walks. PyTorch's CPU allocator asks the kernel for transparent huge pages (2 MiB) for
-every tensor of 2 MiB or more when ``THP_MEM_ALLOC_ENABLE=1``, which it reads once, at the first such allocation:
-so this must be set before any. Measured on the 2-core machine, the CPU expert kernel's forward + backward at
-4096 tokens, top-1, in separate processes alternating with and without (two pairs): 64 experts of (256, 512)
-70.0 -> 63.8 and 81.3 -> 76.6 ms, 32 experts of (512, 1024) 269 -> 243 and 305 -> 268 ms, 8 experts of
-(256, 512) 69.1 -> 63.0 and 76.9 -> 72.2 ms. It needs Linux with transparent huge pages in ``madvise`` or
-``always`` mode (``/sys/kernel/mm/transparent_hugepage/enabled``); elsewhere nothing changes.
+every tensor of 2 MiB or more when ``THP_MEM_ALLOC_ENABLE=1``, which it reads once, at its first CPU allocation
+of any size: so this must be set before the process allocates any tensor. Measured on the 2-core machine, the
+CPU expert kernel's forward + backward at 4096 tokens, top-1, in separate processes alternating with and without
+(two pairs): 64 experts of (256, 512) 70.0 -> 63.8 and 81.3 -> 76.6 ms, 32 experts of (512, 1024) 269 -> 243 and
+305 -> 268 ms, 8 experts of (256, 512) 69.1 -> 63.0 and 76.9 -> 72.2 ms. It needs Linux with transparent huge
+pages in ``madvise`` or ``always`` mode (``/sys/kernel/mm/transparent_hugepage/enabled``); elsewhere nothing
+changes.
 """
 
 from __future__ import annotations
@@ -73,12 +74,13 @@ def anon_huge_pages_kib() -> int | None:
 def use_huge_pages() -> bool:
     """Ask PyTorch's CPU allocator for transparent huge pages for tensors of 2 MiB or more (see the module
     docstring); returns whether a fresh 4 MiB tensor then sits on a huge page. PyTorch reads the setting at its
-    first allocation of 2 MiB or more: after one, this returns False (and nothing changes)."""
+    first CPU allocation of any size: after one, nothing changes (and this returns False, unless Linux gives huge
+    pages to every large allocation anyway, THP mode ``always``)."""
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     before = anon_huge_pages_kib()
     if before is None:
         return False
-    probe = torch.ones(2**20)  # 4 MiB: PyTorch aligns it to 2 MiB and madvises it
+    probe = torch.ones(2**20)  # 4 MiB: PyTorch madvises it for huge pages
     in_use = (anon_huge_pages_kib() or 0) > before
     del probe
     return in_use
@@ -86,12 +88,12 @@ def use_huge_pages() -> bool:
 
 def configure(num_threads: int | None, local_world_size: int, cpu_malloc: str, huge_pages: bool = True) -> None:
     """Threads per rank (default: this node's cores shared by its ranks), the allocator policy and huge pages;
-    before the first large tensor (the huge-page setting is read once, at the first one)."""
+    before the first tensor (PyTorch reads the huge-page setting once, at its first CPU allocation)."""
     torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // local_world_size))
     if cpu_malloc == "cached":
         cache_freed_memory()
     if huge_pages and not use_huge_pages():
         log.info(
-            "trainer.cpu_huge_pages: tensors are not on transparent huge pages here (Linux THP off, or a large "
-            "tensor was allocated before)"
+            "trainer.cpu_huge_pages: tensors are not on transparent huge pages here (Linux THP off, or a tensor "
+            "was allocated before the setting)"
         )

@@ -61,9 +61,7 @@ class RouterGate(RoutingCore):
         E = self.num_experts
         T, K = routed.expert_idx_TK.shape
         if routed.plan is None:  # dropless: every assignment gets a slot, in (choice rank, token) order
-            plan = apply_capacity(
-                routed.expert_idx_TK, routed.routing.gates_TK, routed.routing.selection_TE, T * K, "position"
-            )
+            plan = apply_capacity(routed.expert_idx_TK, routed.routing.gates_TK, None, T * K, "position", E)
         else:
             plan = routed.plan
         slot_TK, keep_TK = plan.slot_TK, plan.keep_TK

@@ -76,7 +76,8 @@ __attribute__((target("avx512f"))) void tile_kernel(int64_t K, const float* a, i
     for (int q = 0; q < NQ; ++q) acc[r][q] = _mm512_setzero_ps();
   const int64_t pf_end = std::min(pf.count, K), then_end = std::min(pf_end + pf.then_count, K);
   tile_steps<MR, NQ, true>(acc, 0, pf_end, a, a_si, a_sk, b, ldb, last_mask, pf);
-  const Prefetch then{pf.then - pf_end * kLine, kLine, then_end - pf_end};  // line k - pf_end at step k
+  // line k - pf_end of `then` at step k (no pointer formed when there is none)
+  const Prefetch then{pf.then ? pf.then - pf_end * kLine : nullptr, kLine, then_end - pf_end};
   tile_steps<MR, NQ, true>(acc, pf_end, then_end, a, a_si, a_sk, b, ldb, last_mask, then);
   tile_steps<MR, NQ, false>(acc, then_end, K, a, a_si, a_sk, b, ldb, last_mask, pf);
   const bool full = last_mask == 0xFFFF;

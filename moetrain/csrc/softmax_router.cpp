@@ -86,6 +86,21 @@ void top_k(const float* p, const float* bias, const Lanes& l, int64_t K, float* 
   }
 }
 
+// A row with a NaN logit: NaN scores, lse and gates, its share of psum NaN; the experts it "chooses" are the first K
+// active ones (any valid index: the NaN gates carry the NaN on).
+void nan_row(const ForwardArgs& f, const Lanes& l, int64_t t, float* pt) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  float* part = f.psum_blocks + (t / kBlock) * l.E;
+  int64_t k = 0;
+  for (int64_t e = 0; e < l.E; ++e) {
+    pt[e] = l.is_active[e] ? nan : 0.0f;
+    if (l.is_active[e]) part[e] = nan;
+    if (l.is_active[e] && k < f.K) f.idx[t * f.K + k++] = e;
+  }
+  for (k = 0; k < f.K; ++k) f.gates[t * f.K + k] = nan;
+  f.lse[t] = nan;
+}
+
 __attribute__((target("avx512f"))) void forward_block(const ForwardArgs& f, const Lanes& l, int64_t b) {
   const int64_t E = l.E, K = f.K;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -97,6 +112,16 @@ __attribute__((target("avx512f"))) void forward_block(const ForwardArgs& f, cons
     float* pt = f.probs + t * E;
     __m512 vmax = ninf;
     for (int64_t c = 0; c < l.chunks; ++c) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, l.active[c], lt + 16 * c));
+    __mmask16 nan_lanes = 0;  // a NaN logit makes the whole row NaN, as ATen's softmax does (max would drop it)
+    for (int64_t c = 0; c < l.chunks; ++c) {
+      const __m512 v = _mm512_maskz_loadu_ps(l.active[c], lt + 16 * c);
+      nan_lanes |= _mm512_mask_cmp_ps_mask(l.active[c], v, v, _CMP_UNORD_Q);
+    }
+    if (nan_lanes) {
+      nan_row(f, l, t, pt);
+      entropy = std::numeric_limits<double>::quiet_NaN();
+      continue;
+    }
     const float row_max = _mm512_reduce_max_ps(vmax);
     const __m512 m = _mm512_set1_ps(row_max);
     __m512 vz = _mm512_setzero_ps();

@@ -55,8 +55,9 @@ Groups make_groups(const std::vector<int64_t>& counts) {
 void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
 // Runs fn(e, take_next) once for every expert e. take_next() claims the expert the same thread runs after e and
-// returns it (-1 when none), so that e's last GEMM can prefetch that expert's first weight; claimed late (fn calls it
-// before its last GEMM), the claim takes from the queue at the time a free core would. When there are enough experts
+// returns it (-1 when none), so that e's last GEMM can prefetch that expert's first weight. fn claims it before its
+// last GEMM, one GEMM earlier than a free core would take from the queue: at the tail the other core may wait for
+// that GEMM (experts go largest first, so the last ones are the smallest). When there are enough experts
 // for the threads (E >= 2 x threads) and none holds more than a thread's share of the rows, each core takes the next
 // expert of the queue (largest first) and runs it single-threaded. Otherwise (few experts for many threads, one
 // dominant expert, one thread) the experts run one after another and every GEMM gets all threads, as

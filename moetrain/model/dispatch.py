@@ -66,7 +66,12 @@ def _priority(policy: str, gates_TK: torch.Tensor) -> torch.Tensor:
 
 
 def apply_capacity(
-    expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor, selection_TE: torch.Tensor, capacity: int, policy: str
+    expert_idx_TK: torch.Tensor,
+    gates_TK: torch.Tensor,
+    selection_TE: torch.Tensor | None,
+    capacity: int,
+    policy: str,
+    num_experts: int | None = None,
 ) -> CapacityPlan:
     """Decide which assignments fit in ``capacity`` slots per expert.
 
@@ -79,11 +84,16 @@ def apply_capacity(
     room. A token's pending assignments propose to the same expert in a round, so at most one of them is
     accepted there; the others go on to the next round. A rerouted assignment keeps its gate value. What is
     still unplaced after the last alternative is dropped.
+
+    ``selection_TE`` (the router's selection scores) is read by ``reroute`` only; the other policies may pass None
+    with ``num_experts``.
     """
     if policy not in DROP_POLICIES:
         raise ValueError(f"moe.drop_policy={policy} is not supported; allowed: {', '.join(DROP_POLICIES)}")
     T, K = expert_idx_TK.shape
-    E = selection_TE.shape[1]
+    E = num_experts if num_experts is not None else selection_TE.shape[1]
+    if policy == "reroute" and selection_TE is None:
+        raise ValueError("apply_capacity: moe.drop_policy=reroute needs the router's selection scores")
     device = expert_idx_TK.device
     expert_A = expert_idx_TK.reshape(-1).clone()
     room_E = torch.full((E,), capacity, dtype=torch.long, device=device)

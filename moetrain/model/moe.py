@@ -142,9 +142,9 @@ class RoutingCore(nn.Module):
         capacity = expert_capacity(T, self.base_router.num_active, K, self.current_capacity_factor(), self.min_capacity)
         plan = None
         if capacity is not None:
-            plan = apply_capacity(
-                routing.expert_idx_TK, routing.gates_TK, routing.selection_TE, capacity, self.drop_policy
-            )
+            # only rerouting ranks by the selection scores (the fused router computes them when asked)
+            selection_TE = routing.selection_TE if self.drop_policy == "reroute" else None
+            plan = apply_capacity(routing.expert_idx_TK, routing.gates_TK, selection_TE, capacity, self.drop_policy, E)
         expert_idx_TK = plan.expert_idx_TK if plan is not None else routing.expert_idx_TK
         return Routed(routing, plan, capacity, expert_idx_TK, routed_E)
 

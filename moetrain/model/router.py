@@ -129,8 +129,9 @@ def combine_gates(
 
 def selection_scores(probs_TE: torch.Tensor, bias_E: torch.Tensor, masked_E: torch.Tensor | None) -> torch.Tensor:
     """What top-k ranks: ``scores + bias`` (no gradient), -inf for masked experts."""
-    selection_TE = probs_TE.detach() + bias_E
-    return selection_TE if masked_E is None else selection_TE.masked_fill(masked_E, float("-inf"))
+    if masked_E is not None:  # the mask folded into the (E,) bias: no (T, E) fill
+        bias_E = bias_E.masked_fill(masked_E, float("-inf"))
+    return probs_TE.detach() + bias_E
 
 
 @dataclass
@@ -138,7 +139,8 @@ class Routing:
     """One call's routing: the choices and gates, and the reductions the losses and metrics are computed from."""
 
     logits_TE: torch.Tensor  # fp32, as the logits GEMM gave them (before masking)
-    probs_TE: torch.Tensor  # fp32 scores: softmax distribution, or per-expert sigmoid (masked: 0)
+    probs_TE: torch.Tensor  # fp32 scores: softmax distribution, or per-expert sigmoid (masked: 0); no gradient on
+    # the fused path (the losses reach the scores through lse_T and mean_dist_E)
     expert_idx_TK: torch.Tensor  # int64, best expert first
     gates_TK: torch.Tensor  # fp32 combine weights
     lse_T: torch.Tensor  # log sum_i exp(logits) over the active experts: the z-loss's input
@@ -217,7 +219,9 @@ class TopKRouter(nn.Module):
             logits_TE, self.bias_E, self.active_E, self.top_k, renormalize, float(self.routed_scaling_factor)
         )
         mean_dist_E = psum_E / logits_TE.shape[0]
-        return Routing(logits_TE, probs_TE, idx_TK, gates_TK, lse_T, mean_dist_E, entropy_sum, self.bias_E, masked_E)
+        # a copy of the bias: selection_TE, computed later on demand, ranks with the bias of this call
+        bias_E = self.bias_E.detach().clone()
+        return Routing(logits_TE, probs_TE, idx_TK, gates_TK, lse_T, mean_dist_E, entropy_sum, bias_E, masked_E)
 
     def _route_aten(self, logits_TE: torch.Tensor, masked_E: torch.Tensor | None) -> Routing:
         scored_TE = logits_TE if masked_E is None else logits_TE.masked_fill(masked_E, float("-inf"))
