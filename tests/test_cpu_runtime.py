@@ -71,3 +71,23 @@ def test_huge_pages_take_effect_before_the_first_tensor_only():
     assert huge_probe("first"), "a fresh 4 MiB tensor sits on a huge page"
     if thp_mode() == "madvise":  # with "always" the kernel gives huge pages without PyTorch asking
         assert not huge_probe("late"), "PyTorch read the setting at its first tensor: too late to change"
+
+
+CONFIGURE_PROBE = """
+import os, sys
+from moetrain.cpu_runtime import anon_huge_pages_kib, configure
+import torch
+
+configure(None, 1, "cached", huge_pages=sys.argv[1] == "on")
+before = anon_huge_pages_kib()
+x = torch.ones(2**21)  # 8 MiB, as a model's weights
+print(os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"), anon_huge_pages_kib() > before)
+"""
+
+
+@pytest.mark.skipif(thp_mode() != "madvise", reason="needs Linux transparent huge pages in madvise mode")
+@pytest.mark.parametrize(("setting", "expected"), [("on", "1 True"), ("off", "unset False")])
+def test_trainer_configure_follows_cpu_huge_pages(setting, expected):
+    """trainer.cpu_huge_pages reaches the allocator through configure: large tensors on huge pages, or not."""
+    out = subprocess.run([sys.executable, "-c", CONFIGURE_PROBE, setting], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

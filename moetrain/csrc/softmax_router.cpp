@@ -34,20 +34,20 @@ struct Lanes {
   int64_t num_active = 0;
 };
 
-Lanes make_lanes(const at::Tensor& active_E) {
-  const auto active = active_E.to(at::kBool).contiguous();
-  const bool* a = active.const_data_ptr<bool>();
+// The lanes of E experts, those with active[e] (nullptr: all) active.
+Lanes make_lanes(int64_t E, const bool* active) {
   Lanes l;
-  l.E = active.numel();
-  l.chunks = (l.E + 15) / 16;
+  l.E = E;
+  l.chunks = (E + 15) / 16;
   l.valid.assign(l.chunks, 0);
   l.active.assign(l.chunks, 0);
-  for (int64_t e = 0; e < l.E; ++e) {
+  for (int64_t e = 0; e < E; ++e) {
     const auto bit = __mmask16(1u << (e % 16));
+    const bool on = active == nullptr || active[e];
     l.valid[e / 16] |= bit;
-    if (a[e]) l.active[e / 16] |= bit;
-    l.is_active.push_back(a[e]);
-    l.num_active += a[e];
+    if (on) l.active[e / 16] |= bit;
+    l.is_active.push_back(on);
+    l.num_active += on;
   }
   return l;
 }
@@ -226,7 +226,8 @@ std::vector<at::Tensor> forward(const at::Tensor& logits_TE, const at::Tensor& b
   check_row_tensor(logits_TE, T, E, at::kFloat, "logits");
   TORCH_CHECK(bias_E.scalar_type() == at::kFloat && bias_E.numel() == E && bias_E.is_contiguous() && active_E.numel() == E,
               "softmax_router: bias (float32) and active need E = ", E, " entries");
-  const auto lanes = make_lanes(active_E);
+  const auto active = active_E.to(at::kBool).contiguous();
+  const auto lanes = make_lanes(E, active.const_data_ptr<bool>());
   TORCH_CHECK(K >= 1 && K <= lanes.num_active, "softmax_router: top_k=", K, " must be between 1 and the ",
               lanes.num_active, " active experts");
   const auto f32 = logits_TE.options();
@@ -266,7 +267,7 @@ at::Tensor backward(const at::Tensor& probs_TE, const at::Tensor& idx_TK, const 
   if (dpsum_E) TORCH_CHECK(dpsum_E->scalar_type() == at::kFloat && dpsum_E->numel() == E && dpsum_E->is_contiguous(),
                            "softmax_router: dpsum must be a contiguous float32 (E) tensor");
   // every lane of the row takes part: masked experts have p = 0, so their gradient comes out 0
-  const auto lanes = make_lanes(at::ones({E}, probs_TE.options().dtype(at::kBool)));
+  const auto lanes = make_lanes(E, nullptr);
   auto dlogits = at::empty({T, E}, probs_TE.options());
   const BackwardArgs args{probs_TE.const_data_ptr<float>(),
                           idx_TK.const_data_ptr<int64_t>(),

@@ -20,7 +20,7 @@ from moetrain.model import cpu_experts
 def supported(logits_TE: torch.Tensor) -> bool:
     """Whether ``logits_TE`` can go through the fused pass: fp32 on CPU, the kernel built with its AVX-512 code."""
     return (
-        logits_TE.device.type == "cpu"
+        cpu_experts.fused_supported(logits_TE)
         and logits_TE.dtype == torch.float32
         and cpu_experts.fused_kernel_available()
         and cpu_experts.f32_gemm_active()
