@@ -36,11 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import CPU_MALLOC
-from moetrain.cpu_runtime import cache_freed_memory, use_huge_pages
+from moetrain.cpu_runtime import cache_freed_memory, huge_pages_in_use, use_huge_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SHAPES = [(256, 512, 8), (256, 512, 32), (256, 512, 64), (512, 1024, 32)]  # (d_model, d_ff, E)
+# the rows issue 3's targets name
+NATIVE, DS_DROPLESS, BOUND = "moetrain native dropless", "DeepSpeed MoE dropless", "dense-GEMM bound"
 
 
 def timing_groups(shapes: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
@@ -51,6 +53,23 @@ def timing_groups(shapes: list[tuple[int, int, int]]) -> list[list[tuple[int, in
     for d, f, E in shapes:
         groups.setdefault((d, f), []).extend((d, f, E, k) for k in (1, 2))
     return list(groups.values())
+
+
+def round_order(per_cell: list[list[Entry]]) -> list[tuple[int, int]]:
+    """(cell, row) pairs in the order a round runs them: implementation by implementation, each over every cell.
+
+    Why: a target's ratio compares one implementation's rows of different cells (E = 64 against E = 8, top-1
+    against top-2). Run one after another they are measured seconds apart, not the half minute that a round of a
+    width's 60-odd rows takes, so a slow spell of the shared machine falls on both sides of the ratio or on neither.
+    Every cell lists the same implementations in the same order."""
+    return [(c, i) for i in range(len(per_cell[0])) for c in range(len(per_cell))]
+
+
+def median_ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """The median, lowest and highest of num[r] / den[r] over rounds r: the ratio of two rows timed in the same
+    rounds, with the spread the rounds give it."""
+    ratios = [a / b for a, b in zip(num, den, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def one_fwd_bwd(module_fn, x: torch.Tensor, module: nn.Module) -> float:
@@ -85,9 +104,10 @@ class Entry:
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def time_in_rounds(entries: list[Entry], iters: int, warmup: int = 2) -> list[float]:
-    """Median seconds of forward + backward of each entry, timed in rounds: after ``warmup`` untimed rounds, each
-    of ``iters`` rounds runs every entry twice in turn, the first run untimed.
+def time_in_rounds(entries: list[Entry], iters: int, warmup: int = 2) -> list[list[float]]:
+    """Seconds of forward + backward of each entry in each round (one list per entry, one value per round), timed
+    in rounds: after ``warmup`` untimed rounds, each of ``iters`` rounds runs every entry twice in turn, the first
+    run untimed.
 
     Why rounds: on a shared machine a slow spell lasting seconds would otherwise fall on whichever entries ran
     then (the same code measured 59 and 63 ms an hour apart); in rounds it falls on all of them alike, so the
@@ -102,7 +122,7 @@ def time_in_rounds(entries: list[Entry], iters: int, warmup: int = 2) -> list[fl
                 one_fwd_bwd(e.fn, e.x, e.module)
                 if r >= warmup:
                     times[i].append(one_fwd_bwd(e.fn, e.x, e.module))
-    return [statistics.median(t) for t in times]
+    return times
 
 
 def expert_flops(tokens: int, k: int, d: int, f: int) -> float:
@@ -208,7 +228,7 @@ def bounds(d: int, f: int, x_dense: torch.Tensor) -> tuple[Entry, Entry | None]:
     from moetrain.model.experts import GroupedExperts
 
     dense = SwiGLU(d, f).to(x_dense.device)
-    mkl = Entry("dense-GEMM bound", dense, x_dense, dense)
+    mkl = Entry(BOUND, dense, x_dense, dense)
     if x_dense.device.type != "cpu" or not cpu_experts.f32_gemm_active():
         return mkl, None
     one = GroupedExperts(1, d, f, "fused")
@@ -221,35 +241,47 @@ def bounds(d: int, f: int, x_dense: torch.Tensor) -> tuple[Entry, Entry | None]:
 def bench_moe(args) -> str:
     device = torch.device(args.device)
     rows = []
+    per_round: dict[tuple[int, int, int, int, str], list[float]] = {}  # (d, f, E, k, row) -> seconds per round
     for group in timing_groups(SHAPES):
-        cells = []  # per (d, f, E, k): its entries (the MKL bound first, then the own-GEMM bound if any), and which
-        for d, f, E, k in group:
+        d, f = group[0][:2]
+        # the bounds depend on (d, f, k) only: timed once per k, shown under every E
+        bound_rows: list[tuple[int, Entry]] = []
+        for k in sorted({k for *_, k in group}):
             torch.manual_seed(0)
-            x = torch.randn(args.tokens, d, device=device)
-            x_dense = torch.randn(args.tokens * k, d, device=device)
-            mkl_bound, own_bound = bounds(d, f, x_dense)
-            entries = [mkl_bound] + ([own_bound] if own_bound else []) + candidates(d, f, E, k, x)
-            cells.append(((d, f, E, k), entries, own_bound is not None))
-        print(
-            f"timing {', '.join(f'(d={d}, f={f}, E={E}, k={k})' for (d, f, E, k), _, _ in cells)} in rounds", flush=True
-        )
-        times = time_in_rounds([e for _, entries, _ in cells for e in entries], args.iters)
-        for (d, f, E, k), entries, has_own in cells:
-            cell_times, times = times[: len(entries)], times[len(entries) :]
-            bound, own = cell_times[0], cell_times[1] if has_own else None
-            flops = expert_flops(args.tokens, k, d, f)
+            mkl, own = bounds(d, f, torch.randn(args.tokens * k, d, device=device))
+            bound_rows += [(k, mkl)] + ([(k, own)] if own else [])
+        per_cell = []
+        for _, _, E, k in group:
+            torch.manual_seed(0)
+            per_cell.append(candidates(d, f, E, k, torch.randn(args.tokens, d, device=device)))
+        order = round_order(per_cell)
+        print(f"timing {', '.join(f'(d={d}, f={f}, E={E}, k={k})' for _, _, E, k in group)} in rounds", flush=True)
+        times = time_in_rounds([e for _, e in bound_rows] + [per_cell[c][i] for c, i in order], args.iters)
+        bound_times = {(k, e.name): t for (k, e), t in zip(bound_rows, times)}
+        for (c, i), t in zip(order, times[len(bound_rows) :]):
+            per_round[(*group[c], per_cell[c][i].name)] = t
+        for cell, entries in zip(group, per_cell):
+            _, _, E, k = cell
+            bounds_k = [(name, t) for (kb, name), t in bound_times.items() if kb == k]  # MKL's, then the own GEMM's
+            named = bounds_k + [(e.name, per_round[(*cell, e.name)]) for e in entries]
+            bound = statistics.median(bounds_k[0][1])
+            own = statistics.median(bounds_k[1][1]) if len(bounds_k) > 1 else None
             print(f"(d={d}, f={f}, E={E}, k={k})", flush=True)
-            for e, t in zip(entries, cell_times):
+            for name, ts in named:
+                t = statistics.median(ts)
                 own_frac = f"{own / t:.2f}" if own else "-"
-                rows.append((d, f, E, k, e.name, t, f"{bound / t:.2f}", own_frac, flops / t / 1e9))
-                print(f"    {e.name:40s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound  {own_frac} of own", flush=True)
+                flops = expert_flops(args.tokens, k, d, f) / t / 1e9
+                rows.append((d, f, E, k, name, t, f"{bound / t:.2f}", own_frac, flops))
+                print(f"    {name:40s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound  {own_frac} of own", flush=True)
+            per_round[(*cell, BOUND)] = bounds_k[0][1]
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {args.device}, cpu_malloc {args.cpu_malloc}, huge pages "
         f"{args.huge_pages_in_use}; tokens={args.tokens}, "
         f"fp32, forward+backward (gradients set to None before each), median of {args.iters} rounds after 2 warm-up "
-        "rounds; a round runs every row of every E and k of one (d_model, d_ff) in turn, twice each, timing the "
-        "second run.",
+        "rounds. A round runs every row of one (d_model, d_ff) twice in turn, timing the second run, implementation "
+        "by implementation (each over every E and k); the bounds depend on k only and are timed once per k, shown "
+        "under every E.",
         "",
         f"Command: `python launch/bench.py moe --tokens {args.tokens} --iters {args.iters} --threads {args.threads}"
         f" --device {args.device} --cpu-malloc {args.cpu_malloc} --cpu-huge-pages {args.cpu_huge_pages}`",
@@ -262,7 +294,53 @@ def bench_moe(args) -> str:
         f"| {d} | {f} | {E} | {k} | {name} | {t * 1e3:.1f} | {frac} | {own_frac} | {gf:.0f} |"
         for d, f, E, k, name, t, frac, own_frac, gf in rows
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *targets_table(per_round)])
+
+
+def targets_table(per_round: dict[tuple[int, int, int, int, str], list[float]]) -> list[str]:
+    """Issue 3's targets for native dropless, each judged on this run: the fraction of the dense bound and the
+    speed-up over DeepSpeed's dropless layer from the rows' medians; the ratios between cells (E = 64 against
+    E = 8, top-1 against top-2) as the median over rounds of the ratio within a round, with its lowest and
+    highest."""
+    cells = sorted({key[:4] for key in per_round if key[4] == NATIVE})
+    med = {key: statistics.median(ts) for key, ts in per_round.items()}
+    out = [
+        "| target | where | this run | met |",
+        "|---|---|---|---|",
+    ]
+
+    def row(target: str, where: str, value: str, met: bool) -> None:
+        out.append(f"| {target} | {where} | {value} | {'yes' if met else 'no'} |")
+
+    def cell_name(d: int, f: int, E: int, k: int) -> str:
+        return f"({d}, {f}, {E}) k={k}"
+
+    frac = {c: med[(*c, BOUND)] / med[(*c, NATIVE)] for c in cells}
+    worst = min(frac, key=frac.get)
+    row(
+        ">= 0.85 of the dense bound",
+        "every shape",
+        f"{frac[worst]:.2f} at worst ({cell_name(*worst)})",
+        frac[worst] >= 0.85,
+    )
+    if all((*c, DS_DROPLESS) in med for c in cells):
+        speed = {c: med[(*c, DS_DROPLESS)] / med[(*c, NATIVE)] for c in cells}
+        worst = min(speed, key=speed.get)
+        row(
+            ">= 1.3x DeepSpeed's dropless layer",
+            "every shape",
+            f"{speed[worst]:.2f}x at worst ({cell_name(*worst)})",
+            speed[worst] >= 1.3,
+        )
+    for d, f, E, k in cells:
+        if E == 64 and (d, f, 8, k) in cells:
+            m, lo, hi = median_ratio(per_round[(d, f, 64, k, NATIVE)], per_round[(d, f, 8, k, NATIVE)])
+            row("E = 64 within 10 % of E = 8", f"({d}, {f}) k={k}", f"{m:.3f}x (rounds {lo:.3f}-{hi:.3f})", m <= 1.10)
+    for d, f, E, k in cells:
+        if k == 1 and (d, f, E, 2) in cells:
+            m, lo, hi = median_ratio(per_round[(d, f, E, 1, NATIVE)], per_round[(d, f, E, 2, NATIVE)])
+            row("top-1 time <= 0.55x top-2 time", f"({d}, {f}, {E})", f"{m:.3f} (rounds {lo:.3f}-{hi:.3f})", m <= 0.55)
+    return out
 
 
 def cpu_model() -> str:
@@ -365,7 +443,9 @@ def main() -> None:
     # what the trainer does on CPU by default (moetrain/cpu_runtime.py), before any tensor
     if args.cpu_malloc == "cached":
         cache_freed_memory()
-    args.huge_pages_in_use = "on" if args.cpu_huge_pages == "on" and use_huge_pages() else "off"
+    # probed either way: with THP mode `always` Linux gives huge pages without PyTorch asking
+    in_use = use_huge_pages() if args.cpu_huge_pages == "on" else huge_pages_in_use()
+    args.huge_pages_in_use = "on" if in_use else "off"
     if args.what == "a2a-worker":
         a2a_worker(args)
         return

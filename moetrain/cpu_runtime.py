@@ -71,19 +71,24 @@ def anon_huge_pages_kib() -> int | None:
     return None
 
 
-def use_huge_pages() -> bool:
-    """Ask PyTorch's CPU allocator for transparent huge pages for tensors of 2 MiB or more (see the module
-    docstring); returns whether a fresh 4 MiB tensor then sits on a huge page. PyTorch reads the setting at its
-    first CPU allocation of any size: after one, nothing changes (and this returns False, unless Linux gives huge
-    pages to every large allocation anyway, THP mode ``always``)."""
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+def huge_pages_in_use() -> bool:
+    """Whether a fresh 4 MiB tensor sits on a transparent huge page: PyTorch asked for one
+    (``THP_MEM_ALLOC_ENABLE``), or Linux gives them to every large allocation (THP mode ``always``)."""
     before = anon_huge_pages_kib()
     if before is None:
         return False
-    probe = torch.ones(2**20)  # 4 MiB: PyTorch madvises it for huge pages
+    probe = torch.ones(2**20)  # 4 MiB: beyond PyTorch's 2 MiB threshold for madvising huge pages
     in_use = (anon_huge_pages_kib() or 0) > before
     del probe
     return in_use
+
+
+def use_huge_pages() -> bool:
+    """Ask PyTorch's CPU allocator for transparent huge pages for tensors of 2 MiB or more (see the module
+    docstring); returns ``huge_pages_in_use()``. PyTorch reads the setting at its first CPU allocation of any size:
+    after one, nothing changes (and this returns False, unless THP mode is ``always``)."""
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    return huge_pages_in_use()
 
 
 def configure(num_threads: int | None, local_world_size: int, cpu_malloc: str, huge_pages: bool = True) -> None:
