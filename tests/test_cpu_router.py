@@ -150,8 +150,10 @@ def test_fused_pass_runs_for_softmax_without_group_limits(kw, fused):
     assert (type(routing.gates_TK.grad_fn).__name__ == "FusedSoftmaxRouterBackward") == fused
 
 
-def test_layer_losses_and_router_gradient_match_the_aten_router():
-    """The MoE layer's aux and z losses and the router weight's gradient from them: kernel router vs ATen's."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_losses_and_router_gradient_match_the_aten_router(dtype):
+    """The MoE layer's aux and z losses and the router weight's gradient from them: kernel router vs ATen's. In a
+    bfloat16 layer the router still runs in fp32 (its logits, and so the fused pass), the experts in bfloat16."""
     cfg = MoEConfig(num_experts=8, top_k=2, capacity_factor=1.0, drop_policy="reroute", min_capacity=1)
     layers = []
     for on_kernel in (True, False):
@@ -159,8 +161,8 @@ def test_layer_losses_and_router_gradient_match_the_aten_router():
         layer = MoELayer(D, 16, cfg)
         layer.reset_parameters(0.3, 0.3)
         layer.router.on_cpu_kernel = on_kernel
-        layers.append(layer)
-    x = torch.randn(2, 40, D)
+        layers.append(layer.to(dtype))
+    x = torch.randn(2, 40, D).to(dtype)
     results = []
     for layer in layers:
         out, stats = layer(x)
@@ -172,10 +174,36 @@ def test_layer_losses_and_router_gradient_match_the_aten_router():
         for layer in layers
     ]
     assert fused == [True, False]
-    torch.testing.assert_close(out_k, out_a, rtol=1e-5, atol=1e-6)
-    for name in ("aux_loss", "z_loss", "entropy_sum", "gate_mass_E", "saliency_sum_E"):
+    assert out_k.dtype == dtype and layers[0].router.weight_ED.grad.dtype == dtype
+    # the gates agree to fp32 rounding; a bfloat16 layer rounds the gate-weighted outputs to its 8 bits
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(out_k, out_a, **tol)
+    for name in ("aux_loss", "z_loss", "entropy_sum", "gate_mass_E"):  # fp32 router outputs in either layer
         torch.testing.assert_close(getattr(st_k, name), getattr(st_a, name), rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(st_k.saliency_sum_E, st_a.saliency_sum_E, **tol)
     assert (st_k.dropped, st_k.rerouted) == (st_a.dropped, st_a.rerouted) and st_k.rerouted > 0
-    # fp32 both ways, with the expert outputs in the gates' gradient: agree to fp32 rounding of the largest entry
-    grad_k, grad_a = layers[0].router.weight_ED.grad, layers[1].router.weight_ED.grad
-    torch.testing.assert_close(grad_k, grad_a, rtol=1e-4, atol=1e-5 * float(grad_a.abs().max()))
+    # with the expert outputs in the gates' gradient: agree to the rounding of the largest entry
+    grad_k, grad_a = layers[0].router.weight_ED.grad.float(), layers[1].router.weight_ED.grad.float()
+    rtol, scale = (1e-4, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+    torch.testing.assert_close(grad_k, grad_a, rtol=rtol, atol=scale * float(grad_a.abs().max()))
+
+
+def test_a_gate_sum_under_the_clamp_renormalises_by_the_clamp():
+    """Renormalisation divides by max(sum of the k scores, 1e-20), as router.combine_gates. The bias can select
+    experts whose scores sum below that (logits ~50 under the row's maximum): their gates are score / 1e-20 and
+    the constant denominator adds nothing to the gradient. Row 1 is not clamped."""
+    router = make_router(4, 2, bias_scale=0.0)
+    with torch.no_grad():
+        router.bias_E.copy_(torch.tensor([0.0, 10.0, 10.0, 0.0]))  # selects experts 1 and 2 in every row
+    logits = torch.tensor([[0.0, -50.0, -52.0, -1.0], [0.0, -1.0, -2.0, 0.5]], requires_grad=True)
+    ours = router._route_fused(logits, None)
+    logits64 = logits.detach().double().requires_grad_(True)
+    ref = router._route_aten(logits64, None)
+    assert ours.expert_idx_TK.tolist() == ref.expert_idx_TK.tolist() == [[1, 2], [1, 2]]
+    clamped = ref.probs_TE[0, 1:3].sum().detach()
+    assert clamped < 1e-20 and float(ref.gates_TK[0].sum().detach()) == pytest.approx(float(clamped) / 1e-20)
+    torch.testing.assert_close(ours.gates_TK.double(), ref.gates_TK, rtol=2e-6, atol=0)
+    upstream = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    (grad,) = torch.autograd.grad((ours.gates_TK * upstream).sum(), logits)
+    (grad64,) = torch.autograd.grad((ref.gates_TK * upstream.double()).sum(), logits64)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-7)
