@@ -176,7 +176,7 @@ def test_layer_losses_and_router_gradient_match_the_aten_router(dtype):
     assert fused == [True, False]
     assert out_k.dtype == dtype and layers[0].router.weight_ED.grad.dtype == dtype
     # the gates agree to fp32 rounding; a bfloat16 layer rounds the gate-weighted outputs to its 8 bits
-    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-3}
     torch.testing.assert_close(out_k, out_a, **tol)
     for name in ("aux_loss", "z_loss", "entropy_sum", "gate_mass_E"):  # fp32 router outputs in either layer
         torch.testing.assert_close(getattr(st_k, name), getattr(st_a, name), rtol=1e-5, atol=1e-6, msg=name)
@@ -194,7 +194,7 @@ def test_a_gate_sum_under_the_clamp_renormalises_by_the_clamp():
     the constant denominator adds nothing to the gradient. Row 1 is not clamped."""
     router = make_router(4, 2, bias_scale=0.0)
     with torch.no_grad():
-        router.bias_E.copy_(torch.tensor([0.0, 10.0, 10.0, 0.0]))  # selects experts 1 and 2 in every row
+        router.bias_E.copy_(torch.tensor([0.0, 10.0, 9.0, 0.0]))  # selects experts 1 and 2 in every row, no ties
     logits = torch.tensor([[0.0, -50.0, -52.0, -1.0], [0.0, -1.0, -2.0, 0.5]], requires_grad=True)
     ours = router._route_fused(logits, None)
     logits64 = logits.detach().double().requires_grad_(True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -64,6 +65,16 @@ def thp_mode() -> str:
 def huge_probe(when: str) -> bool:
     out = subprocess.run([sys.executable, "-c", HUGE_PROBE, when], capture_output=True, text=True, check=True).stdout
     return out.strip() == "True"
+
+
+@pytest.mark.skipif(thp_mode() != "madvise", reason="needs Linux transparent huge pages in madvise mode")
+def test_the_probe_sees_no_huge_pages_unless_pytorch_asks_for_them():
+    """huge_pages_in_use (what the benchmark's Machine line reports) in a fresh process without the setting: in
+    madvise mode Linux gives a 4 MiB tensor small pages."""
+    probe = "from moetrain.cpu_runtime import huge_pages_in_use\nprint(huge_pages_in_use())"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "False"
 
 
 @pytest.mark.skipif(thp_mode() not in ("madvise", "always"), reason="Linux transparent huge pages are off here")
