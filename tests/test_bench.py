@@ -20,11 +20,10 @@ def load_bench():
     return bench
 
 
-def test_rounds_run_every_row_twice_in_turn_and_time_the_second_run(monkeypatch):
-    bench = load_bench()
-    calls: list[str] = []
+def clocked_rows(bench, monkeypatch, calls: list[str]):
+    """Rows on a fake clock: every perf_counter call advances it by 1 s, and a row's run by `extra` s more; each run
+    appends the row's name to `calls`."""
     clock = iter(range(1000))
-    # every perf_counter call advances by 1 s; row "b" takes 2 s more than "a" in each run
     monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
 
     def row(name: str, extra: int):
@@ -34,9 +33,15 @@ def test_rounds_run_every_row_twice_in_turn_and_time_the_second_run(monkeypatch)
                 next(clock)
             return x * 2
 
-        layer = nn.Linear(1, 1)
-        return bench.Entry(name, fn, torch.ones(2, 1), layer)
+        return bench.Entry(name, fn, torch.ones(2, 1), nn.Linear(1, 1))
 
+    return row
+
+
+def test_rounds_run_every_row_twice_in_turn_and_time_the_second_run(monkeypatch):
+    bench = load_bench()
+    calls: list[str] = []
+    row = clocked_rows(bench, monkeypatch, calls)
     times = bench.time_in_rounds([row("a", 0), row("b", 2)], iters=3, warmup=2)
     assert calls == ["a", "b"] * 2 + ["a", "a", "b", "b"] * 3  # 2 warm-up rounds, then 3 rounds of 2 runs each
     assert times == [[1.0] * 3, [3.0] * 3]  # per round, the timed run's own clock span: 1 s, and 2 s more for "b"
@@ -54,18 +59,7 @@ def test_timing_groups_put_every_e_and_k_of_one_width_in_the_same_rounds():
 def test_alternate_rounds_run_in_reverse_and_keep_each_entry_its_own_times(monkeypatch):
     bench = load_bench()
     calls: list[str] = []
-    clock = iter(range(1000))
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
-
-    def row(name: str, extra: int):
-        def fn(x):
-            calls.append(name)
-            for _ in range(extra):
-                next(clock)
-            return x * 2
-
-        return bench.Entry(name, fn, torch.ones(2, 1), nn.Linear(1, 1))
-
+    row = clocked_rows(bench, monkeypatch, calls)
     times = bench.time_in_rounds([row("a", 0), row("b", 2)], iters=3, warmup=2, alternate=True)
     warm = ["a", "b", "b", "a"]
     assert calls == warm + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
