@@ -314,7 +314,7 @@ def targets_table(per_round: dict[tuple[int, int, int, int, str], list[float]]) 
     rounds = len(per_round[(*cells[0], NATIVE)])
     out = [
         f"Targets for native dropless, judged on this run: each value is the median over the {rounds} rounds of the "
-        "ratio of two rows timed in the same round (range over rounds in brackets).",
+        "ratio of two rows timed in the same round (range over rounds in parentheses).",
         "",
         "| target | where | this run | met |",
         "|---|---|---|---|",
