@@ -269,13 +269,11 @@ def bench_moe(args) -> str:
             per_round[(*group[c], per_cell[c][i].name)] = t
         for cell, cell_entries in zip(group, per_cell, strict=True):
             _, _, E, k = cell
-            per_round[(*cell, BOUND)] = bound_times[(k, BOUND)]
-            named = [(BOUND, bound_times[(k, BOUND)])]
-            if (k, OWN_BOUND) in bound_times:
-                named.append((OWN_BOUND, bound_times[(k, OWN_BOUND)]))
-            named += [(e.name, per_round[(*cell, e.name)]) for e in cell_entries]
-            bound = statistics.median(bound_times[(k, BOUND)])
-            own = statistics.median(bound_times[(k, OWN_BOUND)]) if (k, OWN_BOUND) in bound_times else None
+            bounds_k = {name: ts for (kb, name), ts in bound_times.items() if kb == k}  # MKL's, then the own GEMM's
+            per_round[(*cell, BOUND)] = bounds_k[BOUND]
+            named = [*bounds_k.items()] + [(e.name, per_round[(*cell, e.name)]) for e in cell_entries]
+            bound = statistics.median(bounds_k[BOUND])
+            own = statistics.median(bounds_k[OWN_BOUND]) if OWN_BOUND in bounds_k else None
             print(f"(d={d}, f={f}, E={E}, k={k})", flush=True)
             for name, ts in named:
                 t = statistics.median(ts)

@@ -207,3 +207,15 @@ def test_a_gate_sum_under_the_clamp_renormalises_by_the_clamp():
     (grad,) = torch.autograd.grad((ours.gates_TK * upstream).sum(), logits)
     (grad64,) = torch.autograd.grad((ref.gates_TK * upstream.double()).sum(), logits64)
     torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-7)
+
+
+def test_selection_scores_asked_for_later_rank_with_the_bias_of_the_call():
+    """The fused pass does not write the selection scores; computed on demand after the bias moved on (the
+    aux-loss-free update runs between steps), they must still be this call's scores + this call's bias."""
+    router = make_router(8, 2, masked=(6,))
+    routing = router(torch.randn(20, D))
+    bias_then = router.bias_E.clone()
+    with torch.no_grad():
+        router.bias_E.add_(1.0)
+    want = (routing.probs_TE + bias_then).masked_fill(~router.active_E, float("-inf"))
+    torch.testing.assert_close(routing.selection_TE, want)

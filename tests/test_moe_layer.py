@@ -136,14 +136,22 @@ def test_policies_differ_where_they_should():
     gates = torch.tensor([[0.5, 0.48], [0.35, 0.3], [0.36, 0.2]])
     selection = torch.tensor([[0.3, 0.5, 0.1, 0.2], [0.5, 0.3, 0.1, 0.05], [0.4, 0.1, 0.3, 0.2]])
     # expert 0 (capacity 2) is offered: t0's 2nd choice (0.48), t1's 1st (0.35), t2's 1st (0.36)
-    pos = apply_capacity(expert_idx, gates, selection, capacity=2, policy="position")
-    prob = apply_capacity(expert_idx, gates, selection, capacity=2, policy="probs")
-    rer = apply_capacity(expert_idx, gates, selection, capacity=2, policy="reroute")
+    pos = apply_capacity(expert_idx, gates, selection, capacity=2, policy="position", num_experts=4)
+    prob = apply_capacity(expert_idx, gates, selection, capacity=2, policy="probs", num_experts=4)
+    rer = apply_capacity(expert_idx, gates, selection, capacity=2, policy="reroute", num_experts=4)
     assert pos.keep_TK.tolist() == [[True, False], [True, True], [True, True]]
     assert prob.keep_TK.tolist() == [[True, True], [False, True], [True, True]]
     # t0's overflowed 2nd choice goes to its best unused expert: 3 (0.2) before 2 (0.1)
     assert rer.keep_TK.all() and rer.expert_idx_TK[0].tolist() == [1, 3]
     assert rer.rerouted_TK.tolist() == [[False, True], [False, False], [False, False]]
+
+
+def test_reroute_without_the_selection_scores_is_an_error_naming_the_policy():
+    expert_idx, gates = torch.tensor([[0, 1], [0, 1]]), torch.full((2, 2), 0.5)
+    plan = apply_capacity(expert_idx, gates, None, capacity=1, policy="position", num_experts=3)  # not read here
+    assert plan.keep_TK.tolist() == [[True, True], [False, False]]
+    with pytest.raises(ValueError, match="moe.drop_policy=reroute needs the router's selection scores"):
+        apply_capacity(expert_idx, gates, None, capacity=1, policy="reroute", num_experts=3)
 
 
 def test_expert_mask_and_selection_bias_match_reference():
@@ -171,7 +179,7 @@ def test_reroute_never_uses_a_tokens_own_or_a_masked_expert():
     selection = torch.tensor([[0.5, 0.3, 0.1, *masked], [0.5, 0.3, 0.1, *masked], [0.5, 0.2, 0.3, *masked]])
     # capacity 2: token 2's first choice overflows expert 0; its only alternative (expert 1) is full; expert 2
     # has room but is token 2's own second choice, and 3-5 are masked: the assignment must be dropped
-    plan = apply_capacity(expert_idx, gates, selection, capacity=2, policy="reroute")
+    plan = apply_capacity(expert_idx, gates, selection, capacity=2, policy="reroute", num_experts=6)
     assert plan.keep_TK.tolist() == [[True, True], [True, True], [False, True]]
     assert not plan.rerouted_TK.any()
 

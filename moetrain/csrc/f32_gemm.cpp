@@ -176,8 +176,8 @@ void run_band(const Problem& p, int64_t band) {
 
 // B streams (a weight in the forward products, or neither operand dominates): task = tile (i, j) in column-block
 // order; the row-tiles of block j share the prefetch of block j + 1 (K rows of up to 4 lines): row-tile i takes
-// line column i % 4 of a range of rows. (Before, the tiles split the rows in groups of 4, and with 22 row-tiles the
-// last group's 2 tiles left 2 of the 4 columns of its rows unfetched.) `then` is the tile's share of the lines the caller's next GEMM reads.
+// line column i % 4 of a range of rows, so that every column is fetched whatever the number of row-tiles. `then` is
+// the tile's share of the lines the caller's next GEMM reads.
 void run_tile(const Problem& p, int64_t j, int64_t i, const Prefetch& then) {
   const int64_t h = p.tile_rows(j), tiles = p.row_tiles(j);
   Prefetch pf;

@@ -29,8 +29,9 @@ bool available();
 // result does not depend on the number of threads; inside an at::parallel_for region it runs inline.
 // then[0, then_floats): memory the caller reads next (the next GEMM's weight), prefetched during this GEMM when B
 // streams (M <= N), in shares over its tiles, after each tile's own lines and within its K steps (a share that does
-// not fit is cut short: small experts of a few row-tiles, or a short last pass of a long K, prefetch less of it). In an expert's forward at 64 experts of 64 rows (2 threads, weights
-// cold in memory) that took the forward from 22.8 to 20.6 ms; the weights are 96 MiB, read at ~30 GB/s here.
+// not fit is cut short: small experts of a few row-tiles, or a short last pass of a long K, prefetch less of it).
+// In an expert's forward at 64 experts of 64 rows (2 threads, weights cold in memory) that took the forward from
+// 22.8 to 20.6 ms; the weights are 96 MiB, read at ~30 GB/s here.
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b, int64_t ldb,
           float* c, int64_t ldc, Store store, const float* then = nullptr, int64_t then_floats = 0);
 

@@ -71,7 +71,7 @@ def apply_capacity(
     selection_TE: torch.Tensor | None,
     capacity: int,
     policy: str,
-    num_experts: int | None = None,
+    num_experts: int,
 ) -> CapacityPlan:
     """Decide which assignments fit in ``capacity`` slots per expert.
 
@@ -85,13 +85,13 @@ def apply_capacity(
     accepted there; the others go on to the next round. A rerouted assignment keeps its gate value. What is
     still unplaced after the last alternative is dropped.
 
-    ``selection_TE`` (the router's selection scores) is read by ``reroute`` only; the other policies may pass None
-    with ``num_experts``.
+    ``selection_TE`` (the router's selection scores, (T, num_experts)) is read by ``reroute`` only; the other
+    policies may pass None.
     """
     if policy not in DROP_POLICIES:
         raise ValueError(f"moe.drop_policy={policy} is not supported; allowed: {', '.join(DROP_POLICIES)}")
     T, K = expert_idx_TK.shape
-    E = num_experts if num_experts is not None else selection_TE.shape[1]
+    E = num_experts
     if policy == "reroute" and selection_TE is None:
         raise ValueError("apply_capacity: moe.drop_policy=reroute needs the router's selection scores")
     device = expert_idx_TK.device
