@@ -220,6 +220,7 @@ void check_row_tensor(const at::Tensor& t, int64_t rows, int64_t cols, at::Scala
 
 std::vector<at::Tensor> forward(const at::Tensor& logits_TE, const at::Tensor& bias_E, const at::Tensor& active_E,
                                 int64_t K, bool renormalize, double scale) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as swiglu_experts.cpp's BelowAutograd
   TORCH_CHECK(__builtin_cpu_supports("avx512f"), "softmax_router: this CPU has no AVX-512");
   TORCH_CHECK(logits_TE.dim() == 2, "softmax_router: logits must be (T, E), got ", logits_TE.sizes());
   const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
@@ -257,6 +258,7 @@ std::vector<at::Tensor> forward(const at::Tensor& logits_TE, const at::Tensor& b
 at::Tensor backward(const at::Tensor& probs_TE, const at::Tensor& idx_TK, const std::optional<at::Tensor>& dgates_TK,
                     const std::optional<at::Tensor>& dlse_T, const std::optional<at::Tensor>& dpsum_E,
                     bool renormalize, double scale) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as swiglu_experts.cpp's BelowAutograd
   TORCH_CHECK(__builtin_cpu_supports("avx512f"), "softmax_router: this CPU has no AVX-512");
   const int64_t T = probs_TE.size(0), E = probs_TE.size(1), K = idx_TK.size(1);
   check_row_tensor(probs_TE, T, E, at::kFloat, "probs");

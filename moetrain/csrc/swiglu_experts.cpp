@@ -417,9 +417,18 @@ void check_routing(const at::Tensor& x, const at::Tensor& gates, const at::Tenso
 
 }  // namespace
 
+// Every entry point runs its ATen calls below the autograd dispatch keys (BelowAutograd). They are called from
+// inside autograd Functions (cpu_experts.py), whose outputs get their autograd metadata there, so the per-expert
+// select / narrow / empty calls need none: below those keys a view is not given a DifferentiableViewMeta and no
+// call goes through VariableType. Worker threads inherit the guard with the caller's ThreadLocalState. Measured on
+// the 2-core machine, 64 experts of one row with 16 x 16 weights (the per-expert overhead alone): forward 9.2 -> 3.1
+// us per expert, backward 14.7 -> 6.1 us (0.9 ms per step at 64 experts).
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 // Returns (y_SD, h1_SF, h3_SF); h1 = x w1 and h3 = x w3 are what the backward needs.
 std::vector<at::Tensor> swiglu_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3,
                                        const at::Tensor& w2, const std::vector<int64_t>& counts) {
+  const BelowAutograd below_autograd;
   check_inputs(x, w1, w3, w2, counts, x.size(0));
   return experts_forward(counts, [&](int64_t s, int64_t n) { return x.narrow(0, s, n); }, x.size(0), w1, w3,
                          w2);
@@ -430,6 +439,7 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& dy, const at::Tensor& 
                                         const at::Tensor& w3, const at::Tensor& w2, const at::Tensor& h1,
                                         const at::Tensor& h3, const std::vector<int64_t>& counts, bool need_x,
                                         bool need_w1, bool need_w3, bool need_w2) {
+  const BelowAutograd below_autograd;
   check_inputs(x, w1, w3, w2, counts, x.size(0));
   const auto g = make_groups(counts);
   at::Tensor dx, dw1, dw3, dw2;
@@ -454,6 +464,7 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& dy, const at::Tensor& 
 std::vector<at::Tensor> moe_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& w1,
                                     const at::Tensor& w3, const at::Tensor& w2, const at::Tensor& assignment_A,
                                     const std::vector<int64_t>& counts) {
+  const BelowAutograd below_autograd;
   check_routing(x, gates, assignment_A);
   const int64_t T = x.size(0), K = gates.size(1), A = assignment_A.size(0);
   check_inputs(x, w1, w3, w2, counts, A);
@@ -472,6 +483,7 @@ std::vector<at::Tensor> moe_backward(const at::Tensor& dout, const at::Tensor& x
                                      const at::Tensor& h1, const at::Tensor& h3, const at::Tensor& y,
                                      const at::Tensor& assignment_A, const std::vector<int64_t>& counts, bool need_x,
                                      bool need_gates, bool need_w1, bool need_w3, bool need_w2) {
+  const BelowAutograd below_autograd;
   check_routing(x, gates, assignment_A);
   const int64_t T = x.size(0), D = x.size(1), K = gates.size(1), A = assignment_A.size(0);
   TORCH_CHECK(dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type() && dout.is_contiguous(),
