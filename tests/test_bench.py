@@ -47,6 +47,18 @@ def test_rounds_run_every_row_twice_in_turn_and_time_the_second_run(monkeypatch)
     assert times == [[1.0] * 3, [3.0] * 3]  # per round, the timed run's own clock span: 1 s, and 2 s more for "b"
 
 
+def test_the_backward_starts_from_the_fixed_output_gradient():
+    """No loss: the timed backward is the layer's, from the same seeded gradient of the output's shape every time."""
+    bench = load_bench()
+    layer = nn.Linear(3, 3, bias=False)
+    x = torch.randn(4, 3)
+    layer.weight.grad = torch.full((3, 3), 7.0)  # set to None before the run: not added to
+    bench.one_fwd_bwd(layer, x, layer)
+    dout = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    assert bench.output_gradient((4, 3), torch.float32, torch.device("cpu")).equal(dout)
+    torch.testing.assert_close(layer.weight.grad, dout.t() @ x)  # dW of y = x W^T is dY^T x
+
+
 def test_timing_groups_put_every_e_and_k_of_one_width_in_the_same_rounds():
     bench = load_bench()
     groups = bench.timing_groups([(256, 512, 8), (256, 512, 64), (512, 1024, 32)])
