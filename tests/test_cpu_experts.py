@@ -319,8 +319,13 @@ def operand(rows: int, cols: int, layout: str) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("M", "N", "K"),
     # one expert's forward (64 rows), an M edge, A streaming with N edges of every width, K = 0 and 1-element,
-    # K over one pass (512) and B streaming over more than one chunk of rows (192)
+    # K over one pass (512) and B streaming over more than one chunk of rows (192); right edges of 1-8 columns past
+    # 16, 32 and 48 (their last vector is 8 lanes wide) with A or B streaming
     [
+        (200, 24, 70),
+        (20, 40, 9),
+        (130, 49, 300),
+        (70, 120, 600),
         (64, 512, 256),
         (70, 256, 512),
         (512, 70, 256),

@@ -1,9 +1,9 @@
 // fp32 GEMM and transpose for one expert's blocks, AVX-512; see f32_gemm.h for why and what.
 //
 // Register tiles hold 24 zmm accumulators: 6 rows x 64 columns (4 zmm) in full column blocks, and at a narrow
-// right edge 8 x 48, 12 x 32 or 24 x 16 (the last zmm masked), so that every k step still does 24 FMAs for
-// one broadcast of A per row and one load of B per zmm. Rows at the bottom edge use a smaller row count
-// (the MR template). Nothing is packed: B's rows are read in place and A by broadcasts.
+// right edge 8 x 48, 12 x 32 or 24 x 16 (the last zmm masked, or a ymm when it has 8 columns or fewer), so that
+// every k step still does 24 FMAs for one broadcast of A per row and one load of B per vector. Rows at the bottom
+// edge use a smaller row count (the MR template). Nothing is packed: B's rows are read in place and A by broadcasts.
 //
 // Task order: when A is the larger operand (it streams: a weight in the input-gradient products) a task is a
 // band of 24 rows across all column blocks, whose tiles prefetch the next band of A between them; otherwise
@@ -42,57 +42,78 @@ struct Prefetch {
 };
 
 // The k steps [k0, k1) of a tile into acc; with PREFETCH one line of pf per step (a separate instantiation, so
-// that no branch splits the loop body: the compiler then keeps all 24 accumulators in registers).
-template <int MR, int NQ, bool PREFETCH>
-__attribute__((target("avx512f"), always_inline)) inline void tile_steps(__m512 (&acc)[MR][NQ], int64_t k0, int64_t k1,
-                                                                      const float* a, int64_t a_si, int64_t a_sk,
-                                                                      const float* b, int64_t ldb, __mmask16 last_mask,
-                                                                      const Prefetch& pf) {
+// that no branch splits the loop body: the compiler then keeps all 24 accumulators in registers). HALF: the last
+// column vector is 8 lanes wide (a ymm, in acc_h), for a right edge of 1-8 columns past a multiple of 16.
+template <int MR, int NQ, bool HALF, bool PREFETCH>
+__attribute__((target("avx512f,avx512vl,fma"), always_inline)) inline void tile_steps(
+    __m512 (&acc)[MR][NQ], __m256 (&acc_h)[MR], int64_t k0, int64_t k1, const float* a, int64_t a_si, int64_t a_sk,
+    const float* b, int64_t ldb, __mmask16 last_mask, const Prefetch& pf) {
+  constexpr int NZ = HALF ? NQ - 1 : NQ;  // 16-lane (zmm) column vectors
   for (int64_t k = k0; k < k1; ++k) {
     const float* b_k = b + k * ldb;
     __m512 bv[NQ];
 #pragma GCC unroll 4
-    for (int q = 0; q < NQ; ++q)
-      bv[q] = q == NQ - 1 ? _mm512_maskz_loadu_ps(last_mask, b_k + 16 * q) : _mm512_loadu_ps(b_k + 16 * q);
+    for (int q = 0; q < NZ; ++q)
+      bv[q] = !HALF && q == NQ - 1 ? _mm512_maskz_loadu_ps(last_mask, b_k + 16 * q) : _mm512_loadu_ps(b_k + 16 * q);
+    __m256 bh;
+    if constexpr (HALF) bh = _mm256_maskz_loadu_ps(__mmask8(last_mask), b_k + 16 * NZ);
     if constexpr (PREFETCH) _mm_prefetch(pf.base + k * pf.stride, _MM_HINT_T0);
     const float* a_k = a + k * a_sk;
 #pragma GCC unroll 24
     for (int r = 0; r < MR; ++r) {
+      if constexpr (NZ == 0) {  // a ymm broadcast: a zmm one would take both 256-bit load slots (Zen 4)
+        acc_h[r] = _mm256_fmadd_ps(_mm256_set1_ps(a_k[r * a_si]), bh, acc_h[r]);
+        continue;
+      }
       const __m512 av = _mm512_set1_ps(a_k[r * a_si]);
 #pragma GCC unroll 4
-      for (int q = 0; q < NQ; ++q) acc[r][q] = _mm512_fmadd_ps(av, bv[q], acc[r][q]);
+      for (int q = 0; q < NZ; ++q) acc[r][q] = _mm512_fmadd_ps(av, bv[q], acc[r][q]);
+      if constexpr (HALF) acc_h[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(av), bh, acc_h[r]);
     }
   }
 }
 
-template <int MR, int NQ>
-__attribute__((target("avx512f"))) void tile_kernel(int64_t K, const float* a, int64_t a_si, int64_t a_sk,
-                                                     const float* b, int64_t ldb, float* c, int64_t ldc,
-                                                     __mmask16 last_mask, Store store, bool stream, Prefetch pf) {
+// One register tile: MR rows x NQ column vectors of C, summed over K (in passes of the prefetch ranges).
+template <int MR, int NQ, bool HALF>
+__attribute__((target("avx512f,avx512vl,fma"))) void tile_kernel(int64_t K, const float* a, int64_t a_si, int64_t a_sk,
+                                                             const float* b, int64_t ldb, float* c, int64_t ldc,
+                                                             __mmask16 last_mask, Store store, bool stream,
+                                                             Prefetch pf) {
+  constexpr int NZ = HALF ? NQ - 1 : NQ;
   __m512 acc[MR][NQ];
+  __m256 acc_h[MR];
 #pragma GCC unroll 24
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
-    for (int q = 0; q < NQ; ++q) acc[r][q] = _mm512_setzero_ps();
+    for (int q = 0; q < NZ; ++q) acc[r][q] = _mm512_setzero_ps();
+    if constexpr (HALF) acc_h[r] = _mm256_setzero_ps();
+  }
   const int64_t pf_end = std::min(pf.count, K), then_end = std::min(pf_end + pf.then_count, K);
-  tile_steps<MR, NQ, true>(acc, 0, pf_end, a, a_si, a_sk, b, ldb, last_mask, pf);
+  tile_steps<MR, NQ, HALF, true>(acc, acc_h, 0, pf_end, a, a_si, a_sk, b, ldb, last_mask, pf);
   // line k - pf_end of `then` at step k (no pointer formed when there is none)
   const Prefetch then{pf.then ? pf.then - pf_end * kLine : nullptr, kLine, then_end - pf_end};
-  tile_steps<MR, NQ, true>(acc, pf_end, then_end, a, a_si, a_sk, b, ldb, last_mask, then);
-  tile_steps<MR, NQ, false>(acc, then_end, K, a, a_si, a_sk, b, ldb, last_mask, pf);
-  const bool full = last_mask == 0xFFFF;
+  tile_steps<MR, NQ, HALF, true>(acc, acc_h, pf_end, then_end, a, a_si, a_sk, b, ldb, last_mask, then);
+  tile_steps<MR, NQ, HALF, false>(acc, acc_h, then_end, K, a, a_si, a_sk, b, ldb, last_mask, pf);
+  const bool full = HALF || last_mask == 0xFFFF;  // whether the last zmm column is whole
+  const bool add = store == Store::kAdd;
 #pragma GCC unroll 24
   for (int r = 0; r < MR; ++r) {
     float* c_r = c + r * ldc;
 #pragma GCC unroll 4
-    for (int q = 0; q < NQ; ++q) {
-      const __mmask16 m = q == NQ - 1 ? last_mask : __mmask16(0xFFFF);
+    for (int q = 0; q < NZ; ++q) {
+      const __mmask16 m = !HALF && q == NQ - 1 ? last_mask : __mmask16(0xFFFF);
       __m512 v = acc[r][q];
-      if (store == Store::kAdd) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, c_r + 16 * q));
+      if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, c_r + 16 * q));
       if (stream && (q < NQ - 1 || full))
         _mm512_stream_ps(c_r + 16 * q, v);
       else
         _mm512_mask_storeu_ps(c_r + 16 * q, m, v);
+    }
+    if constexpr (HALF) {
+      const __mmask8 m = __mmask8(last_mask);
+      __m256 v = acc_h[r];
+      if (add) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(m, c_r + 16 * NZ));
+      _mm256_mask_storeu_ps(c_r + 16 * NZ, m, v);
     }
   }
 }
@@ -106,21 +127,26 @@ using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, i
 constexpr int64_t rows_for(int64_t nq) { return 24 / nq; }
 constexpr int64_t kBand = 24;  // rows per task when A streams: a multiple of every rows_for
 
-template <int NQ, int... R>
+template <int NQ, bool HALF, int... R>
 constexpr std::array<TileFn, sizeof...(R)> kernels_of_width(std::integer_sequence<int, R...>) {
-  return {tile_kernel<R + 1, NQ>...};
+  return {tile_kernel<R + 1, NQ, HALF>...};
 }
 
-TileFn pick(int64_t rows, int64_t nq) {
-  static constexpr auto w1 = kernels_of_width<1>(std::make_integer_sequence<int, rows_for(1)>{});
-  static constexpr auto w2 = kernels_of_width<2>(std::make_integer_sequence<int, rows_for(2)>{});
-  static constexpr auto w3 = kernels_of_width<3>(std::make_integer_sequence<int, rows_for(3)>{});
-  static constexpr auto w4 = kernels_of_width<4>(std::make_integer_sequence<int, rows_for(4)>{});
+// The tile of `rows` rows and nq column vectors; half: the last vector is 8 lanes wide.
+TileFn pick(int64_t rows, int64_t nq, bool half) {
+  static constexpr auto w1 = kernels_of_width<1, false>(std::make_integer_sequence<int, rows_for(1)>{});
+  static constexpr auto w2 = kernels_of_width<2, false>(std::make_integer_sequence<int, rows_for(2)>{});
+  static constexpr auto w3 = kernels_of_width<3, false>(std::make_integer_sequence<int, rows_for(3)>{});
+  static constexpr auto w4 = kernels_of_width<4, false>(std::make_integer_sequence<int, rows_for(4)>{});
+  static constexpr auto h1 = kernels_of_width<1, true>(std::make_integer_sequence<int, rows_for(1)>{});
+  static constexpr auto h2 = kernels_of_width<2, true>(std::make_integer_sequence<int, rows_for(2)>{});
+  static constexpr auto h3 = kernels_of_width<3, true>(std::make_integer_sequence<int, rows_for(3)>{});
+  static constexpr auto h4 = kernels_of_width<4, true>(std::make_integer_sequence<int, rows_for(4)>{});
   switch (nq) {
-    case 1: return w1[rows - 1];
-    case 2: return w2[rows - 1];
-    case 3: return w3[rows - 1];
-    default: return w4[rows - 1];
+    case 1: return (half ? h1 : w1)[rows - 1];
+    case 2: return (half ? h2 : w2)[rows - 1];
+    case 3: return (half ? h3 : w3)[rows - 1];
+    default: return (half ? h4 : w4)[rows - 1];
   }
 }
 
@@ -145,10 +171,15 @@ struct Problem {
 
   // C[i0 : i0 + rows, column block j] with the given prefetch
   void tile(int64_t i0, int64_t rows, int64_t j, const Prefetch& pf) const {
+    // a last vector of 1-8 columns is a ymm: Zen 4 runs a zmm FMA as two 256-bit halves, so it costs half of a
+    // masked zmm. Measured single-threaded on the 2-core machine, (512 x 256) times (256 x n), an expert's rows as
+    // the n columns: n = 49 154 -> 134 us, n = 56 153 -> 131 us (3 zmm + 1 ymm). A block of 1-8 columns alone
+    // (n = 65, 72) stayed where it was (191 -> 187 us): its 24 rows of broadcasts per k step bound it either way.
     const int64_t n = cols(j), nq = zmm_of(n), tail = n - 16 * (nq - 1);
+    const bool half = tail <= 8;
     const auto last_mask = __mmask16(tail == 16 ? 0xFFFF : (1u << tail) - 1);
-    pick(rows, nq)(K, a + i0 * a_si, a_si, a_sk, b + j * kNR, ldb, c + i0 * ldc + j * kNR, ldc, last_mask, store, stream,
-                   pf);
+    pick(rows, nq, half)(K, a + i0 * a_si, a_si, a_sk, b + j * kNR, ldb, c + i0 * ldc + j * kNR, ldc, last_mask, store,
+                         stream, pf);
   }
 };
 
@@ -233,7 +264,8 @@ __attribute__((target("avx512f"))) void transpose_rows(const float* src, int64_t
 }  // namespace
 
 bool available() {
-  static const bool yes = __builtin_cpu_supports("avx512f");
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("fma");
   return yes;
 }
 

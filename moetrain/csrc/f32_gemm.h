@@ -20,7 +20,7 @@ enum class Store {
   kStream,  // C = A B with non-temporal stores (C is not read again soon: weight gradients)
 };
 
-// Whether this CPU runs the kernel (AVX-512F); callers use ATen's GEMMs otherwise.
+// Whether this CPU runs the kernel (AVX-512F and VL); callers use ATen's GEMMs otherwise.
 bool available();
 
 // C[i, j] (=, +=) sum_k A(i, k) B(k, j) for i < M, j < N, k < K, with A(i, k) = a[i * a_si + k * a_sk] (any
