@@ -271,7 +271,7 @@ void expert_backward_f32(const at::Tensor& dy_e, const at::Tensor& x_e, const at
   using f32_gemm::Store;
   const int64_t n = dy_e.size(0), F = w2_e.size(0), D = w2_e.size(1);
   // Either the weight or the expert's blocks get transposed, whichever is smaller: both give the same bits (each
-  // output is summed over the same products in the same order, in the same passes of kKC steps: the GEMM's order
+  // output is summed over the same products in the same order, in the same passes over K: the GEMM's order
   // does not depend on which operand is broadcast). dg = dy w2^T moves dy and dg (n (D + F)) or w2 (D F); dx =
   // dh1 w1^T + dh3 w3^T moves dh1, dh3 and dx (n (2 F + D)) or w1 and w3 (2 D F). At d_model 256, d_ff 512 the
   // weights are the smaller above 170 rows for dg and 204 for dx.
