@@ -448,6 +448,13 @@ def write_section(name: str, body: str) -> None:
     print(f"wrote the '{name}' section of {DOC}")
 
 
+def huge_pages_label(asked: bool, in_use: bool) -> str:
+    """What the Machine line says of huge pages: whether tensors were on them, and why when nobody asked."""
+    if not in_use:
+        return "off"
+    return "on" if asked else "on (Linux THP mode always)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["moe", "a2a", "a2a-worker"])
@@ -462,10 +469,8 @@ def main() -> None:
     if args.cpu_malloc == "cached":
         cache_freed_memory()
     # probed either way: with THP mode `always` Linux gives huge pages without PyTorch asking
-    in_use = use_huge_pages() if args.cpu_huge_pages == "on" else huge_pages_in_use()
-    args.huge_pages_in_use = (
-        ("on" if args.cpu_huge_pages == "on" else "on (Linux THP mode always)") if in_use else "off"
-    )
+    asked = args.cpu_huge_pages == "on"
+    args.huge_pages_in_use = huge_pages_label(asked, use_huge_pages() if asked else huge_pages_in_use())
     if args.what == "a2a-worker":
         a2a_worker(args)
         return

@@ -59,6 +59,14 @@ def test_the_backward_starts_from_the_fixed_output_gradient():
     torch.testing.assert_close(layer.weight.grad, dout.t() @ x)  # dW of y = x W^T is dY^T x
 
 
+@pytest.mark.parametrize(
+    ("asked", "in_use", "label"),
+    [(True, True, "on"), (True, False, "off"), (False, True, "on (Linux THP mode always)"), (False, False, "off")],
+)
+def test_the_machine_line_says_whether_huge_pages_were_in_use_and_why(asked, in_use, label):
+    assert load_bench().huge_pages_label(asked, in_use) == label
+
+
 def test_timing_groups_put_every_e_and_k_of_one_width_in_the_same_rounds():
     bench = load_bench()
     groups = bench.timing_groups([(256, 512, 8), (256, 512, 64), (512, 1024, 32)])
