@@ -73,7 +73,8 @@ __attribute__((target("avx512f,avx512vl,fma"), always_inline)) inline void tile_
   }
 }
 
-// One register tile: MR rows x NQ column vectors of C, summed over K (in passes of the prefetch ranges).
+// One register tile: MR rows x NQ column vectors of C, summed over its K steps in order (the steps that prefetch
+// this GEMM's next lines, then those that prefetch the next GEMM's, then the rest).
 template <int MR, int NQ, bool HALF>
 __attribute__((target("avx512f,avx512vl,fma"))) void tile_kernel(int64_t K, const float* a, int64_t a_si, int64_t a_sk,
                                                              const float* b, int64_t ldb, float* c, int64_t ldc,
