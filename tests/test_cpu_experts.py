@@ -383,6 +383,24 @@ def test_own_gemm_gives_the_same_bits_on_any_number_of_threads():
 
 
 @needs_avx512
+def test_a_long_k_is_summed_in_the_same_passes_on_any_number_of_threads():
+    """A K over 512 goes in passes chosen by K alone (of 256), so 1 and 2 threads still agree bit for bit."""
+    kernel = cpu_experts._build()
+    a, b = torch.randn(130, 1100), torch.randn(1100, 200)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            c = torch.empty(130, 200)
+            kernel.f32_mm(c, a, b, False, False)
+            outs.append(c)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_avx512
 def test_one_large_expert_splits_its_work_over_the_threads_alike():
     """One expert of 2000 rows runs outside a parallel region: its GEMM tiles, block transposes and SwiGLU
     gradient loop are split over the threads. 1 and 2 threads give the same bits, and both equal the same
