@@ -121,6 +121,30 @@ def test_a_nan_logit_makes_its_row_nan_as_on_aten():
     assert ours.mean_dist_E.isnan().all() and ours.entropy_sum.isnan()
 
 
+def test_a_nan_selection_bias_is_an_error():
+    """Top-k ranks p + bias with ordered comparisons: a NaN in the balancing bias is refused, naming it."""
+    router = make_router(20, 2)
+    with torch.no_grad():
+        router.bias_E[7] = float("nan")
+    with pytest.raises(RuntimeError, match="selection bias .* has NaN entries"):
+        router(torch.randn(5, D))
+
+
+def test_top_k_over_many_chunks_with_ties_and_masks():
+    """70 experts (5 chunks, the last one partial), four of them masked, and many equal scores: the kernel's top-k
+    is the first k of a stable descending sort of its own scores + bias (masked -inf): best first, ties to the lower
+    index. (torch.topk breaks ties in no stated order, so the ATen router cannot be the reference here.)"""
+    torch.manual_seed(3)
+    router = make_router(70, 5, masked=(0, 16, 33, 69), bias_scale=0.0)
+    with torch.no_grad():
+        router.weight_ED.copy_(torch.randint(-1, 2, router.weight_ED.shape).float())  # few distinct logits
+        router.bias_E[torch.arange(0, 70, 3)] = 0.25  # ties among the biased experts too
+    ours = router(torch.randint(-1, 2, (200, D)).float())
+    ranked_TE = torch.sort(ours.selection_TE, dim=1, descending=True, stable=True).indices
+    assert torch.equal(ours.expert_idx_TK, ranked_TE[:, :5])
+    assert (ours.probs_TE.unsqueeze(1) == ours.probs_TE.gather(1, ours.expert_idx_TK).unsqueeze(2)).sum() > 2 * 200 * 5
+
+
 def test_same_bits_on_one_and_two_threads():
     router = make_router(64, 2, masked=(3, 9))
     x = torch.randn(1000, D)

@@ -1,9 +1,10 @@
 // fp32 GEMM and transpose for one expert's blocks, AVX-512; see f32_gemm.h for why and what.
 //
 // Register tiles hold 24 zmm accumulators: 6 rows x 64 columns (4 zmm) in full column blocks, and at a narrow
-// right edge 8 x 48, 12 x 32 or 24 x 16 (the last zmm masked, or a ymm when it has 8 columns or fewer), so that
-// every k step still does 24 FMAs for one broadcast of A per row and one load of B per vector. Rows at the bottom
-// edge use a smaller row count (the MR template). Nothing is packed: B's rows are read in place and A by broadcasts.
+// right edge 8 x 48 or 12 x 32, so that every k step still does 24 FMAs for one broadcast of A per row and one load
+// of B per vector; a right edge of 1-16 columns is 8 x 16 (why at rows_for). The last zmm is masked, or a ymm when
+// it has 8 columns or fewer. Rows at the bottom edge use a smaller row count (the MR template). Nothing is packed:
+// B's rows are read in place and A by broadcasts.
 //
 // Task order: when A is the larger operand (it streams: a weight in the input-gradient products) a task is a
 // band of 24 rows across all column blocks, whose tiles prefetch the next band of A between them; otherwise
@@ -122,10 +123,14 @@ __attribute__((target("avx512f,avx512vl,fma"))) void tile_kernel(int64_t K, cons
 using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, __mmask16,
                         Store, bool, Prefetch);
 
-// Rows of a tile with nq zmm columns: 24 accumulators whatever the width, so that a narrow column block at the
-// right edge (an expert with 70 rows is a 64 + 6 column GEMM in the input-gradient products) still does 24 FMAs
-// per k step: 6 x 4, 8 x 3, 12 x 2 or 24 x 1.
-constexpr int64_t rows_for(int64_t nq) { return 24 / nq; }
+// Rows of a tile with nq zmm columns: 24 accumulators, so that a narrow column block at the right edge (an expert
+// with 70 rows is a 64 + 6 column GEMM in the input-gradient products) still does 24 FMAs per k step: 6 x 4, 8 x 3
+// or 12 x 2. A block of one vector (1-16 columns) takes 8 rows, not 24: its broadcasts read 24 rows of A per k step
+// otherwise, and when A is a weight with 512 columns those rows lie 2 KiB apart, in 2 of L1's 64 sets (16 lines),
+// so the tile would evict its own lines before their next 15 k steps. Measured single-threaded on the 2-core
+// machine, (256 x 512) times (512 x n), n = 65-80: 238-253 -> 203-220 us (24 -> 8 rows; 12 rows: 206-225); the
+// router's logits GEMM at 8 experts (4096 x 256 times 256 x 8, 2 threads): 0.149 -> 0.132 ms.
+constexpr int64_t rows_for(int64_t nq) { return nq == 1 ? 8 : 24 / nq; }
 constexpr int64_t kBand = 24;  // rows per task when A streams: a multiple of every rows_for
 
 template <int NQ, bool HALF, int... R>
@@ -175,9 +180,9 @@ struct Problem {
     // a last vector of 1-8 columns is a ymm: Zen 4 runs a zmm FMA as two 256-bit halves, so it costs half of a
     // masked zmm. Measured single-threaded on the 2-core machine, (512 x 256) times (256 x n), an expert's rows as
     // the n columns: n = 49 154 -> 134 us, n = 56 153 -> 131 us (3 zmm + 1 ymm). A block of 1-8 columns alone
-    // (n = 65, 72) stayed where it was (191 -> 187 us): its 24 rows of broadcasts per k step bound it either way.
+    // (n = 65, 72) stayed where it was (191 -> 187 us): with 24 rows its broadcasts bound it either way.
     const int64_t n = cols(j), nq = zmm_of(n), tail = n - 16 * (nq - 1);
-    const bool half = tail <= 8 && !getenv("MT_NOHALF");
+    const bool half = tail <= 8;
     const auto last_mask = __mmask16(tail == 16 ? 0xFFFF : (1u << tail) - 1);
     pick(rows, nq, half)(K, a + i0 * a_si, a_si, a_sk, b + j * kNR, ldb, c + i0 * ldc + j * kNR, ldc, last_mask, store,
                          stream, pf);

@@ -3,7 +3,7 @@
 // A row of E logits is read in chunks of 16 lanes, each with two masks: valid (inside E) and active (valid and
 // not masked; masked experts load as -inf and come out with p = 0). exp is f32_exp.h's, whose argument is clamped
 // at -88.4: a logit that far below the row's maximum gets p = 0 here (ATen's exp gives a denormal or 0). Top-k is
-// an insertion into the K best so far, in expert order. Tokens go in blocks of kBlock over the threads; each
+// K rounds of a vector max over the row's scores. Tokens go in blocks of kBlock over the threads; each
 // block sums its own share of psum and the entropy, and the blocks are added in order at the end.
 #include "softmax_router.h"
 
@@ -68,21 +68,27 @@ struct ForwardArgs {
   float scale;
 };
 
-// The K experts of the largest p + bias among the active ones, best first, ties to the lower index.
-void top_k(const float* p, const float* bias, const Lanes& l, int64_t K, float* best, int64_t* best_i) {
-  int64_t n = 0;
-  for (int64_t e = 0; e < l.E; ++e) {
-    if (!l.is_active[e]) continue;
-    const float s = p[e] + bias[e];
-    if (n == K && !(s > best[K - 1])) continue;
-    int64_t pos = n < K ? n : K - 1;
-    for (; pos > 0 && best[pos - 1] < s; --pos) {
-      best[pos] = best[pos - 1];
-      best_i[pos] = best_i[pos - 1];
+// The K experts of the largest score (p + bias) among the active ones, best first, ties to the lower index: K rounds
+// of a max over the row's chunks, each taking the first remaining lane that holds it. score: the row's scores, 16
+// per chunk (lanes past E are never used); left: scratch of one mask per chunk. The bias has no NaN (forward checks
+// it), nor has p (a row with a NaN logit takes nan_row), so every comparison is ordered. Why not a scalar insertion
+// into the K best: at 64 experts it took half of the pass (perf, 1 thread).
+__attribute__((target("avx512f"))) void top_k(const float* score, const Lanes& l, int64_t K, __mmask16* left,
+                                              int64_t* best_i) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t c = 0; c < l.chunks; ++c) left[c] = l.active[c];
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 vmax = ninf;
+    for (int64_t c = 0; c < l.chunks; ++c) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, left[c], score + 16 * c));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    for (int64_t c = 0;; ++c) {  // K <= the active lanes: some lane left holds the max (an active score may be -inf)
+      const __mmask16 hit = _mm512_mask_cmp_ps_mask(left[c], _mm512_loadu_ps(score + 16 * c), m, _CMP_EQ_OQ);
+      if (hit == 0) continue;
+      const int lane = __builtin_ctz(hit);
+      best_i[k] = 16 * c + lane;
+      left[c] &= __mmask16(~(1u << lane));
+      break;
     }
-    best[pos] = s;
-    best_i[pos] = e;
-    n += n < K;
   }
 }
 
@@ -105,7 +111,8 @@ __attribute__((target("avx512f"))) void forward_block(const ForwardArgs& f, cons
   const int64_t E = l.E, K = f.K;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   float* part = f.psum_blocks + b * E;
-  std::vector<float> best(K);
+  std::vector<float> score(16 * l.chunks);  // a row's p + bias, what top-k ranks
+  std::vector<__mmask16> left(l.chunks);
   double entropy = 0;
   for (int64_t t = b * kBlock; t < std::min(f.T, (b + 1) * kBlock); ++t) {
     const float* lt = f.logits + t * E;
@@ -136,10 +143,11 @@ __attribute__((target("avx512f"))) void forward_block(const ForwardArgs& f, cons
     const float lse = row_max + std::log(z);
     const __m512 inv = _mm512_set1_ps(1.0f / z), vlse = _mm512_set1_ps(lse);
     __m512 vh = _mm512_setzero_ps();
-    for (int64_t c = 0; c < l.chunks; ++c) {  // p, its share of psum and of the entropy p (lse - l)
+    for (int64_t c = 0; c < l.chunks; ++c) {  // p, its score, its share of psum and of the entropy p (lse - l)
       const __mmask16 v = l.valid[c];
       const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(v, pt + 16 * c), inv);
       _mm512_mask_storeu_ps(pt + 16 * c, v, p);
+      _mm512_storeu_ps(score.data() + 16 * c, _mm512_add_ps(p, _mm512_maskz_loadu_ps(v, f.bias + 16 * c)));
       _mm512_mask_storeu_ps(part + 16 * c, v, _mm512_add_ps(_mm512_maskz_loadu_ps(v, part + 16 * c), p));
       const __m512 lv = _mm512_maskz_loadu_ps(l.active[c], lt + 16 * c);
       vh = _mm512_mask_add_ps(vh, l.active[c], vh, _mm512_mul_ps(p, _mm512_sub_ps(vlse, lv)));
@@ -147,7 +155,7 @@ __attribute__((target("avx512f"))) void forward_block(const ForwardArgs& f, cons
     entropy += _mm512_reduce_add_ps(vh);
     f.lse[t] = lse;
     int64_t* it = f.idx + t * K;
-    top_k(pt, f.bias, l, K, best.data(), it);
+    top_k(score.data(), l, K, left.data(), it);
     float sum = 0;
     for (int64_t k = 0; k < K; ++k) sum += pt[it[k]];
     const float denominator = std::max(sum, kMinDenominator);
@@ -227,6 +235,9 @@ std::vector<at::Tensor> forward(const at::Tensor& logits_TE, const at::Tensor& b
   check_row_tensor(logits_TE, T, E, at::kFloat, "logits");
   TORCH_CHECK(bias_E.scalar_type() == at::kFloat && bias_E.numel() == E && bias_E.is_contiguous() && active_E.numel() == E,
               "softmax_router: bias (float32) and active need E = ", E, " entries");
+  const float* bias = bias_E.const_data_ptr<float>();
+  TORCH_CHECK(std::none_of(bias, bias + E, [](float b) { return std::isnan(b); }),
+              "softmax_router: the selection bias (the router's bias_E, moe.bias_update_rate balancing) has NaN entries");
   const auto active = active_E.to(at::kBool).contiguous();
   const auto lanes = make_lanes(E, active.const_data_ptr<bool>());
   TORCH_CHECK(K >= 1 && K <= lanes.num_active, "softmax_router: top_k=", K, " must be between 1 and the ",
