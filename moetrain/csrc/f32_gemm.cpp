@@ -345,7 +345,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t
 
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst, int64_t ld_dst) {
   // 16-row blocks over the threads when called outside a parallel region (one large expert), inline inside
-  const int64_t blocks = (rows + 15) / 16, grain = std::max<int64_t>(1, (int64_t(1) << 16) / (16 * std::max<int64_t>(cols, 1)));
+  const int64_t blocks = (rows + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (16 * std::max<int64_t>(cols, 1)));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     transpose_rows(src, b0 * 16, std::min(rows, b1 * 16), cols, ld_src, dst, ld_dst);
   });

@@ -79,7 +79,8 @@ __attribute__((target("avx512f"))) void top_k(const float* score, const Lanes& l
   for (int64_t c = 0; c < l.chunks; ++c) left[c] = l.active[c];
   for (int64_t k = 0; k < K; ++k) {
     __m512 vmax = ninf;
-    for (int64_t c = 0; c < l.chunks; ++c) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, left[c], score + 16 * c));
+    for (int64_t c = 0; c < l.chunks; ++c)
+      vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, left[c], score + 16 * c));
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
     for (int64_t c = 0;; ++c) {  // K <= the active lanes: some lane left holds the max (an active score may be -inf)
       const __mmask16 hit = _mm512_mask_cmp_ps_mask(left[c], _mm512_loadu_ps(score + 16 * c), m, _CMP_EQ_OQ);
@@ -118,7 +119,8 @@ __attribute__((target("avx512f"))) void forward_block(const ForwardArgs& f, cons
     const float* lt = f.logits + t * E;
     float* pt = f.probs + t * E;
     __m512 vmax = ninf;
-    for (int64_t c = 0; c < l.chunks; ++c) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, l.active[c], lt + 16 * c));
+    for (int64_t c = 0; c < l.chunks; ++c)
+      vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, l.active[c], lt + 16 * c));
     __mmask16 nan_lanes = 0;  // a NaN logit makes the whole row NaN, as ATen's softmax does (max would drop it)
     for (int64_t c = 0; c < l.chunks; ++c) {
       const __m512 v = _mm512_maskz_loadu_ps(l.active[c], lt + 16 * c);
@@ -212,14 +214,15 @@ __attribute__((target("avx512f"))) void backward_tokens(const BackwardArgs& g, c
     float* dt = g.dlogits + t * E;
     for (int64_t c = 0; c < l.chunks; ++c) {
       const __m512 p = _mm512_maskz_loadu_ps(l.valid[c], pt + 16 * c);
-      _mm512_mask_storeu_ps(dt + 16 * c, l.valid[c], _mm512_mul_ps(p, _mm512_add_ps(_mm512_loadu_ps(dp.data() + 16 * c), shift)));
+      const __m512 d = _mm512_add_ps(_mm512_loadu_ps(dp.data() + 16 * c), shift);
+      _mm512_mask_storeu_ps(dt + 16 * c, l.valid[c], _mm512_mul_ps(p, d));
     }
   }
 }
 
 void check_row_tensor(const at::Tensor& t, int64_t rows, int64_t cols, at::ScalarType type, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous() && t.dim() == 2 && t.size(0) == rows &&
-                  t.size(1) == cols,
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == type && t.is_contiguous() && t.dim() == 2 &&
+                  t.size(0) == rows && t.size(1) == cols,
               "softmax_router: ", what, " must be a contiguous CPU ", type, " (", rows, ", ", cols, ") tensor, got ",
               t.scalar_type(), " ", t.sizes());
 }
@@ -233,11 +236,13 @@ std::vector<at::Tensor> forward(const at::Tensor& logits_TE, const at::Tensor& b
   TORCH_CHECK(logits_TE.dim() == 2, "softmax_router: logits must be (T, E), got ", logits_TE.sizes());
   const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
   check_row_tensor(logits_TE, T, E, at::kFloat, "logits");
-  TORCH_CHECK(bias_E.scalar_type() == at::kFloat && bias_E.numel() == E && bias_E.is_contiguous() && active_E.numel() == E,
+  TORCH_CHECK(bias_E.scalar_type() == at::kFloat && bias_E.numel() == E && bias_E.is_contiguous() &&
+                  active_E.numel() == E,
               "softmax_router: bias (float32) and active need E = ", E, " entries");
   const float* bias = bias_E.const_data_ptr<float>();
   TORCH_CHECK(std::none_of(bias, bias + E, [](float b) { return std::isnan(b); }),
-              "softmax_router: the selection bias (the router's bias_E, moe.bias_update_rate balancing) has NaN entries");
+              "softmax_router: the selection bias (the router's bias_E, from moe.bias_update_rate balancing) "
+              "has NaN entries");
   const auto active = active_E.to(at::kBool).contiguous();
   const auto lanes = make_lanes(E, active.const_data_ptr<bool>());
   TORCH_CHECK(K >= 1 && K <= lanes.num_active, "softmax_router: top_k=", K, " must be between 1 and the ",
