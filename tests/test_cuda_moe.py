@@ -1,0 +1,90 @@
+"""The native MoE layer on a CUDA GPU against the per-token float64 loop on CPU (marked gpu: skipped without CUDA).
+
+What runs there: fp32 experts on ``moe.grouped_mm=loop`` (one GEMM per expert), bfloat16 experts on
+``torch._grouped_mm`` (``grouped``, and ``auto``, which picks it on sm90+), the router in fp32 either way. The
+same cases run on CPU as well (``auto`` excepted: on CPU it is the CPU kernel, tested in test_cpu_experts.py), so
+that the test itself is checked where CI runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from moe_reference import reference_moe
+
+from moetrain.config import MoEConfig
+from moetrain.model.dispatch import expert_capacity
+from moetrain.model.moe import MoELayer
+
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+)
+D, F, E, T = 16, 32, 8, 64  # bfloat16 rows of 16 and 32 elements: the 16-byte strides torch._grouped_mm needs
+
+
+def grouped_mm_runs_on(device: str) -> bool:
+    return device == "cpu" or torch.cuda.get_device_capability()[0] >= 9
+
+
+CASES = [(1, None, "probs"), (2, None, "probs"), (2, 0.5, "position"), (2, 1.0, "reroute"), (4, 0.5, "probs")]
+PATHS = [(torch.float32, "loop", 1e-4), (torch.bfloat16, "grouped", 3e-2), (torch.bfloat16, "auto", 3e-2)]
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize(("dtype", "grouped_mm", "tol"), PATHS)
+@pytest.mark.parametrize(("top_k", "capacity_factor", "policy"), CASES)
+def test_layer_on_device_matches_per_token_reference(
+    device, dtype, grouped_mm, tol, top_k, capacity_factor, policy, monkeypatch
+):
+    if device == "cpu" and grouped_mm == "auto":
+        pytest.skip("moe.grouped_mm=auto on CPU is the CPU kernel (test_cpu_experts.py)")
+    if grouped_mm != "loop" and not grouped_mm_runs_on(device):
+        pytest.skip("torch._grouped_mm on CUDA needs sm90 or newer")
+    calls = []
+    real_grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real_grouped_mm(*a, **kw))
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        num_experts=E,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        drop_policy=policy,
+        min_capacity=1,
+        grouped_mm=grouped_mm,
+    )
+    layer = MoELayer(D, F, cfg)
+    layer.reset_parameters(0.5, 0.5)
+    layer = layer.to(device, dtype)
+    x = torch.randn(2, T // 2, D).to(device, dtype).requires_grad_(True)
+    upstream = torch.randn(2, T // 2, D).to(device, dtype)
+    y, stats = layer(x)
+    (y.float() * upstream.float()).sum().backward()
+    assert (len(calls) > 0) == (grouped_mm != "loop"), "the expert path asked for ran"
+
+    # the reference: the same (rounded) weights and tokens in float64, one token at a time
+    p64 = {n: p.detach().double().cpu().requires_grad_(True) for n, p in layer.named_parameters()}
+    x64 = x.detach().double().cpu().reshape(T, D).requires_grad_(True)
+    capacity = expert_capacity(T, E, top_k, capacity_factor, cfg.min_capacity)
+    y_ref, _, placed, _, _ = reference_moe(
+        x64,
+        p64["router.weight_ED"],
+        p64["experts.w1_EDF"],
+        p64["experts.w3_EDF"],
+        p64["experts.w2_EFD"],
+        top_k,
+        layer.router.renormalize,
+        capacity,
+        policy,
+    )
+    (y_ref * upstream.double().cpu().reshape(T, D)).sum().backward()
+
+    def rel_err(ours, ref):
+        return float((ours.detach().double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1.0))
+
+    assert rel_err(y.reshape(T, D), y_ref.detach()) < tol, "output"
+    assert rel_err(x.grad.reshape(T, D), x64.grad) < tol, "grad x"
+    for name, p in layer.named_parameters():
+        assert rel_err(p.grad, p64[name].grad) < tol, f"grad {name}"
+    assert stats.dropped == T * top_k - len(placed)
+    assert int(stats.tokens_per_expert_E.sum()) == len(placed)
