@@ -16,29 +16,26 @@ from moetrain.config import MoEConfig
 from moetrain.model.dispatch import expert_capacity
 from moetrain.model.moe import MoELayer
 
-CUDA = pytest.param(
-    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-)
 D, F, E, T = 16, 32, 8, 64  # bfloat16 rows of 16 and 32 elements: the 16-byte strides torch._grouped_mm needs
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-
-def grouped_mm_runs_on(device: str) -> bool:
-    return device == "cpu" or torch.cuda.get_device_capability()[0] >= 9
-
-
+# (device, dtype, moe.grouped_mm, tolerance relative to the largest reference entry)
+PATHS = [
+    ("cpu", torch.float32, "loop", 1e-4),
+    ("cpu", torch.bfloat16, "grouped", 3e-2),
+    pytest.param("cuda", torch.float32, "loop", 1e-4, marks=GPU),
+    pytest.param("cuda", torch.bfloat16, "grouped", 3e-2, marks=GPU),
+    pytest.param("cuda", torch.bfloat16, "auto", 3e-2, marks=GPU),
+]
 CASES = [(1, None, "probs"), (2, None, "probs"), (2, 0.5, "position"), (2, 1.0, "reroute"), (4, 0.5, "probs")]
-PATHS = [(torch.float32, "loop", 1e-4), (torch.bfloat16, "grouped", 3e-2), (torch.bfloat16, "auto", 3e-2)]
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize(("dtype", "grouped_mm", "tol"), PATHS)
+@pytest.mark.parametrize(("device", "dtype", "grouped_mm", "tol"), PATHS)
 @pytest.mark.parametrize(("top_k", "capacity_factor", "policy"), CASES)
 def test_layer_on_device_matches_per_token_reference(
     device, dtype, grouped_mm, tol, top_k, capacity_factor, policy, monkeypatch
 ):
-    if device == "cpu" and grouped_mm == "auto":
-        pytest.skip("moe.grouped_mm=auto on CPU is the CPU kernel (test_cpu_experts.py)")
-    if grouped_mm != "loop" and not grouped_mm_runs_on(device):
+    if device == "cuda" and grouped_mm != "loop" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("torch._grouped_mm on CUDA needs sm90 or newer")
     calls = []
     real_grouped_mm = torch._grouped_mm

@@ -2,9 +2,9 @@
 //
 // Register tiles hold 24 zmm accumulators: 6 rows x 64 columns (4 zmm) in full column blocks, and at a narrow
 // right edge 8 x 48 or 12 x 32, so that every k step still does 24 FMAs for one broadcast of A per row and one load
-// of B per vector; a right edge of 1-16 columns is 8 x 16 (why at rows_for). The last zmm is masked, or a ymm when
-// it has 8 columns or fewer. Rows at the bottom edge use a smaller row count (the MR template). Nothing is packed:
-// B's rows are read in place and A by broadcasts.
+// of B per vector; a right edge of 1-16 columns is 8 x 16, 8 accumulators (why at rows_for). The last zmm is
+// masked, or a ymm when it has 8 columns or fewer. Rows at the bottom edge use a smaller row count (the MR
+// template). Nothing is packed: B's rows are read in place and A by broadcasts.
 //
 // Task order: when A is the larger operand (it streams: a weight in the input-gradient products) a task is a
 // band of 24 rows across all column blocks, whose tiles prefetch the next band of A between them; otherwise

@@ -6,8 +6,9 @@
 // experts of 64 rows, 2 threads, each expert's weights cold as in a step: forward 22.2 -> 18.7 ms, backward
 // 46.3 -> 33.3 ms; 8 experts of 512 rows: 17.9 -> 16.7 and 35.6 -> 35.1 ms (docs/benchmarks.md). What makes
 // the difference: B is read in place (no packing pass that stalls on memory before any arithmetic), the
-// next panel of the streamed operand is prefetched while the current one is computed, narrow edges keep 24
-// accumulators busy, and outputs nothing reads soon (weight gradients) are written with streaming stores.
+// next panel of the streamed operand is prefetched while the current one is computed, narrow edges of 17-48
+// columns keep 24 accumulators busy (1-16 columns take 8 rows, so that their broadcasts stay in L1), and outputs
+// nothing reads soon (weight gradients) are written with streaming stores.
 #pragma once
 
 #include <cstdint>

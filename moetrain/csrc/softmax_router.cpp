@@ -82,7 +82,8 @@ __attribute__((target("avx512f"))) void top_k(const float* score, const Lanes& l
     for (int64_t c = 0; c < l.chunks; ++c)
       vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(ninf, left[c], score + 16 * c));
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    for (int64_t c = 0;; ++c) {  // K <= the active lanes: some lane left holds the max (an active score may be -inf)
+    // K <= the active lanes, so some lane left holds the max (-inf too: an active expert with a -inf bias)
+    for (int64_t c = 0; c < l.chunks; ++c) {
       const __mmask16 hit = _mm512_mask_cmp_ps_mask(left[c], _mm512_loadu_ps(score + 16 * c), m, _CMP_EQ_OQ);
       if (hit == 0) continue;
       const int lane = __builtin_ctz(hit);
