@@ -113,3 +113,34 @@ def reference_combine(x_TD, gates, placed, w1_EDF, w3_EDF, w2_EFD):
                 acc = acc + gates[t][k] * y
         rows.append(acc)
     return torch.stack(rows), outputs
+
+
+# ---------------------------------------------------------------- an MoE layer's parameters through the reference
+def params64(layer):
+    """The layer's parameters as float64 CPU leaves (wherever and in whatever dtype the layer is)."""
+    return {n: p.detach().double().cpu().clone().requires_grad_(True) for n, p in layer.named_parameters()}
+
+
+def run_reference(layer, x_TD, p64, capacity, **kw):
+    """``reference_moe`` with the layer's routing settings and ``params64(layer)``'s weights."""
+    return reference_moe(
+        x_TD,
+        p64["router.weight_ED"],
+        p64["experts.w1_EDF"],
+        p64["experts.w3_EDF"],
+        p64["experts.w2_EFD"],
+        layer.top_k,
+        layer.router.renormalize,
+        capacity,
+        layer.drop_policy,
+        layer.router.score_func,
+        **kw,
+    )
+
+
+def assert_close(ours, ref, what, tol=2e-5):
+    """Max error relative to the reference's largest entry (at least 1), below ``tol``; ``ours`` on any device."""
+    ref = torch.as_tensor(ref, dtype=torch.float64)
+    scale = ref.abs().max().clamp_min(1.0)
+    err = (torch.as_tensor(ours).detach().double().cpu() - ref).abs().max() / scale
+    assert err < tol, f"{what}: max relative error {err:.2e}"

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from cpu_features import cpu_has_avx512, needs_avx512
+from cpu_features import cpu_has_avx512, needs_avx512, on_thread_counts
 from moe_reference import reference_combine, swiglu
 
 from moetrain.config import MoEConfig
@@ -368,17 +368,13 @@ def test_own_gemm_gives_the_same_bits_on_any_number_of_threads():
     kernel = cpu_experts._build()
     a, b = torch.randn(300, 200), torch.randn(200, 260)
     x, w1, w3, w2 = random_experts([300])
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            c = torch.empty(300, 260)
-            kernel.f32_mm(c, a, b, False, False)
-            outs.append((c, *kernel.swiglu_forward(x, w1, w3, w2, [300])))
-    finally:
-        torch.set_num_threads(before)
-    for one, two in zip(*outs):
+
+    def gemm_and_expert():
+        c = torch.empty(300, 260)
+        kernel.f32_mm(c, a, b, False, False)
+        return (c, *kernel.swiglu_forward(x, w1, w3, w2, [300]))
+
+    for one, two in zip(*on_thread_counts(gemm_and_expert)):
         assert torch.equal(one, two)
 
 
@@ -387,17 +383,14 @@ def test_a_long_k_is_summed_in_the_same_passes_on_any_number_of_threads():
     """A K over 512 goes in passes chosen by K alone (of 256), so 1 and 2 threads still agree bit for bit."""
     kernel = cpu_experts._build()
     a, b = torch.randn(130, 1100), torch.randn(1100, 200)
-    before = torch.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            c = torch.empty(130, 200)
-            kernel.f32_mm(c, a, b, False, False)
-            outs.append(c)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1])
+
+    def gemm():
+        c = torch.empty(130, 200)
+        kernel.f32_mm(c, a, b, False, False)
+        return c
+
+    one, two = on_thread_counts(gemm)
+    assert torch.equal(one, two)
 
 
 @needs_avx512
@@ -415,16 +408,9 @@ def test_one_large_expert_splits_its_work_over_the_threads_alike():
         y, h1, h3 = kernel.swiglu_forward(x, w1, w3, w2, [S])
         return (y, *kernel.swiglu_backward(dy, x, w1, w3, w2, h1, h3, [S], True, True, True, True))
 
-    before = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            runs.append(forward_backward())
-        with cpu_experts.aten_gemms():
-            aten = forward_backward()
-    finally:
-        torch.set_num_threads(before)
+    runs = on_thread_counts(forward_backward)
+    with cpu_experts.aten_gemms():
+        (aten,) = on_thread_counts(forward_backward, (2,))
     for one, two, ref in zip(*runs, aten):
         assert torch.equal(one, two)
         # the weight gradients sum over all 2000 rows, in another order on ATen: rounding grows with sqrt(S)

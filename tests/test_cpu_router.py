@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cpu_features import needs_avx512
+from cpu_features import needs_avx512, on_thread_counts
 
 from moetrain.config import MoEConfig
 from moetrain.model.moe import MoELayer
@@ -148,19 +148,13 @@ def test_top_k_over_many_chunks_with_ties_and_masks():
 def test_same_bits_on_one_and_two_threads():
     router = make_router(64, 2, masked=(3, 9))
     x = torch.randn(1000, D)
-    outs = []
-    before = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            routing = router(x)
-            (dlogits,) = torch.autograd.grad(losses(routing, torch.ones(1000, 2), 1000), routing.logits_TE)
-            outs.append(
-                [routing.probs_TE, routing.gates_TK, routing.lse_T, routing.mean_dist_E, routing.entropy_sum, dlogits]
-            )
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip(*outs):
+
+    def route():
+        routing = router(x)
+        (dlogits,) = torch.autograd.grad(losses(routing, torch.ones(1000, 2), 1000), routing.logits_TE)
+        return [routing.probs_TE, routing.gates_TK, routing.lse_T, routing.mean_dist_E, routing.entropy_sum, dlogits]
+
+    for a, b in zip(*on_thread_counts(route)):
         assert torch.equal(a, b)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_reference import reference_moe
+from moe_reference import assert_close, params64, run_reference
 
 from moetrain.config import MoEConfig
 from moetrain.model.dispatch import expert_capacity
@@ -60,28 +60,15 @@ def test_layer_on_device_matches_per_token_reference(
     assert (len(calls) > 0) == (grouped_mm != "loop"), "the expert path asked for ran"
 
     # the reference: the same (rounded) weights and tokens in float64, one token at a time
-    p64 = {n: p.detach().double().cpu().requires_grad_(True) for n, p in layer.named_parameters()}
+    p64 = params64(layer)
     x64 = x.detach().double().cpu().reshape(T, D).requires_grad_(True)
     capacity = expert_capacity(T, E, top_k, capacity_factor, cfg.min_capacity)
-    y_ref, _, placed, _, _ = reference_moe(
-        x64,
-        p64["router.weight_ED"],
-        p64["experts.w1_EDF"],
-        p64["experts.w3_EDF"],
-        p64["experts.w2_EFD"],
-        top_k,
-        layer.router.renormalize,
-        capacity,
-        policy,
-    )
+    y_ref, _, placed, _, _ = run_reference(layer, x64, p64, capacity)
     (y_ref * upstream.double().cpu().reshape(T, D)).sum().backward()
 
-    def rel_err(ours, ref):
-        return float((ours.detach().double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1.0))
-
-    assert rel_err(y.reshape(T, D), y_ref.detach()) < tol, "output"
-    assert rel_err(x.grad.reshape(T, D), x64.grad) < tol, "grad x"
+    assert_close(y.reshape(T, D), y_ref.detach(), "output", tol)
+    assert_close(x.grad.reshape(T, D), x64.grad, "grad x", tol)
     for name, p in layer.named_parameters():
-        assert rel_err(p.grad, p64[name].grad) < tol, f"grad {name}"
+        assert_close(p.grad, p64[name].grad, f"grad {name}", tol)
     assert stats.dropped == T * top_k - len(placed)
     assert int(stats.tokens_per_expert_E.sum()) == len(placed)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from moe_reference import reference_moe
+from moe_reference import assert_close, params64, run_reference
 
 from moetrain.config import MoEConfig
 from moetrain.model.dispatch import apply_capacity, expert_capacity
@@ -24,33 +24,6 @@ def make_layer(top_k=2, seed=0, **overrides):
         for p in layer.parameters():
             p.normal_(0, 0.5)
     return layer
-
-
-def params64(layer):
-    return {n: p.detach().double().clone().requires_grad_(True) for n, p in layer.named_parameters()}
-
-
-def run_reference(layer, x_TD, p64, capacity, **kw):
-    return reference_moe(
-        x_TD,
-        p64["router.weight_ED"],
-        p64["experts.w1_EDF"],
-        p64["experts.w3_EDF"],
-        p64["experts.w2_EFD"],
-        layer.top_k,
-        layer.router.renormalize,
-        capacity,
-        layer.drop_policy,
-        layer.router.score_func,
-        **kw,
-    )
-
-
-def assert_close(ours, ref, what, tol=2e-5):
-    ref = torch.as_tensor(ref, dtype=torch.float64)
-    scale = ref.abs().max().clamp_min(1.0)
-    err = (torch.as_tensor(ours).double() - ref).abs().max() / scale
-    assert err < tol, f"{what}: max relative error {err:.2e}"
 
 
 CASES = [
