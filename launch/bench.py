@@ -5,7 +5,7 @@
     python launch/bench.py a2a   [--tokens 4096] [--iters 5]     (spawns 2 ranks with torchrun)
 
 ``--cpu-malloc cached`` (the default) sets glibc's allocator as the trainer does on CPU
-(``trainer.cpu_malloc``, moetrain/cpu_runtime.py); ``default`` leaves it alone. ``--cpu-huge-pages on`` (the
+(``trainer.cpu_malloc``, moetrain/kernels/cpu/runtime.py); ``default`` leaves it alone. ``--cpu-huge-pages on`` (the
 default) puts large tensors on transparent huge pages as the trainer does (``trainer.cpu_huge_pages``).
 
 ``moe``: forward + backward of one MoE layer (fp32) against a dense-GEMM bound doing the same expert FLOPs
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import CPU_MALLOC
-from moetrain.cpu_runtime import cache_freed_memory, huge_pages_in_use, use_huge_pages
+from moetrain.kernels.cpu.runtime import cache_freed_memory, huge_pages_in_use, use_huge_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -163,7 +163,7 @@ def init_single_process_group() -> None:
     """DeepSpeed's MoE layer needs its communication package initialised, even for one process."""
     import deepspeed
 
-    from moetrain.distributed import init_distributed
+    from moetrain.runtime.distributed import init_distributed
 
     init_distributed()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -182,7 +182,7 @@ def on_tokens(module: nn.Module):
 def candidates(d: int, f: int, E: int, k: int, x: torch.Tensor) -> list[Entry]:
     """The MoE layers compared, each on the tokens ``x`` (T, d)."""
     from moetrain.config import MoEConfig
-    from moetrain.model import cpu_experts
+    from moetrain.kernels.cpu import experts as cpu_experts
     from moetrain.model.moe import MoELayer
 
     device = x.device
@@ -241,7 +241,7 @@ def bounds(d: int, f: int, x_dense: torch.Tensor) -> tuple[Entry, Entry | None]:
     """The dense-GEMM bound (``tokens * k`` rows through one SwiGLU FFN in PyTorch: MKL's GEMMs on CPU) and, where
     the CPU kernel runs its own GEMM, the same FLOPs on it (else None): one expert of ``tokens * k`` rows (every
     GEMM split over the threads by tiles)."""
-    from moetrain.model import cpu_experts
+    from moetrain.kernels.cpu import experts as cpu_experts
     from moetrain.model.experts import GroupedExperts
 
     dense = SwiGLU(d, f).to(x_dense.device)
@@ -416,8 +416,8 @@ def a2a_worker(args) -> None:
     import torch.distributed as dist
 
     from moetrain.config import MoEConfig
-    from moetrain.distributed import expert_parallel_group, init_distributed
     from moetrain.model.moe import MoELayer
+    from moetrain.runtime.distributed import expert_parallel_group, init_distributed
 
     env = init_distributed()
     torch.set_num_threads(1)
@@ -465,7 +465,7 @@ def main() -> None:
     ap.add_argument("--cpu-malloc", choices=CPU_MALLOC, default="cached", help="as trainer.cpu_malloc")
     ap.add_argument("--cpu-huge-pages", choices=["on", "off"], default="on", help="as trainer.cpu_huge_pages")
     args = ap.parse_args()
-    # what the trainer does on CPU by default (moetrain/cpu_runtime.py), before any tensor
+    # what the trainer does on CPU by default (moetrain/kernels/cpu/runtime.py), before any tensor
     if args.cpu_malloc == "cached":
         cache_freed_memory()
     # probed either way: with THP mode `always` Linux gives huge pages without PyTorch asking

@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(extra: list[str]) -> int:
@@ -46,7 +39,7 @@ demo finished after {s["step"]} steps
   run folder        {s["run_dir"]}
   metrics           {s["run_dir"]}/metrics.jsonl
   report            {s["run_dir"]}/report.md
-  exported model    {s["export"]}   (moetrain.export.load_exported)
+  exported model    {s["export"]}   (moetrain.interop.export.load_exported)
   experts per layer {s["experts_per_layer"]}, {s["params"]:,} parameters
   checkpoint        {s["checkpoint"]}
   W&B run           {s["wandb"] or "disabled"}   (upload later with: wandb sync <that folder>)

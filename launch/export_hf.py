@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("out", help="the Hugging Face directory to write")
     parser.add_argument("--family", default=None, help="model_type to write (default: the run's init_from family)")
     args = parser.parse_args()
-    from moetrain.hf.from_run import export_run
+    from moetrain.interop.hf.from_run import export_run
 
     try:
         path = export_run(args.checkpoint, args.out, args.family)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moetrain.sweep_report import write_sweep_report
+from moetrain.metrics.sweep_report import write_sweep_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,14 +15,16 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from moetrain.config import ConfigError, register_configs, to_typed, validate
-from moetrain.distributed import LaunchEnv
-from moetrain.launch_args import keep_log_file_on_rank0, prepare_argv
-from moetrain.tracking import join_sweep_group
+from moetrain.config import ConfigError, register_configs
+from moetrain.interop.entry import resolve_config
+from moetrain.metrics.tracking import join_sweep_group
+from moetrain.runtime.distributed import LaunchEnv
+from moetrain.runtime.launch_args import keep_log_file_on_rank0, prepare_argv
 
 register_configs()
 
@@ -34,11 +36,10 @@ def main(dcfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        cfg = to_typed(dcfg)
-        validate(cfg, world_size=env.world_size)
+        cfg = resolve_config(dcfg, world_size=env.world_size, cuda=torch.cuda.is_available())
         if sweep:
             join_sweep_group(cfg.logging.wandb, hydra_cfg.sweep.dir)
-        from moetrain.trainer import Trainer  # heavy imports (deepspeed) only once the config is valid
+        from moetrain.train.trainer import Trainer  # heavy imports (deepspeed) only once the config is valid
 
         summary = Trainer(cfg, Path(hydra_cfg.runtime.output_dir)).fit()
     except ConfigError as e:  # also raised by checks that need the data or the launch (every rank agrees)

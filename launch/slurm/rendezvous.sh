@@ -2,7 +2,7 @@
 #
 # Sets and exports what every rank needs, derived once from the job so that all ranks agree:
 #   MASTER_ADDR  address of the allocation's first node (its NodeAddr: the node name unless slurm.conf sets one)
-#   MASTER_PORT  10000 + SLURM_JOB_ID % 20000 (the formula of moetrain.slurm.master_port)
+#   MASTER_PORT  10000 + SLURM_JOB_ID % 20000 (the formula of moetrain.runtime.slurm.master_port)
 #   RUN_DIR      $MOETRAIN_OUTPUTS/slurm-$SLURM_JOB_ID (MOETRAIN_OUTPUTS default: outputs), or the
 #                hydra.run.dir=... given among the arguments
 # and TRAIN_ARGS: the arguments of the script (recipe + overrides), with hydra.run.dir=$RUN_DIR added.

@@ -11,7 +11,7 @@ DeepSpeed handles expert-parallel parameters through three conventions, which we
 3. the engine switches those code paths on only when the model contains a ``deepspeed.moe.layer.MoE``
    module. :class:`ExpertParallelRegistration` is such a module holding no weights (``num_local_experts=0``):
    it declares the group to the engine; DeepSpeed's per-expert checkpoint files stay empty for it, and our
-   expert shards are saved per expert-parallel rank by :mod:`moetrain.checkpoint`.
+   expert shards are saved per expert-parallel rank by :mod:`moetrain.train.checkpoint`.
 """
 
 from __future__ import annotations

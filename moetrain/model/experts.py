@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.model import cpu_experts
+from moetrain.kernels.cpu import experts as cpu_experts
 from moetrain.model.dispatch import Permutation, combine
 
 

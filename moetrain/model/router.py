@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import SCORE_FUNCS
-from moetrain.model import cpu_experts, cpu_router
+from moetrain.kernels.cpu import experts as cpu_experts
+from moetrain.kernels.cpu import router as cpu_router
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

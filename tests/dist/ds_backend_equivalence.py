@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
 from moetrain.config import MoEConfig
-from moetrain.distributed import init_distributed
+from moetrain.runtime.distributed import init_distributed
 from moetrain.model.moe import MoELayer
 
 D, F, E = 16, 24, 8

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.config import MoEConfig
-from moetrain.distributed import expert_parallel_group, init_distributed
+from moetrain.runtime.distributed import expert_parallel_group, init_distributed
 from moetrain.model.moe import MoELayer
 
 D, F, E = 16, 24, 8

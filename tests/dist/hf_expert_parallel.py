@@ -11,8 +11,8 @@ import sys
 import torch
 
 from moetrain.config import TrainConfig
-from moetrain.distributed import expert_parallel_group, init_distributed
-from moetrain.hf import load_hf, load_hf_weights
+from moetrain.runtime.distributed import expert_parallel_group, init_distributed
+from moetrain.interop.hf import load_hf, load_hf_weights
 from moetrain.model import build_model
 
 

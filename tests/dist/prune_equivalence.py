@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 
 from moetrain.config import ModelConfig, MoEConfig, ParallelConfig, TrainConfig, TrainerConfig
-from moetrain.distributed import init_distributed
-from moetrain.engine import build_engine, build_model_for_engine, prepare_model_for_engine
-from moetrain.expert_surgery import full_expert_stacks, prune_model
-from moetrain.optim_state import read_moments, write_moments
-from moetrain.stages import StageSchedule
+from moetrain.runtime.distributed import init_distributed
+from moetrain.train.engine import build_engine, build_model_for_engine, prepare_model_for_engine
+from moetrain.surgery.experts import full_expert_stacks, prune_model
+from moetrain.train.optim_state import read_moments, write_moments
+from moetrain.train.stages import StageSchedule
 
 E = 8
 DROP = [[1, 6], [0, 3]]  # experts removed from MoE layers 0 and 1
@@ -110,7 +110,7 @@ def surgery(backend: str, ep: int, zero: int, rank: int) -> None:
 
 def lora_grads(rank: int) -> None:
     from moetrain.config import LoRAConfig
-    from moetrain.lora import LoRAAdapters
+    from moetrain.surgery.lora import LoRAAdapters
 
     grads = {}
     for ep in (1, 2):

@@ -1,0 +1,36 @@
+"""The entry: a composed Hydra config becomes the typed, resolved, validated config a run trains with, once.
+
+:func:`resolve_config` is the only place that turns a recipe into a :class:`TrainConfig`:
+
+1. ``to_typed``: the composed tree into the dataclasses (types and Enum choices were checked at composition);
+2. ``model.init_from=hf:DIR``: that directory's architecture replaces the model and MoE architecture keys;
+3. ``data.tokenizer``: ``auto`` / ``hf`` become a concrete ``byte`` or ``hf:DIR``;
+4. ``validate``: every value, with the launch's world size and device when known;
+5. the files the run will read (data, resume folder, tokenizer) are checked and named in one line.
+
+Nothing past the entry validates again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from moetrain.config import TrainConfig, to_typed, validate
+from moetrain.interop.hf import apply_hf_architecture
+from moetrain.train.data import check_tokenizer_vocab, resolve_tokenizer
+
+
+def resolve_config(
+    composed: DictConfig | dict[str, Any], world_size: int | None = None, cuda: bool | None = None
+) -> TrainConfig:
+    """The typed config of a run (see the module docstring); raises ``ConfigError`` with one line."""
+    cfg = to_typed(composed)
+    if cfg.model.init_from:
+        apply_hf_architecture(cfg)
+    # a concrete data.tokenizer (byte or hf:DIR) from here on: the data pipeline sees only cfg.data
+    cfg.data.tokenizer = resolve_tokenizer(cfg.data.tokenizer, cfg.model.init_from)
+    validate(cfg, world_size=world_size, cuda=cuda)
+    check_tokenizer_vocab(cfg.data.tokenizer, cfg.model.vocab_size)
+    return cfg

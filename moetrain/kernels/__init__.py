@@ -1,0 +1,6 @@
+"""Layer 3, kernels: the implementation registry for the expert FFN and the router's GEMM.
+
+The model asks it for an implementation by ``moe.expert_impl``, device and dtype (:func:`expert_kernel`);
+ATen ops (``torch._grouped_mm``, a per-expert loop) live in ``aten``, the opt-in C++ CPU kernel with its
+bindings and the CPU process settings in ``cpu/``. It may import ``config`` and ``runtime``.
+"""

@@ -1,0 +1,206 @@
+"""Staged expert pruning from utilization profiles: profile -> rank -> remove -> validate -> keep or roll back.
+
+Shape legend: L MoE layers, E experts of a layer.
+
+A stage with ``prune: true`` starts with one round (:class:`PruneHook`):
+
+1. validation loss ``v0``; a snapshot checkpoint of the current state (the rollback point);
+2. profile ``prune.profile_tokens`` tokens of training data (a fixed sample: the same for every round and
+   independent of the data position, so resume is exact) in eval mode without capacity limits, summed over
+   every data- and expert-parallel rank;
+3. per layer, each expert's *share* of the criterion (shares sum to 1 per layer): ``frequency`` = its fraction
+   of the routed assignments, ``gate_weighted`` = its fraction of the gate mass, ``saliency`` = REAP-style
+   mean over its routed tokens of ``gate * ||expert output||``, normalised over the layer;
+4. cold experts (share < ``prune.threshold``) are removed, coldest first, at most ``prune.max_fraction`` of
+   a layer's experts (``ranking: global``: of all experts, ranked together), never below ``prune.min_experts``;
+   then the removal count of each layer is rounded *down* until the survivors divide ``parallel.ep_size``
+   (a layer keeps an expert rather than break the even layout); with ``prune.equal_per_layer`` every layer
+   then removes only as many as the layer that removes the fewest (one expert count, as HF configs need);
+5. physical removal (:mod:`moetrain.surgery.experts`), optimizer moments of survivors carried into the
+   rebuilt engine; validation loss ``v1`` right after the cut (before any recovery training): if
+   ``v1 - v0 > prune.max_loss_increase`` the snapshot is restored (structure, weights, optimizer, RNG) and
+   the round is recorded as rolled back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moetrain.config import PruneConfig
+from moetrain.runtime.distributed import all_reduce_sum, barrier
+from moetrain.surgery.experts import expert_pieces
+from moetrain.train.checkpoint import fault_requested
+from moetrain.train.stages import StageState
+
+log = logging.getLogger("moetrain")
+
+
+@dataclass
+class ExpertProfile:
+    """Sums over the profiled tokens of every rank, one entry per MoE layer."""
+
+    routed_E: list[torch.Tensor]  # assignments the router chose
+    gate_mass_E: list[torch.Tensor]  # router gate mass per expert
+    saliency_sum_E: list[torch.Tensor]  # sum over routed assignments of gate * ||expert output||
+    tokens: int
+
+    def shares(self, criterion: str) -> list[torch.Tensor]:
+        """Each expert's share of its layer's criterion total (sums to 1 per layer)."""
+        out = []
+        for routed, mass, sal in zip(self.routed_E, self.gate_mass_E, self.saliency_sum_E):
+            score = {
+                "frequency": routed,
+                "gate_weighted": mass,
+                "saliency": sal / routed.clamp_min(1.0),
+            }[criterion].double()
+            out.append(score / score.sum().clamp_min(1e-30))
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "routed": [t.tolist() for t in self.routed_E],
+            "gate_mass": [t.tolist() for t in self.gate_mass_E],
+            "saliency_sum": [t.tolist() for t in self.saliency_sum_E],
+        }
+
+
+@torch.no_grad()
+def profile_experts(engine, moe_layers, batches) -> ExpertProfile:
+    """Collective. Run ``batches`` through the model in eval mode with no capacity limit and sum each layer's
+    routing statistics over every rank."""
+    saved = [layer.eval_capacity_factor for layer in moe_layers]
+    engine.eval()
+    sizes = [layer.num_experts for layer in moe_layers]
+    sums = torch.zeros(sum(3 * e for e in sizes) + 1, dtype=torch.float64)
+    try:
+        for layer in moe_layers:
+            layer.eval_capacity_factor = None  # every routed assignment is computed: saliency sees them all
+        for inputs, _ in batches:
+            out = engine(inputs.to(engine.device))
+            parts = []
+            for s in out.moe_stats:
+                parts += [s.routed_per_expert_E, s.gate_mass_E, s.saliency_sum_E]
+            sums += torch.cat([p.detach().double().cpu() for p in parts] + [torch.tensor([inputs.numel()]).double()])
+    finally:
+        for layer, cf in zip(moe_layers, saved):
+            layer.eval_capacity_factor = cf
+    sums = all_reduce_sum(sums)
+    chunks, off = [], 0
+    for e in sizes:
+        chunks.append([sums[off + i * e : off + (i + 1) * e].clone() for i in range(3)])
+        off += 3 * e
+    return ExpertProfile(*[list(x) for x in zip(*chunks)], tokens=int(sums[-1]))
+
+
+def select_survivors(shares: list[torch.Tensor], cfg: PruneConfig, ep_size: int) -> list[list[int]]:
+    """Per layer, the experts (current indices, ascending) that survive this round."""
+    sizes = [len(s) for s in shares]
+    cold = [(float(s[e]), layer, e) for layer, s in enumerate(shares) for e in range(len(s)) if s[e] < cfg.threshold]
+    cold.sort()
+    removed: list[list[int]] = [[] for _ in shares]
+    if cfg.ranking == "global":
+        budget = math.floor(cfg.max_fraction * sum(sizes))
+        for _, layer, e in cold:
+            if budget > 0 and sizes[layer] - len(removed[layer]) - 1 >= cfg.min_experts:
+                removed[layer].append(e)
+                budget -= 1
+    else:
+        for _, layer, e in cold:
+            cap = min(math.floor(cfg.max_fraction * sizes[layer]), sizes[layer] - cfg.min_experts)
+            if len(removed[layer]) < cap:
+                removed[layer].append(e)
+    for layer, gone in enumerate(removed):
+        while (sizes[layer] - len(gone)) % ep_size:  # keep the warmest candidates until the layout is even
+            gone.pop()
+    if cfg.equal_per_layer and removed:  # one expert count for the model: every layer removes the fewest
+        fewest = min(len(g) for g in removed)
+        removed = [g[:fewest] for g in removed]
+    return [[e for e in range(n) if e not in set(gone)] for n, gone in zip(sizes, removed)]
+
+
+class PruneHook:
+    """Runs a pruning round at the start of every stage with ``prune: true``."""
+
+    def __init__(self, cfg: PruneConfig) -> None:
+        self.cfg = cfg
+        self.rounds: list[dict[str, Any]] = []
+
+    def on_stage_start(self, trainer, state: StageState) -> None:
+        if trainer.schedule.stages[state.index].prune:
+            self.run_round(trainer, state)
+
+    def on_stage_end(self, trainer, state: StageState) -> None:
+        pass
+
+    def run_round(self, trainer, state: StageState) -> dict[str, Any]:
+        cfg, env = self.cfg, trainer.env
+        number = len(self.rounds) + 1
+        before_ids = [list(ids) for ids in trainer.expert_ids()]
+        v0 = trainer.validate()
+        snapshot = trainer.save_snapshot(f"pre_prune_round{number}")
+        profile = profile_experts(trainer.engine, trainer.moe_layers, trainer.data.profile_batches(cfg.profile_tokens))
+        shares = profile.shares(cfg.criterion)
+        keep = select_survivors(shares, cfg, trainer.cfg.parallel.ep_size)
+        record: dict[str, Any] = {
+            "round": number,
+            "stage": state.name,
+            "step": trainer.step,
+            "criterion": cfg.criterion,
+            "val_loss_before": v0,
+            "experts_before": [len(ids) for ids in before_ids],
+            "expert_ids_before": before_ids,
+            "shares": [s.tolist() for s in shares],
+            "profile": profile.as_dict(),
+            "removed": [
+                [before_ids[j][e] for e in range(len(k0)) if e not in set(k)]
+                for j, (k, k0) in enumerate(zip(keep, before_ids))
+            ],
+        }
+        if all(len(k) == len(ids) for k, ids in zip(keep, before_ids)):
+            record.update(val_loss_after=v0, experts_after=record["experts_before"], outcome="nothing to prune")
+        else:
+            trainer.remove_experts(keep)
+            if fault_requested("hurt-prune-round", number):  # tests: make this round damage the model
+                with torch.no_grad():
+                    for layer in trainer.moe_layers:
+                        for p, _ in expert_pieces(layer)["w2_EFD"]:
+                            p.mul_(100.0)
+            v1 = trainer.validate()
+            record.update(val_loss_after=v1, experts_after=[len(k) for k in keep])
+            if v1 - v0 > cfg.max_loss_increase:
+                trainer.restore_snapshot(snapshot)
+                record["val_loss_restored"] = trainer.validate()  # equals val_loss_before: nothing of the round stays
+                record["outcome"] = (
+                    f"rolled back (loss +{v1 - v0:.4f} > prune.max_loss_increase={cfg.max_loss_increase})"
+                )
+            else:
+                record["outcome"] = "kept"
+        barrier()  # every rank is done with the snapshot
+        if env.is_main:
+            shutil.rmtree(snapshot, ignore_errors=True)
+            log.info(
+                "prune round %d (%s): experts per layer %s -> %s, val loss %.4f -> %.4f: %s",
+                number,
+                cfg.criterion,
+                record["experts_before"],
+                record["experts_after"],
+                v0,
+                record["val_loss_after"],
+                record["outcome"],
+            )
+        trainer.log_prune_round(record)
+        self.rounds.append(record)
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = list(state.get("rounds", []))

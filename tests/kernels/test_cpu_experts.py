@@ -1,0 +1,542 @@
+"""The CPU expert kernel (moe.grouped_mm=fused) against autograd through plain PyTorch ops.
+
+Counts include empty experts and one expert holding most rows; 1 and 2 threads cover both the
+single-run path (every GEMM multi-threaded) and the split of experts across cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from helpers.cpu_features import cpu_has_avx512, needs_avx512, on_thread_counts
+from helpers.moe_reference import reference_combine, swiglu
+
+from moetrain.config import MoEConfig
+from moetrain.kernels.cpu import experts as cpu_experts
+from moetrain.model.dispatch import combine, permute
+from moetrain.model.experts import GroupedExperts
+from moetrain.model.moe import MoELayer
+
+D, FF = 16, 24
+COUNTS = [[3, 0, 5, 7, 1, 0, 4, 2], [6], [0, 9], [0, 0, 0, 40, 1, 0]]
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def naive_experts(x_SD, w1_EDF, w3_EDF, w2_EFD, counts):
+    """Independent reference: one expert at a time through autograd (moe_reference's SwiGLU)."""
+    rows = torch.split(x_SD, counts)
+    return torch.cat([swiglu(x_e, w1_EDF[e], w3_EDF[e], w2_EFD[e]) for e, x_e in enumerate(rows)])
+
+
+def test_builds_use_the_environments_ninja(monkeypatch, tmp_path):
+    """The environment's ninja goes first on PATH (once), so every launch builds with the same ninja."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ninja").write_text("#!/bin/sh\n")
+    (bin_dir / "ninja").chmod(0o755)
+    monkeypatch.setattr(cpu_experts.sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    cpu_experts.use_environment_ninja()
+    cpu_experts.use_environment_ninja()
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"
+    (bin_dir / "ninja").unlink()
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    cpu_experts.use_environment_ninja()  # no ninja in the environment: PATH stays as it is
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+
+
+def test_kernel_builds_here():
+    assert cpu_experts.fused_kernel_available(), "the CPU expert kernel must build on CPU machines (needs g++)"
+
+
+@pytest.mark.parametrize("counts", COUNTS, ids=lambda c: f"E{len(c)}")
+def test_fused_gradcheck_fp64(counts, threads):
+    E = len(counts)
+    x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
+    w1, w3 = (torch.randn(E, D, FF, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(E, FF, D, dtype=torch.float64, requires_grad=True)
+    count_E = torch.tensor(counts)
+    assert torch.autograd.gradcheck(
+        lambda *a: cpu_experts.FusedSwiGLUExperts.apply(*a, count_E), (x, w1, w3, w2), eps=1e-6, atol=1e-5
+    )
+    if threads == 2 and len(counts) == 8:  # this case takes the experts-across-cores path at 2 threads
+        assert 2 * max(counts) <= sum(counts) and len(counts) >= 4
+
+
+@pytest.mark.parametrize("counts", COUNTS, ids=lambda c: f"E{len(c)}")
+@pytest.mark.parametrize("impl", ["fused", "grouped", "loop"])
+def test_expert_paths_equal_naive_loop(counts, impl, threads):
+    torch.manual_seed(0)
+    experts = GroupedExperts(len(counts), D, FF, impl)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(sum(counts), D, requires_grad=True)
+    dy = torch.randn(sum(counts), D)
+    y = experts(x, torch.tensor(counts))
+    grads = torch.autograd.grad(y, [x, *experts.parameters()], dy)
+    ref = naive_experts(x, *experts.parameters(), counts)
+    ref_grads = torch.autograd.grad(ref, [x, *experts.parameters()], dy)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for name, g, r in zip(["x", "w1", "w3", "w2"], grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def random_experts(counts, dtype=torch.float32):
+    E = len(counts)
+    x = torch.randn(sum(counts), D, dtype=dtype)
+    w1, w3 = (0.3 * torch.randn(E, D, FF, dtype=dtype) for _ in range(2))
+    return x, w1, w3, 0.3 * torch.randn(E, FF, D, dtype=dtype)
+
+
+def test_frozen_experts_skip_their_weight_gemms(threads):
+    """LoRA stages freeze the experts: no weight gradient is computed, the input gradient is exact."""
+    counts = COUNTS[0]
+    x, w1, w3, w2 = random_experts(counts)
+    kernel = cpu_experts._build()
+    _, h1, h3 = kernel.swiglu_forward(x, w1, w3, w2, counts)
+    dy = torch.randn(sum(counts), D)
+    dx, dw1, dw3, dw2 = kernel.swiglu_backward(dy, x, w1, w3, w2, h1, h3, counts, True, False, False, False)
+    assert dw1 is None and dw3 is None and dw2 is None
+    x_ref = x.clone().requires_grad_(True)
+    (dx_ref,) = torch.autograd.grad(naive_experts(x_ref, w1, w3, w2, counts), x_ref, dy)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_weights_bf16_and_inference_mode(threads):
+    """Weights as transposed views (what a parametrisation such as peft's can hand over), bfloat16, and a
+    forward under torch.inference_mode (worker threads must run in the caller's mode)."""
+    counts = COUNTS[0]
+    x, w1, w3, w2 = random_experts(counts)
+    w1_strided = w1.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not w1_strided.is_contiguous()
+    count_E = torch.tensor(counts)
+    ref = naive_experts(x, w1, w3, w2, counts)
+    torch.testing.assert_close(cpu_experts.FusedSwiGLUExperts.apply(x, w1_strided, w3, w2, count_E), ref)
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_experts.FusedSwiGLUExperts.apply(x, w1, w3, w2, count_E), ref)
+    bf16 = [t.to(torch.bfloat16).requires_grad_(True) for t in (x, w1, w3, w2)]
+    y = cpu_experts.FusedSwiGLUExperts.apply(*bf16, count_E)
+    grads = torch.autograd.grad(y, bf16, torch.ones_like(y))
+    ref32 = [t.detach().float().requires_grad_(True) for t in bf16]
+    y32 = naive_experts(*ref32, counts)
+    grads32 = torch.autograd.grad(y32, ref32, torch.ones_like(y32))
+    torch.testing.assert_close(y.float(), y32, rtol=2e-2, atol=2e-2)
+    for g, r in zip(grads, grads32):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), r, rtol=5e-2, atol=5e-2)
+
+
+def test_double_backward_is_refused():
+    counts = COUNTS[0]
+    x, w1, w3, w2 = (t.requires_grad_(True) for t in random_experts(counts))
+    y = cpu_experts.FusedSwiGLUExperts.apply(x, w1, w3, w2, torch.tensor(counts))
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
+
+
+def test_auto_picks_the_kernel_on_cpu_and_fused_elsewhere_is_an_error():
+    layer = MoELayer(D, FF, MoEConfig(num_experts=4, top_k=2))
+    x = torch.randn(5, D)
+    assert layer.experts._use_fused(x)
+    assert not layer.experts._use_fused(x.to(torch.float16))  # not a kernel dtype: _grouped_mm / loop
+    fused = GroupedExperts(4, D, FF, "fused")
+    with pytest.raises(ValueError, match="moe.grouped_mm=fused runs on CPU tensors"):
+        fused._use_fused(x.to(torch.float16))
+
+
+def test_auto_falls_back_with_a_warning_when_the_kernel_cannot_build(monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    counts = COUNTS[0]
+    monkeypatch.setattr(cpu_experts, "_build", no_compiler)
+    cpu_experts.fused_kernel_available.cache_clear()
+    try:
+        experts = GroupedExperts(len(counts), D, FF, "auto")
+        for p in experts.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        x = torch.randn(sum(counts), D)
+        with caplog.at_level(logging.WARNING, logger=cpu_experts.__name__):
+            y = experts(x, torch.tensor(counts))
+        assert "did not build (no C++ compiler)" in caplog.text
+        with torch.no_grad():
+            torch.testing.assert_close(y, naive_experts(x, *experts.parameters(), counts), rtol=1e-5, atol=1e-5)
+    finally:
+        cpu_experts.fused_kernel_available.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("backend", "impl", "builds"),
+    [("native", "auto", True), ("native", "fused", True), ("native", "grouped", False), ("deepspeed", "auto", False)],
+)
+def test_build_before_training_only_where_the_kernel_may_run(monkeypatch, backend, impl, builds):
+    calls = []
+    monkeypatch.setattr(cpu_experts, "fused_kernel_available", lambda: calls.append("build") or True)
+    cpu_experts.build_before_training(MoEConfig(backend=backend, grouped_mm=impl), 0, lambda: calls.append("barrier"))
+    assert calls == (["build", "barrier", "build"] if builds else [])
+
+
+# ---------------------------------------------------------------- the token-level kernel (gather + combine)
+def token_routing(T, E, K, drop_fraction, seed=0):
+    """Each token picks K distinct experts; some assignments are dropped (capacity); ``permute`` sorts the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    expert_idx_TK = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    keep_TK = torch.rand(T, K, generator=gen) >= drop_fraction
+    return expert_idx_TK, keep_TK, permute(expert_idx_TK, E, keep_TK)
+
+
+def naive_token_moe(x_TD, gates_TK, expert_idx_TK, keep_TK, w1, w3, w2):
+    """Independent reference, one token at a time (moe_reference): out[t] = sum over kept k of
+    gates[t, k] * SwiGLU_e(x[t])."""
+    T, K = expert_idx_TK.shape
+    placed = {(t, k): int(expert_idx_TK[t, k]) for t in range(T) for k in range(K) if keep_TK[t, k]}
+    return reference_combine(x_TD, gates_TK, placed, w1, w3, w2)[0]
+
+
+def fused_experts_and_inputs(E: int, d: int, ff: int, T: int, K: int, std: float):
+    """Kernel experts with N(0, std) weights, and x, gates (both needing gradients) and dout for T tokens."""
+    experts = GroupedExperts(E, d, ff, "fused")
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return experts, torch.randn(T, d, requires_grad=True), torch.rand(T, K, requires_grad=True), torch.randn(T, d)
+
+
+@pytest.mark.parametrize(("K", "drop"), [(1, 0.0), (2, 0.0), (2, 0.3), (3, 0.5)])
+def test_token_kernel_gradcheck_fp64(K, drop, threads):
+    E, T = 8, 24
+    expert_idx_TK, keep_TK, perm = token_routing(T, E, K, drop)
+    _, w1, w3, w2 = (t.requires_grad_(True) for t in random_experts([3] * E, torch.float64))
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
+
+    def fused(*a):
+        return cpu_experts.FusedMoEExperts.apply(*a, perm.assignment_A, perm.tokens_per_expert_E)[0]
+
+    # fast mode checks random vector-Jacobian products (the full Jacobian has ~10k columns here)
+    assert torch.autograd.gradcheck(fused, (x, gates, w1, w3, w2), eps=1e-6, atol=1e-5, fast_mode=True)
+    ref = naive_token_moe(x, gates, expert_idx_TK, keep_TK, w1, w3, w2)
+    torch.testing.assert_close(fused(x, gates, w1, w3, w2), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize(("T", "d"), [(64, D), (300, 20)], ids=["T64-D16", "T300-D20"])
+def test_token_kernel_equals_gather_experts_combine(K, T, d, threads):
+    """Same arithmetic as the unfused path (gather, experts, dispatch.combine): the output is bit for bit the
+    same at K <= 2 (two terms add in either order alike); gradients agree to fp32 rounding. T = 300 spreads
+    the per-token sums over both threads; D = 20 leaves a tail after the 16-lane dot product of the gate
+    gradient."""
+    E = 8
+    expert_idx_TK, keep_TK, perm = token_routing(T, E, K, 0.2)
+    experts, x, gates, dout = fused_experts_and_inputs(E, d, FF, T, K, std=0.3)
+    out, y = experts(x, perm.tokens_per_expert_E, perm=perm, gates_TK=gates)
+    y_ref = experts(x.index_select(0, perm.token_A), perm.tokens_per_expert_E)
+    out_ref = combine(y_ref, perm, gates, T)
+    if K <= 2:
+        assert torch.equal(out, out_ref) and torch.equal(y, y_ref)
+    torch.testing.assert_close(out, out_ref)
+    inputs = [x, gates, *experts.parameters()]
+    grads = torch.autograd.grad(out, inputs, dout)
+    for name, g, r in zip(["x", "gates", "w1", "w3", "w2"], grads, torch.autograd.grad(out_ref, inputs, dout)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
+    dropped = ~keep_TK
+    assert dropped.any() and grads[1][dropped].eq(0).all()
+
+
+def test_token_kernel_input_without_grad(threads):
+    """x needs no gradient (e.g. the first layer's input) while the experts train: the weight gradients are
+    still exact and x's is not computed."""
+    E, T, K = 8, 40, 2
+    expert_idx_TK, keep_TK, perm = token_routing(T, E, K, 0.2)
+    _, w1, w3, w2 = (t.requires_grad_(True) for t in random_experts([5] * E))
+    x, gates = torch.randn(T, D), torch.rand(T, K)
+    out, _ = cpu_experts.FusedMoEExperts.apply(x, gates, w1, w3, w2, perm.assignment_A, perm.tokens_per_expert_E)
+    ref = naive_token_moe(x, gates, expert_idx_TK, keep_TK, w1, w3, w2)
+    dout = torch.randn(T, D)
+    for g, r in zip(torch.autograd.grad(out, [w1, w3, w2], dout), torch.autograd.grad(ref, [w1, w3, w2], dout)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_token_kernel_frozen_experts_bf16_and_inference_mode(threads):
+    """Frozen experts (a LoRA stage): only x and the gates get gradients; bfloat16 tracks float32; a forward
+    under torch.inference_mode runs on both threads."""
+    E, T, K = 8, 40, 2
+    expert_idx_TK, keep_TK, perm = token_routing(T, E, K, 0.2)
+    _, w1, w3, w2 = random_experts([5] * E)
+    x = torch.randn(T, D, requires_grad=True)
+    gates = torch.rand(T, K, requires_grad=True)
+    args = (perm.assignment_A, perm.tokens_per_expert_E)
+    out, _ = cpu_experts.FusedMoEExperts.apply(x, gates, w1, w3, w2, *args)
+    ref = naive_token_moe(x, gates, expert_idx_TK, keep_TK, w1, w3, w2)
+    dout = torch.randn(T, D)
+    for g, r in zip(torch.autograd.grad(out, [x, gates], dout), torch.autograd.grad(ref, [x, gates], dout)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_experts.FusedMoEExperts.apply(x, gates, w1, w3, w2, *args)[0], ref)
+    bf16 = [t.detach().to(torch.bfloat16).requires_grad_(True) for t in (x, w1, w3, w2)]
+    out16, _ = cpu_experts.FusedMoEExperts.apply(bf16[0], gates, *bf16[1:], *args)
+    assert out16.dtype == torch.bfloat16
+    grads16 = torch.autograd.grad(out16, [*bf16, gates], dout.to(torch.bfloat16))
+    ref32 = [t.detach().float().requires_grad_(True) for t in bf16]
+    out32 = naive_token_moe(ref32[0], gates, expert_idx_TK, keep_TK, *ref32[1:])
+    grads32 = torch.autograd.grad(out32, [*ref32, gates], dout)
+    torch.testing.assert_close(out16.float(), out32, rtol=2e-2, atol=2e-2)
+    for g, r in zip(grads16, grads32):
+        torch.testing.assert_close(g.float(), r, rtol=5e-2, atol=5e-2)
+
+
+# ---------------------------------------------------------------- the kernel's own fp32 GEMM (csrc/f32_gemm.cpp)
+def test_own_gemm_runs_exactly_where_the_cpu_has_avx512():
+    assert cpu_experts.f32_gemm_active() == cpu_has_avx512()
+    with cpu_experts.aten_gemms():
+        assert not cpu_experts.f32_gemm_active()
+    assert cpu_experts.f32_gemm_active() == cpu_has_avx512()
+
+
+def operand(rows: int, cols: int, layout: str) -> torch.Tensor:
+    """A (rows, cols) float32 matrix laid out as asked: contiguous, a transposed view, every other column of a
+    wider matrix (any strides are allowed for A), or rows padded (row stride > cols)."""
+    if layout == "transposed":
+        return torch.randn(cols, rows).t()
+    if layout == "every-other-column":
+        return torch.randn(rows, 2 * cols)[:, ::2]
+    if layout == "padded-rows":
+        return torch.randn(rows, cols + 5)[:, :cols]
+    return torch.randn(rows, cols)
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    ("M", "N", "K"),
+    # one expert's forward (64 rows), an M edge, A streaming with N edges of every width, K = 0 and 1-element,
+    # K over one pass (512) and B streaming over more than one chunk of rows (192); right edges of 1-8 columns past
+    # 16, 32 and 48 (their last vector is 8 lanes wide) with A or B streaming
+    [
+        (200, 24, 70),
+        (20, 40, 9),
+        (130, 49, 300),
+        (70, 120, 600),
+        (64, 512, 256),
+        (70, 256, 512),
+        (512, 70, 256),
+        (256, 27, 512),
+        (512, 16, 33),
+        (600, 130, 7),
+        (7, 16, 0),
+        (1, 1, 1),
+        (25, 1, 3),
+        (256, 512, 64),
+        (70, 96, 1100),
+        (300, 520, 40),
+    ],
+)
+@pytest.mark.parametrize("a_layout", ["contiguous", "transposed", "every-other-column"])
+@pytest.mark.parametrize("store", ["write", "add", "stream"])
+def test_own_gemm_equals_a_float64_product(M, N, K, a_layout, store):
+    torch.manual_seed(M * 1000 + N + K)
+    kernel = cpu_experts._build()
+    a, b = operand(M, K, a_layout), operand(K, N, "padded-rows")
+    c = operand(M, N, "padded-rows" if store != "stream" else "contiguous")
+    before = c.clone()
+    kernel.f32_mm(c, a, b, store == "add", store == "stream")
+    ref = a.double() @ b.double() + (before.double() if store == "add" else 0)
+    torch.testing.assert_close(c.double(), ref, rtol=1e-5, atol=1e-5 * max(K, 1) ** 0.5)
+
+
+@needs_avx512
+@pytest.mark.parametrize(("rows", "cols"), [(16, 16), (64, 512), (512, 64), (17, 33), (130, 70), (1, 5)])
+def test_own_transpose_is_exact(rows, cols):
+    kernel = cpu_experts._build()
+    for t in (torch.randn(rows, cols), operand(rows, cols, "padded-rows")):
+        assert torch.equal(kernel.f32_transpose(t), t.t().contiguous())
+
+
+@needs_avx512
+def test_own_gemm_gives_the_same_bits_on_any_number_of_threads():
+    """Each output tile is summed by one thread in k order, so 1 and 2 threads agree bit for bit, for a lone GEMM
+    (split over the threads by tiles) and for the kernel's single-expert path."""
+    kernel = cpu_experts._build()
+    a, b = torch.randn(300, 200), torch.randn(200, 260)
+    x, w1, w3, w2 = random_experts([300])
+
+    def gemm_and_expert():
+        c = torch.empty(300, 260)
+        kernel.f32_mm(c, a, b, False, False)
+        return (c, *kernel.swiglu_forward(x, w1, w3, w2, [300]))
+
+    for one, two in zip(*on_thread_counts(gemm_and_expert)):
+        assert torch.equal(one, two)
+
+
+@needs_avx512
+def test_a_long_k_is_summed_in_the_same_passes_on_any_number_of_threads():
+    """A K over 512 goes in passes chosen by K alone (of 256), so 1 and 2 threads still agree bit for bit."""
+    kernel = cpu_experts._build()
+    a, b = torch.randn(130, 1100), torch.randn(1100, 200)
+
+    def gemm():
+        c = torch.empty(130, 200)
+        kernel.f32_mm(c, a, b, False, False)
+        return c
+
+    one, two = on_thread_counts(gemm)
+    assert torch.equal(one, two)
+
+
+@needs_avx512
+def test_one_large_expert_splits_its_work_over_the_threads_alike():
+    """One expert of 2000 rows runs outside a parallel region: its GEMM tiles, block transposes and SwiGLU
+    gradient loop are split over the threads. 1 and 2 threads give the same bits, and both equal the same
+    kernel on ATen's GEMMs to fp32 rounding (a wrong split would change the 2-thread result only)."""
+    kernel = cpu_experts._build()
+    E, D_, F_, S = 1, 64, 96, 2000
+    x, dy = torch.randn(S, D_), torch.randn(S, D_)
+    w1, w3 = (0.1 * torch.randn(E, D_, F_) for _ in range(2))
+    w2 = 0.1 * torch.randn(E, F_, D_)
+
+    def forward_backward():
+        y, h1, h3 = kernel.swiglu_forward(x, w1, w3, w2, [S])
+        return (y, *kernel.swiglu_backward(dy, x, w1, w3, w2, h1, h3, [S], True, True, True, True))
+
+    runs = on_thread_counts(forward_backward)
+    with cpu_experts.aten_gemms():
+        (aten,) = on_thread_counts(forward_backward, (2,))
+    for one, two, ref in zip(*runs, aten):
+        assert torch.equal(one, two)
+        # the weight gradients sum over all 2000 rows, in another order on ATen: rounding grows with sqrt(S)
+        torch.testing.assert_close(two, ref, rtol=1e-5, atol=1e-5 * S**0.5)
+
+
+@needs_avx512
+@pytest.mark.parametrize(("d", "ff"), [(64, 128), (80, 100)], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("E", [6, 17])
+def test_token_kernel_on_own_gemm_equals_it_on_aten_gemms(d, ff, E, threads):
+    """The whole token-level kernel, forward and every gradient, on its own GEMM against ATen's (MKL), with
+    experts of 0 to ~130 rows (every tile edge); 'unaligned' rows (d_ff 100) keep d_ff-wide weight gradients off
+    the streaming stores. With 6 experts (~94 rows) the backward transposes the experts' weights, with 17 (~30
+    rows) their row blocks (test_backward_transposes_give_the_same_bits forces each)."""
+    perm, experts, run = token_kernel_case(E, d, ff)
+    own = run()
+    with cpu_experts.aten_gemms():
+        aten = run()
+    for name, o, r in zip(["out", "y", "x", "gates", "w1", "w3", "w2"], own, aten):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    counts = perm.tokens_per_expert_E.tolist()
+    assert counts[-1] == 0  # an empty expert
+    if E == 6:  # the others span two 64-column blocks
+        assert min(counts[:-1]) > 64
+
+
+def token_kernel_case(E: int, d: int, ff: int):
+    """(perm, experts, run): 260 tokens with 2 experts each among the first E - 1 (the last expert gets no rows),
+    10 % of the assignments dropped; run() returns the output, y and every gradient of the token-level kernel."""
+    T, K = 260, 2
+    gen = torch.Generator().manual_seed(0)
+    expert_idx_TK = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)])
+    perm = permute(expert_idx_TK, E, torch.rand(T, K, generator=gen) >= 0.1)
+    experts, x, gates, dout = fused_experts_and_inputs(E, d, ff, T, K, std=0.1)
+    inputs = [x, gates, *experts.parameters()]
+
+    def run():
+        out, y = experts(x, perm.tokens_per_expert_E, perm=perm, gates_TK=gates)
+        return (out, y, *torch.autograd.grad(out, inputs, dout))
+
+    return perm, experts, run
+
+
+@needs_avx512
+@pytest.mark.parametrize("E", [6, 17])
+def test_backward_transposes_give_the_same_bits(E, threads):
+    """The own-GEMM backward transposes either an expert's weights or its row blocks around the products with a
+    transposed weight, whichever moves fewer elements; forced to each, every gradient is the same bits."""
+    kernel = cpu_experts._build()
+    _, _, run = token_kernel_case(E, 64, 128)
+    results = {}
+    for name, mode in (("smaller", 0), ("weights", 1), ("rows", 2)):
+        before = kernel.set_backward_transposes(mode)
+        try:
+            results[name] = run()
+        finally:
+            kernel.set_backward_transposes(before)
+    for name in ("weights", "rows"):
+        for label, a, b in zip(["out", "y", "x", "gates", "w1", "w3", "w2"], results[name], results["smaller"]):
+            assert torch.equal(a, b), f"{label} with the {name} transposed differs"
+    with pytest.raises(RuntimeError, match="mode 0, 1 or 2"):
+        kernel.set_backward_transposes(3)
+
+
+# ---------------------------------------------------------------- the router's logits GEMM (cpu_experts.linear)
+@needs_avx512
+@pytest.mark.parametrize(("T", "d", "E"), [(4096, 256, 64), (300, 20, 8), (7, 33, 3)])
+def test_router_linear_on_own_gemm_equals_a_float64_product(T, d, E):
+    """``cpu_experts.linear`` runs x w^T and both gradients on the kernel's GEMM; each against float64, also
+    with an upstream gradient of zero strides (what autograd hands over for a sum)."""
+    torch.manual_seed(T + d + E)
+    x, w = torch.randn(T, d, requires_grad=True), torch.randn(E, d, requires_grad=True)
+    out = cpu_experts.linear(x, w)
+    assert type(out.grad_fn).__name__ == "KernelLinearBackward"
+    x64, w64 = (t.detach().double().requires_grad_(True) for t in (x, w))
+    ref = x64 @ w64.t()
+    for dout in (torch.randn(T, E), torch.ones(1, 1).expand(T, E)):
+        dx, dw = torch.autograd.grad(out, [x, w], dout, retain_graph=True)
+        dx64, dw64 = torch.autograd.grad(ref, [x64, w64], dout.double(), retain_graph=True)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * d**0.5)
+        torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-5 * E**0.5)
+        torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5 * T**0.5)
+
+
+def test_router_linear_falls_back_to_aten_off_the_kernel():
+    x, w = torch.randn(5, 8, requires_grad=True), torch.randn(3, 8)
+    with cpu_experts.aten_gemms():
+        assert type(cpu_experts.linear(x, w).grad_fn).__name__ != "KernelLinearBackward"
+    for other in (x.double(), x.t().contiguous().t()):  # not fp32, rows not contiguous
+        assert not cpu_experts.kernel_linear_supported(other, w.to(other.dtype))
+
+
+@pytest.mark.parametrize(
+    ("backend", "impl", "on_kernel"),
+    [("native", "auto", True), ("native", "fused", True), ("native", "grouped", False), ("deepspeed", "auto", False)],
+)
+def test_router_logits_use_the_kernel_gemm_where_the_experts_do(backend, impl, on_kernel):
+    from moetrain.model.moe import RoutingCore
+
+    core = RoutingCore(D, MoEConfig(num_experts=4, top_k=2, backend=backend, grouped_mm=impl))
+    assert core.router.on_cpu_kernel == on_kernel
+    torch.nn.init.normal_(core.router.weight_ED)
+    x = torch.randn(9, D)
+    logits = core.router(x).logits_TE
+    ran_on_kernel = type(logits.grad_fn).__name__ == "KernelLinearBackward"
+    assert ran_on_kernel == (on_kernel and cpu_has_avx512())
+    torch.testing.assert_close(logits, x @ core.router.weight_ED.t(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- SwiGLU's elementwise passes (csrc/f32_swiglu.cpp)
+@needs_avx512
+@pytest.mark.parametrize("n", [*range(1, 18), 4099])
+def test_own_swiglu_passes_equal_float64(n):
+    """g = silu(h1) h3 and the gradient (g, dh1, dh3) on the kernel's AVX-512 code, its own exp inside, against
+    float64 over h1 in [-100, 100] (beyond exp's fp32 range at both ends), with every tail length of a lane (n of
+    1-17) and a long run. The
+    absolute tolerance is for dh1 near silu's minimum (h1 = -1.28), where 1 + h1 (1 - s) cancels in fp32."""
+    torch.manual_seed(n)
+    kernel = cpu_experts._build()
+    h1 = torch.cat(
+        [torch.tensor([-100.0, -89.0, -88.0, -20.0, -1e-6, 0.0, 1e-6, 20.0, 88.0, 89.0, 100.0]), torch.randn(n) * 6]
+    )[:n].contiguous()
+    h3, dg = torch.randn(n), torch.randn(n)
+    x, u, d = (t.double() for t in (h1, h3, dg))
+    s = torch.sigmoid(x)
+    refs = [x * s * u, d * u * s * (1 + x * (1 - s)), d * x * s]
+    got = [kernel.f32_swiglu_forward(h1, h3)] + list(kernel.f32_swiglu_backward(h1, h3, dg))
+    for name, value, ref in zip(["forward g", "backward g", "dh1", "dh3"], got, [refs[0], *refs]):
+        torch.testing.assert_close(value.double(), ref, rtol=2e-6, atol=1e-7, msg=lambda m, k=name: f"{k}: {m}")

@@ -1,0 +1,119 @@
+"""Every recipe composes into the typed schema; every invalid value fails with one line naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from helpers.configs import assert_config_error, cli_config_error, compose_config
+from helpers.launch import RECIPES
+from hydra.errors import ConfigCompositionException
+
+from moetrain.config import ConfigError, TrainConfig, validate
+
+RECIPE_NAMES = sorted(p.stem for p in (RECIPES / "recipe").glob("*.yaml"))
+GROUP_OPTIONS = [
+    (group.name, p.stem)
+    for group in sorted(RECIPES.iterdir())
+    if group.is_dir() and group.name not in ("recipe", "hydra")
+    for p in sorted(group.glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_every_recipe_composes(recipe):
+    cfg = compose_config([f"+recipe={recipe}"])
+    assert isinstance(cfg, TrainConfig)
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_every_group_option_composes(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_recipe_overlay_overrides_defaults():
+    cfg = compose_config(["+recipe=top2_baseline", "moe.top_k=1"])
+    assert cfg.moe.top_k == 1  # command line wins over the overlay
+    assert cfg.logging.wandb.group == "top2_baseline"
+
+
+def test_unknown_key_and_wrong_type_fail_at_composition():
+    with pytest.raises(ConfigCompositionException, match="moe.num_expert"):
+        compose_config(["moe.num_expert=4"])
+    with pytest.raises(ConfigCompositionException, match="moe.top_k"):
+        compose_config(["moe.top_k=two"])
+
+
+INVALID = [
+    (["moe.top_k=9"], "moe.top_k=9", "between 1 and moe.num_experts=8"),
+    (["moe.top_k=0"], "moe.top_k=0", "between 1"),
+    (["moe.num_experts=12", "parallel.ep_size=8"], "moe.num_experts=12", "not divisible by parallel.ep_size=8"),
+    (["parallel.zero_stage=3"], "parallel.zero_stage=3", "allowed: 0, 1, 2"),
+    (["parallel.zero_stage=5"], "parallel.zero_stage=5", "allowed: 0, 1, 2"),
+    (["moe.backend=tutel"], "moe.backend=tutel", "allowed: native, deepspeed"),
+    (["moe.backend=deepspeed", "moe.a2a_chunks=2"], "moe.a2a_chunks=2", "allowed: 1"),
+    (["moe.capacity_factor=-1.0"], "moe.capacity_factor=-1.0", "must be > 0"),
+    (["moe.drop_policy=random"], "moe.drop_policy=random", "allowed: probs, position, reroute"),
+    (["moe.score_func=relu"], "moe.score_func=relu", "allowed: softmax, sigmoid"),
+    (["moe.eval_capacity_factor=0"], "moe.eval_capacity_factor=0.0", "must be > 0, or null"),
+    (["moe.a2a_chunks=0"], "moe.a2a_chunks=0", "must be >= 1"),
+    (["moe.padded=true", "parallel.ep_size=2"], "moe.padded=True", "allowed: false"),
+    (["moe.backend=deepspeed", "moe.padded=true"], "moe.padded=True", "moe.backend=deepspeed"),
+    (["moe.backend=deepspeed", "moe.grouped_mm=loop"], "moe.grouped_mm=loop", "allowed: auto"),
+    (["moe.grouped_mm=cuda"], "moe.grouped_mm=cuda", "allowed: auto, fused, grouped, loop"),
+    (["trainer.cpu_malloc=jemalloc"], "trainer.cpu_malloc=jemalloc", "allowed: cached, default"),
+    (["data.hf_config=wikitext-2-raw-v1"], "data.hf_config=wikitext-2-raw-v1", "needs data.hf_name"),
+    (["model.init_from=hf:/nonexistent"], "model.init_from=hf:/nonexistent", "has no config.json"),
+    (["model.init_from=s3://bucket/m"], "model.init_from=s3://bucket/m", "allowed: hf:PATH"),
+    (["parallel.dtype=fp8"], "parallel.dtype=fp8", "allowed: fp32, bf16"),
+    (["model.d_model=130"], "model.d_model=130", "not divisible by model.n_heads=4"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads=3", "must divide model.n_heads=4"),
+    (["model.vocab_size=100"], "model.vocab_size=100", "257"),
+    (["model.moe_every=9"], "model.moe_every=9", "allowed: 1..4"),
+    (["optim.lr=0"], "optim.lr=0.0", "must be > 0"),
+    (["optim.beta2=1.5"], "optim.beta2=1.5", "[0, 1)"),
+    (["schedule.decay=step"], "schedule.decay=step", "allowed: cosine, linear, constant"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0", "must be > 0"),
+    (["logging.wandb.mode=cloud"], "logging.wandb.mode=cloud", "allowed: online, offline, disabled"),
+    (["moe.aux_loss_coef=-0.1"], "moe.aux_loss_coef=-0.1", "must be >= 0"),
+    (["data.val_fraction=1.5"], "data.val_fraction=1.5", "(0, 1)"),
+    (["data.path=/x", "data.hf_name=y"], "data.hf_name=y", "conflicts with data.path=/x"),
+    (["prune.criterion=random"], "prune.criterion=random", "allowed: frequency, gate_weighted, saliency"),
+    (["prune.ranking=model"], "prune.ranking=model", "allowed: layer, global"),
+    (["prune.max_fraction=1.0"], "prune.max_fraction=1.0", "(0, 1)"),
+    (["prune.min_experts=1"], "prune.min_experts=1", "between moe.top_k=2 and moe.num_experts=8"),
+    (["prune.threshold=2"], "prune.threshold=2.0", "[0, 1]"),
+    (["lora.targets=[mlp]"], "lora.targets=mlp", "allowed: router, experts, attention"),
+    (["lora.rank=0"], "lora.rank=0", "must be > 0"),
+    (["distill.enabled=true"], "distill.enabled=True", "needs a stage with prune: true"),
+    (["distill.beta=1.5"], "distill.beta=1.5", "[0, 1]"),
+    (["moe.expert_ids=[[0,0,1],[1,2,3]]"], "moe.expert_ids[0]=[0, 0, 1]", "repeats an expert id"),
+    (["moe.expert_ids=[[0,9],[1,2]]"], "moe.expert_ids[0]=[0, 9]", "ids outside 0..7"),
+    (["logging.baseline_run=/nonexistent"], "logging.baseline_run=/nonexistent", "no summary.json"),
+    (["+recipe=top1_prune", "moe.n_group=2", "moe.topk_group=1"], "moe.n_group=2", "pruning stages"),
+    (["+recipe=top1_prune", "moe.padded=true", "moe.capacity_factor=1.0"], "moe.padded=True", "expert LoRA"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key_value", "allowed"), INVALID, ids=[i[1] for i in INVALID])
+def test_invalid_values_name_the_key(overrides, key_value, allowed):
+    assert_config_error(overrides, key_value, allowed)
+
+
+def test_ep_size_must_divide_the_world_size():
+    cfg = compose_config(["parallel.ep_size=4"])
+    validate(cfg, world_size=8)
+    with pytest.raises(ConfigError, match=r"^parallel.ep_size=4 does not divide the world size 2$"):
+        validate(cfg, world_size=2)
+
+
+def test_cpu_kernel_on_cuda_is_refused_at_start():
+    cfg = compose_config(["moe.grouped_mm=fused"])
+    validate(cfg, world_size=1, cuda=False)
+    with pytest.raises(ConfigError, match=r"^moe.grouped_mm=fused is the CPU expert kernel and this run trains on"):
+        validate(cfg, world_size=1, cuda=True)
+    validate(compose_config(["moe.grouped_mm=grouped"]), world_size=1, cuda=True)
+
+
+def test_cli_bad_value_fails_fast_with_one_line(tmp_path):
+    line = cli_config_error(tmp_path, "moe.top_k=9")
+    assert line == "config error: moe.top_k=9 must be between 1 and moe.num_experts=8"
