@@ -5,14 +5,14 @@
     python launch/bench.py a2a   [--tokens 4096] [--iters 5]     (spawns 2 ranks with torchrun)
 
 ``--cpu-malloc cached`` (the default) sets glibc's allocator as the trainer does on CPU
-(``trainer.cpu_malloc``, moetrain/kernels/cpu/runtime.py); ``default`` leaves it alone. ``--cpu-huge-pages on`` (the
-default) puts large tensors on transparent huge pages as the trainer does (``trainer.cpu_huge_pages``).
+(``MOETRAIN_CPU_MALLOC``, moetrain/kernels/cpu/runtime.py); ``default`` leaves it alone. ``--cpu-huge-pages on`` (the
+default) puts large tensors on transparent huge pages as the trainer does (``MOETRAIN_CPU_HUGE_PAGES``).
 
 ``moe``: forward + backward of one MoE layer (fp32) against a dense-GEMM bound doing the same expert FLOPs
 (tokens * k rows through one SwiGLU FFN of the same width), for moetrain native, moetrain's deepspeed
 backend (DeepSpeed's layer with our router), DeepSpeed's stock ``deepspeed.moe.layer.MoE`` and
-transformers' ``MixtralSparseMoeBlock``; on CPU also native on ``torch._grouped_mm`` instead of the CPU
-expert kernel, to show what the kernel buys.
+transformers' ``MixtralSparseMoeBlock``; native runs ``moe.expert_impl=auto`` (``torch._grouped_mm``), and on
+CPU also the opt-in C++ kernel (``cpu_kernel``) beside it.
 ``a2a``: the expert-parallel layer with 2 ranks, ``moe.a2a_chunks`` 1 vs 2 vs 4.
 """
 
@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.config import CPU_MALLOC
-from moetrain.kernels.cpu.runtime import cache_freed_memory, huge_pages_in_use, use_huge_pages
+from moetrain.kernels.cpu.runtime import CPU_MALLOC, cache_freed_memory, huge_pages_in_use, use_huge_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -189,12 +188,12 @@ def candidates(d: int, f: int, E: int, k: int, x: torch.Tensor) -> list[Entry]:
     out = []
     native = [("dropless", None, "auto", contextlib.nullcontext), ("cf 1.25", 1.25, "auto", contextlib.nullcontext)]
     if device.type == "cpu":
-        # what the CPU kernel (moe.grouped_mm=fused, auto's pick) buys over _grouped_mm, and its own GEMM over ATen's
-        native.append(("dropless, grouped_mm=grouped", None, "grouped", contextlib.nullcontext))
+        # the opt-in CPU kernel (moe.expert_impl=cpu_kernel) beside auto (torch._grouped_mm); its GEMM against ATen's
+        native.append(("dropless, expert_impl=cpu_kernel", None, "cpu_kernel", contextlib.nullcontext))
         if cpu_experts.f32_gemm_active():
-            native.append(("dropless, kernel on ATen GEMMs", None, "auto", cpu_experts.aten_gemms))
+            native.append(("dropless, cpu_kernel on ATen GEMMs", None, "cpu_kernel", cpu_experts.aten_gemms))
     for label, cf, impl, context in native:
-        layer = MoELayer(d, f, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, grouped_mm=impl)).to(device)
+        layer = MoELayer(d, f, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, expert_impl=impl)).to(device)
         for p in layer.parameters():
             nn.init.normal_(p, std=0.02)
         out.append(Entry(f"moetrain native {label}", on_tokens(layer), x, layer, context))
@@ -462,8 +461,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--cpu-malloc", choices=CPU_MALLOC, default="cached", help="as trainer.cpu_malloc")
-    ap.add_argument("--cpu-huge-pages", choices=["on", "off"], default="on", help="as trainer.cpu_huge_pages")
+    ap.add_argument("--cpu-malloc", choices=CPU_MALLOC, default="cached", help="as MOETRAIN_CPU_MALLOC")
+    ap.add_argument("--cpu-huge-pages", choices=["on", "off"], default="on", help="as MOETRAIN_CPU_HUGE_PAGES")
     args = ap.parse_args()
     # what the trainer does on CPU by default (moetrain/kernels/cpu/runtime.py), before any tensor
     if args.cpu_malloc == "cached":

@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from moetrain.config import ConfigError, register_configs
+from moetrain.config.retired import check_retired_keys
 from moetrain.interop.entry import resolve_config
 from moetrain.metrics.tracking import join_sweep_group
 from moetrain.runtime.distributed import LaunchEnv
@@ -53,4 +54,9 @@ def main(dcfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv = prepare_argv(sys.argv)
+    try:
+        check_retired_keys(sys.argv[1:])
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -15,6 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from moetrain.config.choices import ExpertImpl
+
 MOE_BACKENDS = ("native", "deepspeed")
 DROP_POLICIES = ("probs", "position", "reroute")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -131,10 +133,9 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0  # aux-loss-free balancing rate u (0: off)
     backend: str = "native"
-    # Expert FFN path: "fused" (CPU kernel, moetrain/kernels/cpu/csrc), "grouped" (torch._grouped_mm), "loop" (one GEMM
-    # per expert). "auto": fused on CPU when it builds, else grouped where device and dtype support it, else loop.
-    # Where the kernel runs the experts (native backend, auto or fused) it also runs the router's logits GEMM.
-    grouped_mm: str = "auto"
+    # how the expert FFN and the router's logits GEMM run (moetrain/kernels): auto (torch._grouped_mm where the
+    # device and dtype support it, else loop) | cpu_kernel (the C++ CPU kernel, opt-in) | grouped_mm | loop
+    expert_impl: ExpertImpl = ExpertImpl.auto
     a2a_chunks: int = 1  # expert-parallel dispatch split into chunks to overlap all-to-all with compute
     # Structure after expert pruning (written by the pruner, read when a pruned model is rebuilt): per MoE
     # layer the experts it keeps, as ids of the original num_experts experts, in their new order. Empty: every
@@ -249,9 +250,6 @@ class DistillConfig:
     temperature: float = 2.0
 
 
-CPU_MALLOC = ("cached", "default")  # trainer.cpu_malloc (moetrain/kernels/cpu/runtime.py)
-
-
 @dataclass
 class TrainerConfig:
     max_steps: int = 200
@@ -266,12 +264,6 @@ class TrainerConfig:
     log_every: int = 1
     expert_stats_every: int = 25
     num_threads: int | None = None  # torch intra-op threads per rank; default: cores / local ranks
-    # CPU runs: "cached" keeps freed large blocks in glibc's heap for reuse (moetrain/kernels/cpu/runtime.py);
-    # "default" leaves the allocator alone.
-    cpu_malloc: str = "cached"
-    # CPU runs: transparent huge pages for tensors of 2 MiB or more (PyTorch's THP_MEM_ALLOC_ENABLE): fewer TLB
-    # misses where the expert kernel streams the weights of many experts (moetrain/kernels/cpu/runtime.py)
-    cpu_huge_pages: bool = True
 
 
 @dataclass
@@ -507,12 +499,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None, cuda: bool | None 
         moe.a2a_chunks,
         "is not supported by moe.backend=deepspeed (DeepSpeed's layer runs one all-to-all); allowed: 1",
     )
-    _one_of("moe.grouped_mm", moe.grouped_mm, ("auto", "fused", "grouped", "loop"))
     _require(
-        not (cuda and moe.grouped_mm == "fused"),
-        "moe.grouped_mm",
-        moe.grouped_mm,
-        "is the CPU expert kernel and this run trains on CUDA; allowed on CUDA: auto, grouped, loop",
+        not (cuda and moe.expert_impl == ExpertImpl.cpu_kernel),
+        "moe.expert_impl",
+        moe.expert_impl,
+        "is the CPU expert kernel and this run trains on CUDA; allowed on CUDA: auto, grouped_mm, loop",
     )
     # settings of our own expert compute: DeepSpeed's layer would silently ignore them
     if moe.backend == "deepspeed":
@@ -523,9 +514,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None, cuda: bool | None 
             "is not supported by moe.backend=deepspeed (its capacity buffer is always padded); allowed: false",
         )
         _require(
-            moe.grouped_mm == "auto",
-            "moe.grouped_mm",
-            moe.grouped_mm,
+            moe.expert_impl == ExpertImpl.auto,
+            "moe.expert_impl",
+            moe.expert_impl,
             "is not supported by moe.backend=deepspeed (its experts are nn.Linear modules); allowed: auto",
         )
     for key in ("aux_loss_coef", "z_loss_coef"):
@@ -578,7 +569,6 @@ def validate(cfg: TrainConfig, world_size: int | None = None, cuda: bool | None 
         _positive(f"trainer.{key}", getattr(t, key))
     if t.num_threads is not None:
         _positive("trainer.num_threads", t.num_threads)
-    _one_of("trainer.cpu_malloc", t.cpu_malloc, CPU_MALLOC)
 
     _require(
         d.hf_config is None or d.hf_name is not None,

@@ -4,3 +4,7 @@ The model asks it for an implementation by ``moe.expert_impl``, device and dtype
 ATen ops (``torch._grouped_mm``, a per-expert loop) live in ``aten``, the opt-in C++ CPU kernel with its
 bindings and the CPU process settings in ``cpu/``. It may import ``config`` and ``runtime``.
 """
+
+from moetrain.kernels.registry import ExpertKernel, expert_kernel, prepare_process
+
+__all__ = ["ExpertKernel", "expert_kernel", "prepare_process"]

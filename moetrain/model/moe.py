@@ -77,7 +77,7 @@ class RoutingCore(nn.Module):
             n_group=cfg.n_group,
             topk_group=cfg.topk_group,
             group_score=cfg.group_score,
-            on_cpu_kernel=cfg.backend == "native" and cfg.grouped_mm in ("auto", "fused"),
+            expert_impl=cfg.expert_impl,
         )
         # aux-loss-free balancing: token counts of training forwards since the last optimizer step
         self.register_buffer("_load_since_step_E", torch.zeros(cfg.num_experts), persistent=False)
@@ -202,7 +202,7 @@ class MoELayer(RoutingCore):
         self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
         self.a2a_chunks = cfg.a2a_chunks
         self.num_local_experts = cfg.num_experts // self.ep_size
-        self.experts = GroupedExperts(self.num_local_experts, d_model, d_ff, cfg.grouped_mm)
+        self.experts = GroupedExperts(self.num_local_experts, d_model, d_ff, cfg.expert_impl)
 
     @torch.no_grad()
     def reset_parameters(self, std: float, out_std: float) -> None:

@@ -5,9 +5,10 @@ Shape legend: T tokens, D model dim, E experts, K experts per token (top-k).
 The router runs in fp32 whatever the model dtype: the score function and the aux losses are sensitive to
 rounding. ``top_k`` is a plain attribute, so a schedule can switch it at run time without rebuilding.
 
-Where the experts run on the CPU kernel, the router does too (``on_cpu_kernel``): its logits GEMM, and for
-softmax scores without group limits everything after it in one pass each way (``cpu_router``); the
-reductions the losses need (``lse_T``, ``mean_dist_E``, the entropy) come out of that pass.
+The logits GEMM runs on the implementation the kernel registry gives for ``moe.expert_impl`` (the router's
+fp32 input's device and dtype); where that implementation has a one-pass softmax router (``softmax_route``)
+and the scores are softmax without group limits, everything after the GEMM runs there. Either way the router
+hands on the reductions the losses need (``lse_T``, ``mean_dist_E``, the entropy), not only the (T, E) scores.
 
 Scores: ``softmax`` over experts (Switch, Mixtral) or an independent ``sigmoid`` per expert (DeepSeek-V3).
 Selection: the k best ``score + bias`` among unmasked experts. ``bias_E`` is the aux-loss-free balancing
@@ -23,12 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moetrain.config import SCORE_FUNCS
-from moetrain.kernels.cpu import experts as cpu_experts
-from moetrain.kernels.cpu import router as cpu_router
+from moetrain.config.choices import ExpertImpl
+from moetrain.config.schema import SCORE_FUNCS
+from moetrain.kernels import expert_kernel
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -140,8 +140,8 @@ class Routing:
     """One call's routing: the choices and gates, and the reductions the losses and metrics are computed from."""
 
     logits_TE: torch.Tensor  # fp32, as the logits GEMM gave them (before masking)
-    probs_TE: torch.Tensor  # fp32 scores: softmax distribution, or per-expert sigmoid (masked: 0); no gradient on
-    # the fused path (the losses reach the scores through lse_T and mean_dist_E)
+    probs_TE: torch.Tensor  # fp32 scores: softmax distribution, or per-expert sigmoid (masked: 0); may carry no
+    # gradient (a one-pass router): the losses reach the scores through lse_T and mean_dist_E
     expert_idx_TK: torch.Tensor  # int64, best expert first
     gates_TK: torch.Tensor  # fp32 combine weights
     lse_T: torch.Tensor  # log sum_i exp(logits) over the active experts: the z-loss's input
@@ -154,7 +154,7 @@ class Routing:
     @property
     def selection_TE(self) -> torch.Tensor:
         """What top-k ranked (scores + bias, -inf where masked or outside the allowed groups), for rerouting;
-        the router's fused pass does not write it, so it is computed when first asked for."""
+        a one-pass router does not write it, so it is computed when first asked for."""
         if self._selection_TE is None:
             self._selection_TE = selection_scores(self.probs_TE, self.bias_E, self.masked_E)
         return self._selection_TE
@@ -175,7 +175,7 @@ class TopKRouter(nn.Module):
         n_group: int = 1,
         topk_group: int = 1,
         group_score: str = "max",
-        on_cpu_kernel: bool = False,
+        expert_impl: ExpertImpl | str = ExpertImpl.auto,
     ) -> None:
         super().__init__()
         if score_func not in SCORE_FUNCS:
@@ -190,9 +190,7 @@ class TopKRouter(nn.Module):
         if num_experts % n_group:  # e.g. a pruned layer: group-limited routing needs equal groups
             raise ValueError(f"moe.n_group={n_group} does not divide this layer's {num_experts} experts")
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
-        # on the CPU expert kernel where the experts run on it: the logits GEMM on its own GEMM (cpu_experts.linear)
-        # and, for softmax scores without group limits, the rest in one pass each way (cpu_router); else ATen's ops
-        self.on_cpu_kernel = on_cpu_kernel
+        self.expert_impl = ExpertImpl(expert_impl)  # which registry entry runs the logits GEMM (and maybe more)
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("bias_E", torch.zeros(num_experts))
         self.register_buffer("active_E", torch.ones(num_experts, dtype=torch.bool))
@@ -206,19 +204,25 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter_eps > 0:
             # Switch-style multiplicative input jitter, training only.
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        logits_TE = (cpu_experts.linear if self.on_cpu_kernel else F.linear)(x_TD, self.weight_ED.float())
+        kernel = expert_kernel(self.expert_impl, x_TD.device, x_TD.dtype)
+        logits_TE = kernel.linear(x_TD, self.weight_ED.float())
         # a pruned layer masks its removed experts; with every expert active the (T, E) mask fills are skipped
         masked_E = ~self.active_E if self.num_active < self.num_experts else None
-        fused = self.on_cpu_kernel and self.score_func == "softmax" and self.n_group == 1
-        if fused and cpu_router.supported(logits_TE):
-            return self._route_fused(logits_TE, masked_E)
+        if kernel.softmax_route is not None and self.score_func == "softmax" and self.n_group == 1:
+            routing = self._route_one_pass(kernel.softmax_route, logits_TE, masked_E)
+            if routing is not None:
+                return routing
         return self._route_aten(logits_TE, masked_E)
 
-    def _route_fused(self, logits_TE: torch.Tensor, masked_E: torch.Tensor | None) -> Routing:
+    def _route_one_pass(self, softmax_route, logits_TE: torch.Tensor, masked_E: torch.Tensor | None) -> Routing | None:
+        """The softmax router after the logits in the implementation's one pass; None where it does not apply."""
         renormalize = renormalizes(self.renormalize, self.renormalize_top1, self.top_k)
-        probs_TE, idx_TK, gates_TK, lse_T, psum_E, entropy_sum = cpu_router.FusedSoftmaxRouter.apply(
+        out = softmax_route(
             logits_TE, self.bias_E, self.active_E, self.top_k, renormalize, float(self.routed_scaling_factor)
         )
+        if out is None:
+            return None
+        probs_TE, idx_TK, gates_TK, lse_T, psum_E, entropy_sum = out
         mean_dist_E = psum_E / logits_TE.shape[0]
         # a copy of the bias: selection_TE, computed later on demand, ranks with the bias of this call
         bias_E = self.bias_E.detach().clone()

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moetrain import kernels
 from moetrain.config import ConfigError, TrainConfig
-from moetrain.kernels.cpu import runtime as cpu_runtime
 from moetrain.metrics.routing import RoutingMetrics
 from moetrain.metrics.tracking import build_logger
-from moetrain.model import ModelOutput, cpu_experts
+from moetrain.model import ModelOutput
 from moetrain.runtime.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed
 from moetrain.surgery.distill import Distiller
 from moetrain.surgery.lora import LoRAAdapters, LoRAStageHook
@@ -79,9 +79,9 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         self.env = init_distributed()
         t = cfg.trainer
-        if not torch.cuda.is_available():
-            cpu_runtime.configure(t.num_threads, self.env.local_world_size, t.cpu_malloc, t.cpu_huge_pages)
-            cpu_experts.build_before_training(cfg.moe, self.env.local_rank, barrier)
+        kernels.prepare_process(
+            cfg.moe.expert_impl, t.num_threads, self.env.local_world_size, self.env.local_rank, barrier
+        )
         torch.manual_seed(t.seed)  # identical initial weights on every rank
 
         # a checkpoint of a pruned or adapted model is resumed into the same structure: rebuild it first

@@ -1,4 +1,4 @@
-"""The CPU expert kernel (moe.grouped_mm=fused) against autograd through plain PyTorch ops.
+"""The CPU expert kernel (moe.expert_impl=cpu_kernel) against autograd through plain PyTorch ops.
 
 Counts include empty experts and one expert holding most rows; 1 and 2 threads cover both the
 single-run path (every GEMM multi-threaded) and the split of experts across cores.
@@ -15,10 +15,11 @@ from helpers.cpu_features import cpu_has_avx512, needs_avx512, on_thread_counts
 from helpers.moe_reference import reference_combine, swiglu
 
 from moetrain.config import MoEConfig
+from moetrain.kernels import expert_kernel, prepare_process, registry
 from moetrain.kernels.cpu import experts as cpu_experts
+from moetrain.kernels.cpu import runtime as cpu_runtime
 from moetrain.model.dispatch import combine, permute
 from moetrain.model.experts import GroupedExperts
-from moetrain.model.moe import MoELayer
 
 D, FF = 16, 24
 COUNTS = [[3, 0, 5, 7, 1, 0, 4, 2], [6], [0, 9], [0, 0, 0, 40, 1, 0]]
@@ -74,7 +75,7 @@ def test_fused_gradcheck_fp64(counts, threads):
 
 
 @pytest.mark.parametrize("counts", COUNTS, ids=lambda c: f"E{len(c)}")
-@pytest.mark.parametrize("impl", ["fused", "grouped", "loop"])
+@pytest.mark.parametrize("impl", ["cpu_kernel", "grouped_mm", "loop"])
 def test_expert_paths_equal_naive_loop(counts, impl, threads):
     torch.manual_seed(0)
     experts = GroupedExperts(len(counts), D, FF, impl)
@@ -145,46 +146,51 @@ def test_double_backward_is_refused():
         dx.sum().backward()
 
 
-def test_auto_picks_the_kernel_on_cpu_and_fused_elsewhere_is_an_error():
-    layer = MoELayer(D, FF, MoEConfig(num_experts=4, top_k=2))
-    x = torch.randn(5, D)
-    assert layer.experts._use_fused(x)
-    assert not layer.experts._use_fused(x.to(torch.float16))  # not a kernel dtype: _grouped_mm / loop
-    fused = GroupedExperts(4, D, FF, "fused")
-    with pytest.raises(ValueError, match="moe.grouped_mm=fused runs on CPU tensors"):
-        fused._use_fused(x.to(torch.float16))
+def test_auto_picks_aten_on_cpu_and_the_kernel_elsewhere_is_an_error():
+    cpu = torch.device("cpu")
+    assert expert_kernel("auto", cpu, torch.float32).name == "grouped_mm"
+    assert expert_kernel("auto", cpu, torch.float16).name == "loop"  # not a _grouped_mm dtype
+    assert expert_kernel("cpu_kernel", cpu, torch.float32).name == "cpu_kernel"
+    with pytest.raises(ValueError, match="moe.expert_impl=cpu_kernel runs on CPU tensors"):
+        expert_kernel("cpu_kernel", cpu, torch.float16)
 
 
-def test_auto_falls_back_with_a_warning_when_the_kernel_cannot_build(monkeypatch, caplog):
+def test_without_a_compiler_auto_runs_and_the_kernel_is_refused_in_one_line(monkeypatch, caplog):
     def no_compiler():
         raise RuntimeError("no C++ compiler")
 
     counts = COUNTS[0]
     monkeypatch.setattr(cpu_experts, "_build", no_compiler)
-    cpu_experts.fused_kernel_available.cache_clear()
+    caches = (cpu_experts.fused_kernel_available, cpu_experts.build_error, registry._cpu_kernel)
+    for cache in caches:
+        cache.cache_clear()
     try:
         experts = GroupedExperts(len(counts), D, FF, "auto")
         for p in experts.parameters():
             torch.nn.init.normal_(p, std=0.3)
         x = torch.randn(sum(counts), D)
-        with caplog.at_level(logging.WARNING, logger=cpu_experts.__name__):
-            y = experts(x, torch.tensor(counts))
-        assert "did not build (no C++ compiler)" in caplog.text
+        y = experts(x, torch.tensor(counts))  # auto never builds the kernel
         with torch.no_grad():
             torch.testing.assert_close(y, naive_experts(x, *experts.parameters(), counts), rtol=1e-5, atol=1e-5)
+        with caplog.at_level(logging.WARNING, logger=cpu_experts.__name__):
+            with pytest.raises(ValueError, match=r"^moe.expert_impl=cpu_kernel: the CPU expert kernel does not build"):
+                GroupedExperts(len(counts), D, FF, "cpu_kernel")(x, torch.tensor(counts))
+        assert "did not build: no C++ compiler" in caplog.text
     finally:
-        cpu_experts.fused_kernel_available.cache_clear()
+        for cache in caches:
+            cache.cache_clear()
 
 
 @pytest.mark.parametrize(
-    ("backend", "impl", "builds"),
-    [("native", "auto", True), ("native", "fused", True), ("native", "grouped", False), ("deepspeed", "auto", False)],
+    ("impl", "builds"), [("auto", False), ("cpu_kernel", True), ("grouped_mm", False), ("loop", False)]
 )
-def test_build_before_training_only_where_the_kernel_may_run(monkeypatch, backend, impl, builds):
+def test_the_kernel_is_built_before_training_only_where_it_runs(monkeypatch, impl, builds):
     calls = []
+    monkeypatch.setattr(cpu_runtime, "configure_from_environment", lambda *a: calls.append("configure"))
     monkeypatch.setattr(cpu_experts, "fused_kernel_available", lambda: calls.append("build") or True)
-    cpu_experts.build_before_training(MoEConfig(backend=backend, grouped_mm=impl), 0, lambda: calls.append("barrier"))
-    assert calls == (["build", "barrier", "build"] if builds else [])
+    monkeypatch.setattr(cpu_experts, "build_error", lambda: calls.append("build") or None)
+    prepare_process(impl, None, 1, 0, lambda: calls.append("barrier"))
+    assert calls == (["configure", "build", "barrier", "build"] if builds else ["configure"])
 
 
 # ---------------------------------------------------------------- the token-level kernel (gather + combine)
@@ -206,7 +212,7 @@ def naive_token_moe(x_TD, gates_TK, expert_idx_TK, keep_TK, w1, w3, w2):
 
 def fused_experts_and_inputs(E: int, d: int, ff: int, T: int, K: int, std: float):
     """Kernel experts with N(0, std) weights, and x, gates (both needing gradients) and dout for T tokens."""
-    experts = GroupedExperts(E, d, ff, "fused")
+    experts = GroupedExperts(E, d, ff, "cpu_kernel")
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=std)
     return experts, torch.randn(T, d, requires_grad=True), torch.rand(T, K, requires_grad=True), torch.randn(T, d)
@@ -504,14 +510,13 @@ def test_router_linear_falls_back_to_aten_off_the_kernel():
 
 
 @pytest.mark.parametrize(
-    ("backend", "impl", "on_kernel"),
-    [("native", "auto", True), ("native", "fused", True), ("native", "grouped", False), ("deepspeed", "auto", False)],
+    ("impl", "on_kernel"), [("auto", False), ("cpu_kernel", True), ("grouped_mm", False), ("loop", False)]
 )
-def test_router_logits_use_the_kernel_gemm_where_the_experts_do(backend, impl, on_kernel):
+def test_router_logits_use_the_kernel_gemm_where_the_experts_do(impl, on_kernel):
     from moetrain.model.moe import RoutingCore
 
-    core = RoutingCore(D, MoEConfig(num_experts=4, top_k=2, backend=backend, grouped_mm=impl))
-    assert core.router.on_cpu_kernel == on_kernel
+    core = RoutingCore(D, MoEConfig(num_experts=4, top_k=2, expert_impl=impl))
+    assert (core.router.expert_impl == "cpu_kernel") == on_kernel
     torch.nn.init.normal_(core.router.weight_ED)
     x = torch.randn(9, D)
     logits = core.router(x).logits_TE

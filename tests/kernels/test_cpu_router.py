@@ -7,6 +7,8 @@ import torch
 from helpers.cpu_features import needs_avx512, on_thread_counts
 
 from moetrain.config import MoEConfig
+from moetrain.config.choices import ExpertImpl
+from moetrain.kernels import expert_kernel
 from moetrain.model.moe import MoELayer
 from moetrain.model.router import TopKRouter, balance_loss, z_loss_of_lse
 
@@ -14,9 +16,15 @@ pytestmark = needs_avx512
 D = 12
 
 
+def one_pass(router: TopKRouter, logits: torch.Tensor):
+    """The router's one-pass softmax route on the CPU kernel, from given logits, nothing masked."""
+    kernel = expert_kernel("cpu_kernel", logits.device, logits.dtype)
+    return router._route_one_pass(kernel.softmax_route, logits, None)
+
+
 def make_router(E, top_k, *, masked=(), bias_scale=0.05, seed=0, **kw) -> TopKRouter:
     torch.manual_seed(seed)
-    router = TopKRouter(D, E, top_k, on_cpu_kernel=True, **kw)
+    router = TopKRouter(D, E, top_k, expert_impl="cpu_kernel", **kw)
     with torch.no_grad():
         router.weight_ED.normal_(0, 1.0)
         router.bias_E.normal_(0, bias_scale)
@@ -99,7 +107,7 @@ def test_far_below_the_maximum_a_score_is_zero_and_the_sums_stay_finite():
     """A logit more than exp's fp32 range below its row's maximum gets p = 0 (no NaN from the entropy's log)."""
     router = make_router(4, 1)
     logits = torch.tensor([[0.0, -200.0, -50.0, 1.0]], requires_grad=True)
-    routing = router._route_fused(logits, None)
+    routing = one_pass(router, logits)
     assert routing.probs_TE[0, 1] == 0
     ref = router._route_aten(logits.detach().double(), None)
     torch.testing.assert_close(routing.entropy_sum.double(), ref.entropy_sum, rtol=1e-6, atol=1e-7)
@@ -112,7 +120,7 @@ def test_a_nan_logit_makes_its_row_nan_as_on_aten():
     router = make_router(20, 2)
     logits = torch.randn(70, 20)
     logits[3, 17] = float("nan")
-    ours = router._route_fused(logits.requires_grad_(True), None)
+    ours = one_pass(router, logits.requires_grad_(True))
     ref = router._route_aten(logits.detach().double(), None)
     for name in ("probs_TE", "gates_TK", "lse_T"):
         got, want = getattr(ours, name), getattr(ref, name)
@@ -178,7 +186,7 @@ def test_layer_losses_and_router_gradient_match_the_aten_router(dtype):
         torch.manual_seed(0)
         layer = MoELayer(D, 16, cfg)
         layer.reset_parameters(0.3, 0.3)
-        layer.router.on_cpu_kernel = on_kernel
+        layer.router.expert_impl = ExpertImpl.cpu_kernel if on_kernel else ExpertImpl.auto
         layers.append(layer.to(dtype))
     x = torch.randn(2, 40, D).to(dtype)
     results = []
@@ -214,7 +222,7 @@ def test_a_gate_sum_under_the_clamp_renormalises_by_the_clamp():
     with torch.no_grad():
         router.bias_E.copy_(torch.tensor([0.0, 10.0, 9.0, 0.0]))  # selects experts 1 and 2 in every row, no ties
     logits = torch.tensor([[0.0, -50.0, -52.0, -1.0], [0.0, -1.0, -2.0, 0.5]], requires_grad=True)
-    ours = router._route_fused(logits, None)
+    ours = one_pass(router, logits)
     logits64 = logits.detach().double().requires_grad_(True)
     ref = router._route_aten(logits64, None)
     assert ours.expert_idx_TK.tolist() == ref.expert_idx_TK.tolist() == [[1, 2], [1, 2]]

@@ -1,7 +1,7 @@
 """The native MoE layer on a CUDA GPU against the per-token float64 loop on CPU (marked gpu: skipped without CUDA).
 
-What runs there: fp32 experts on ``moe.grouped_mm=loop`` (one GEMM per expert), bfloat16 experts on
-``torch._grouped_mm`` (``grouped``, and ``auto``, which picks it on sm90+), the router in fp32 either way. The
+What runs there: fp32 experts on ``moe.expert_impl=loop`` (one GEMM per expert), bfloat16 experts on
+``torch._grouped_mm`` (``grouped_mm``, and ``auto``, which picks it on sm90+), the router in fp32 either way. The
 same cases run on CPU as well (``auto`` excepted: on CPU it is the CPU kernel, tested in test_cpu_experts.py), so
 that the test itself is checked where CI runs.
 """
@@ -19,12 +19,12 @@ from moetrain.model.moe import MoELayer
 D, F, E, T = 16, 32, 8, 64  # bfloat16 rows of 16 and 32 elements: the 16-byte strides torch._grouped_mm needs
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-# (device, dtype, moe.grouped_mm, tolerance relative to the largest reference entry)
+# (device, dtype, moe.expert_impl, tolerance relative to the largest reference entry)
 PATHS = [
     ("cpu", torch.float32, "loop", 1e-4),
-    ("cpu", torch.bfloat16, "grouped", 3e-2),
+    ("cpu", torch.bfloat16, "grouped_mm", 3e-2),
     pytest.param("cuda", torch.float32, "loop", 1e-4, marks=GPU),
-    pytest.param("cuda", torch.bfloat16, "grouped", 3e-2, marks=GPU),
+    pytest.param("cuda", torch.bfloat16, "grouped_mm", 3e-2, marks=GPU),
     pytest.param("cuda", torch.bfloat16, "auto", 3e-2, marks=GPU),
 ]
 CASES = [(1, None, "probs"), (2, None, "probs"), (2, 0.5, "position"), (2, 1.0, "reroute"), (4, 0.5, "probs")]
@@ -48,7 +48,7 @@ def test_layer_on_device_matches_per_token_reference(
         capacity_factor=capacity_factor,
         drop_policy=policy,
         min_capacity=1,
-        grouped_mm=grouped_mm,
+        expert_impl=grouped_mm,
     )
     layer = MoELayer(D, F, cfg)
     layer.reset_parameters(0.5, 0.5)

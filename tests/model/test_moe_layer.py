@@ -212,7 +212,7 @@ def test_eval_capacity_factor_and_jitter_apply_only_as_configured():
 
 
 def test_grouped_mm_and_loop_paths_agree():
-    a, b = make_layer(2, grouped_mm="grouped"), make_layer(2, grouped_mm="loop")
+    a, b = make_layer(2, expert_impl="grouped_mm"), make_layer(2, expert_impl="loop")
     x = torch.randn(3, 11, D, requires_grad=True)
     ya, _ = a(x)
     yb, _ = b(x)

@@ -8,6 +8,7 @@ from helpers.launch import RECIPES
 from hydra.errors import ConfigCompositionException
 
 from moetrain.config import ConfigError, TrainConfig, validate
+from moetrain.config.retired import check_retired_keys
 
 RECIPE_NAMES = sorted(p.stem for p in (RECIPES / "recipe").glob("*.yaml"))
 GROUP_OPTIONS = [
@@ -58,9 +59,7 @@ INVALID = [
     (["moe.a2a_chunks=0"], "moe.a2a_chunks=0", "must be >= 1"),
     (["moe.padded=true", "parallel.ep_size=2"], "moe.padded=True", "allowed: false"),
     (["moe.backend=deepspeed", "moe.padded=true"], "moe.padded=True", "moe.backend=deepspeed"),
-    (["moe.backend=deepspeed", "moe.grouped_mm=loop"], "moe.grouped_mm=loop", "allowed: auto"),
-    (["moe.grouped_mm=cuda"], "moe.grouped_mm=cuda", "allowed: auto, fused, grouped, loop"),
-    (["trainer.cpu_malloc=jemalloc"], "trainer.cpu_malloc=jemalloc", "allowed: cached, default"),
+    (["moe.backend=deepspeed", "moe.expert_impl=loop"], "moe.expert_impl=loop", "allowed: auto"),
     (["data.hf_config=wikitext-2-raw-v1"], "data.hf_config=wikitext-2-raw-v1", "needs data.hf_name"),
     (["model.init_from=hf:/nonexistent"], "model.init_from=hf:/nonexistent", "has no config.json"),
     (["model.init_from=s3://bucket/m"], "model.init_from=s3://bucket/m", "allowed: hf:PATH"),
@@ -107,13 +106,44 @@ def test_ep_size_must_divide_the_world_size():
 
 
 def test_cpu_kernel_on_cuda_is_refused_at_start():
-    cfg = compose_config(["moe.grouped_mm=fused"])
+    cfg = compose_config(["moe.expert_impl=cpu_kernel"])
     validate(cfg, world_size=1, cuda=False)
-    with pytest.raises(ConfigError, match=r"^moe.grouped_mm=fused is the CPU expert kernel and this run trains on"):
+    with pytest.raises(
+        ConfigError, match=r"^moe.expert_impl=cpu_kernel is the CPU expert kernel and this run trains on"
+    ):
         validate(cfg, world_size=1, cuda=True)
-    validate(compose_config(["moe.grouped_mm=grouped"]), world_size=1, cuda=True)
+    validate(compose_config(["moe.expert_impl=grouped_mm"]), world_size=1, cuda=True)
 
 
 def test_cli_bad_value_fails_fast_with_one_line(tmp_path):
     line = cli_config_error(tmp_path, "moe.top_k=9")
     assert line == "config error: moe.top_k=9 must be between 1 and moe.num_experts=8"
+
+
+def test_a_bad_expert_impl_fails_at_composition_with_the_allowed_values():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["moe.expert_impl=fused"])
+    assert "expected one of [auto, cpu_kernel, grouped_mm, loop]" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("moe.grouped_mm=fused", "moe.grouped_mm=fused is retired; use moe.expert_impl=cpu_kernel; allowed: auto, "),
+        ("moe.grouped_mm=grouped", "moe.grouped_mm=grouped is retired; use moe.expert_impl=grouped_mm; allowed: "),
+        ("+trainer.cpu_malloc=default", "trainer.cpu_malloc=default is retired; use MOETRAIN_CPU_MALLOC"),
+        ("trainer.cpu_huge_pages=false", "trainer.cpu_huge_pages=false is retired; use MOETRAIN_CPU_HUGE_PAGES"),
+    ],
+)
+def test_retired_keys_name_the_new_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        check_retired_keys(["moe.top_k=1", override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_cli_retired_key_fails_with_one_line_naming_the_new_key(tmp_path):
+    line = cli_config_error(tmp_path, "moe.grouped_mm=fused")
+    assert line == (
+        "config error: moe.grouped_mm=fused is retired; use moe.expert_impl=cpu_kernel; "
+        "allowed: auto, cpu_kernel, grouped_mm, loop"
+    )

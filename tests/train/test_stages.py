@@ -107,7 +107,9 @@ def test_expert_flops_accounting_matches_torch_flop_counter():
     D, F = 16, 24
     for k, cf in ((2, None), (1, None), (2, 0.5)):
         torch.manual_seed(0)
-        layer = MoELayer(D, F, MoEConfig(num_experts=4, top_k=k, capacity_factor=cf, min_capacity=1, grouped_mm="loop"))
+        layer = MoELayer(
+            D, F, MoEConfig(num_experts=4, top_k=k, capacity_factor=cf, min_capacity=1, expert_impl="loop")
+        )
         for p in layer.parameters():
             torch.nn.init.normal_(p, std=0.5)
         x = torch.randn(1, 64, D)

@@ -1,9 +1,9 @@
-"""The CPU expert kernel (``moe.grouped_mm=fused``): ``csrc/swiglu_experts.cpp`` built on first use.
+"""The CPU expert kernel (``moe.expert_impl=cpu_kernel``, opt-in and frozen): ``csrc/swiglu_experts.cpp`` built
+on first use.
 
 Built with ``torch.utils.cpp_extension.load`` (the way DeepSpeed builds its ops) into
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); concurrent ranks wait on the build's
-lock file. When no C++ compiler is at hand ``moe.grouped_mm=auto`` warns once and uses ``torch._grouped_mm``;
-an explicit ``moe.grouped_mm=fused`` fails instead.
+lock file. Where it does not build (no C++ compiler), a run that asks for it stops at start with the reason.
 
 Two entries: ``FusedSwiGLUExperts`` (rows already sorted by expert; the expert-parallel path) and
 ``FusedMoEExperts`` (tokens in, tokens out: gather, experts and gate-weighted combine in one kernel call).
@@ -22,14 +22,12 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch.autograd.function import once_differentiable
-
-from moetrain.config import MoEConfig
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -69,24 +67,18 @@ def _build() -> ModuleType:
 @functools.cache
 def fused_kernel_available() -> bool:
     """Whether the kernel builds (or is built) here; the reason is logged once when it does not."""
+    return build_error() is None
+
+
+@functools.cache
+def build_error() -> str | None:
+    """Why the kernel does not build here (None: it does)."""
     try:
         _build()
-        return True
-    except Exception as err:  # noqa: BLE001 - any build failure means: use the ATen path
-        log.warning("moe.grouped_mm=auto: the CPU expert kernel did not build (%s); using torch._grouped_mm", err)
-        return False
-
-
-def build_before_training(moe: MoEConfig, local_rank: int, barrier: Callable[[], None]) -> None:
-    """Build (or load) the kernel at start-up rather than inside the first forward when the run may use it
-    (native backend, ``moe.grouped_mm`` auto or fused): each node's first rank builds while the others wait
-    at the barrier, so the build, or a stale lock, shows in the log at start."""
-    if moe.backend != "native" or moe.grouped_mm not in ("auto", "fused"):
-        return
-    if local_rank == 0:
-        fused_kernel_available()
-    barrier()
-    fused_kernel_available()
+        return None
+    except Exception as err:  # noqa: BLE001 - any build failure: the run is told why at start
+        log.warning("the CPU expert kernel did not build: %s", err)
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def f32_gemm_active() -> bool:

@@ -10,9 +10,9 @@ defaults, 66 ms cached; no difference at E = 8, whose blocks stay under the thre
 ``cached`` turns mmap off (``M_MMAP_MAX = 0``) and raises the trim threshold, so freed blocks stay in the
 heap and are reused: the CUDA caching allocator's trade, more resident memory for no page faults (the heap
 keeps up to 2 GiB of free memory after its peak, e.g. after a validation or a checkpoint load, per rank).
-``trainer.cpu_malloc=default`` leaves glibc as it is.
+``MOETRAIN_CPU_MALLOC=default`` leaves glibc as it is.
 
-Why huge pages (``trainer.cpu_huge_pages``, on by default): with 4 KiB pages every row of a weight's column block
+Why huge pages (``MOETRAIN_CPU_HUGE_PAGES``, on by default): with 4 KiB pages every row of a weight's column block
 that the expert kernel reads is on a page of its own (a row of an (F, D) or (D, F) weight is 1-4 KiB), and the
 32-64 experts' weights (96-192 MiB) are far beyond what the TLB maps, so the reads that stream the weights from
 memory also wait on page walks. PyTorch's CPU allocator asks the kernel for transparent huge pages (2 MiB) for
@@ -36,6 +36,8 @@ import os
 import torch
 
 log = logging.getLogger(__name__)
+CPU_MALLOC = ("cached", "default")  # MOETRAIN_CPU_MALLOC
+HUGE_PAGES = ("on", "off")  # MOETRAIN_CPU_HUGE_PAGES
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameter ids from glibc's malloc.h
 _TRIM_THRESHOLD = 2**31 - 1  # the largest value mallopt takes (an int): keep up to 2 GiB of free heap
 
@@ -49,13 +51,15 @@ def cache_freed_memory() -> bool:
         libc = ctypes.CDLL(name)
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
-        log.info("trainer.cpu_malloc=cached: no glibc mallopt here; the allocator is left as it is")
+        log.info("MOETRAIN_CPU_MALLOC=cached: no glibc mallopt here; the allocator is left as it is")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     no_mmap = mallopt(_M_MMAP_MAX, 0) == 1  # mallopt returns 1 on success
     keep_free = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
     if not (no_mmap and keep_free):
-        log.warning("trainer.cpu_malloc=cached: mallopt refused (mmap off: %s, trim threshold: %s)", no_mmap, keep_free)
+        log.warning(
+            "MOETRAIN_CPU_MALLOC=cached: mallopt refused (mmap off: %s, trim threshold: %s)", no_mmap, keep_free
+        )
     return no_mmap and keep_free
 
 
@@ -99,6 +103,26 @@ def configure(num_threads: int | None, local_world_size: int, cpu_malloc: str, h
         cache_freed_memory()
     if huge_pages and not use_huge_pages():
         log.info(
-            "trainer.cpu_huge_pages: tensors are not on transparent huge pages here (Linux THP off, or a tensor "
+            "MOETRAIN_CPU_HUGE_PAGES=on: tensors are not on transparent huge pages here (Linux THP off, or a tensor "
             "was allocated before the setting)"
         )
+
+
+def _setting(name: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(name, allowed[0])
+    if value not in allowed:
+        raise ValueError(f"{name}={value} is not supported; allowed: {', '.join(allowed)}")
+    return value
+
+
+def settings_from_environment() -> tuple[str, bool]:
+    """``(cpu_malloc, huge_pages)`` from ``MOETRAIN_CPU_MALLOC`` (cached | default) and
+    ``MOETRAIN_CPU_HUGE_PAGES`` (on | off); the first of each is the default. Process settings, not recipe
+    keys: they belong to the machine a run lands on, not to the model."""
+    return _setting("MOETRAIN_CPU_MALLOC", CPU_MALLOC), _setting("MOETRAIN_CPU_HUGE_PAGES", HUGE_PAGES) == "on"
+
+
+def configure_from_environment(num_threads: int | None, local_world_size: int) -> None:
+    """:func:`configure` with the allocator and huge-page settings of the environment."""
+    cpu_malloc, huge_pages = settings_from_environment()
+    configure(num_threads, local_world_size, cpu_malloc, huge_pages)
