@@ -40,9 +40,9 @@ def main(dcfg: DictConfig) -> float | None:
         cfg = resolve_config(dcfg, world_size=env.world_size, cuda=torch.cuda.is_available())
         if sweep:
             join_sweep_group(cfg.logging.wandb, hydra_cfg.sweep.dir)
-        from moetrain.train.trainer import Trainer  # heavy imports (deepspeed) only once the config is valid
+        from moetrain.interop.assemble import build_trainer  # heavy imports (deepspeed) once the config is valid
 
-        summary = Trainer(cfg, Path(hydra_cfg.runtime.output_dir)).fit()
+        summary = build_trainer(cfg, Path(hydra_cfg.runtime.output_dir)).fit()
     except ConfigError as e:  # also raised by checks that need the data or the launch (every rank agrees)
         if sweep:
             raise  # this point fails; Hydra reports it with its overrides, and the other points still run

@@ -1,1 +1,22 @@
-"""Adapters between our MoE layers and the engines/kernels that run them."""
+"""Layer 5, backends: one :class:`~moetrain.backends.base.Backend` interface per ``moe.backend`` (native: our
+layer; deepspeed: DeepSpeed's MoE layer with our router as its gate), and the engine-side pieces of expert
+parallelism. It may import ``config``, ``runtime``, ``kernels`` and ``model``.
+"""
+
+from __future__ import annotations
+
+from moetrain.backends.base import Backend, build_backend_model
+
+
+def get_backend(name: str) -> Backend:
+    """The backend ``moe.backend=name`` selects."""
+    if name == "deepspeed":
+        from moetrain.backends.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend()
+    from moetrain.backends.native import NativeBackend
+
+    return NativeBackend()
+
+
+__all__ = ["Backend", "build_backend_model", "get_backend"]

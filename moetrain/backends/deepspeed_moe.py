@@ -36,6 +36,11 @@ class RouterGate(RoutingCore):
         self.ep_rank = ep_rank
         self._experts: list[nn.Module] = []  # DeepSpeed's Experts, held unregistered (it is not ours)
 
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        """This rank's expert modules (DeepSpeed's ``Experts.deepspeed_experts``)."""
+        return self._experts[0].deepspeed_experts
+
     def _set_ep_group(self, ep_group) -> None:  # called by DeepSpeed's MOELayer
         self.ep_group = ep_group
 
@@ -45,7 +50,7 @@ class RouterGate(RoutingCore):
     @torch.no_grad()
     def reset_parameters(self, std: float, out_std: float) -> None:
         """Same draws as the native layer; each local expert takes its slice (transposed to nn.Linear layout)."""
-        local = self._experts[0].deepspeed_experts
+        local = self.local_experts
         stacked = init_expert_slices(
             self, self.ep_rank, len(local), local[0].w1.in_features, local[0].w1.out_features, std, out_std
         )

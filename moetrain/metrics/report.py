@@ -6,6 +6,7 @@ utilization heatmap, one panel per stage) and ``pruning.png`` (each round's prof
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ COLUMNS = [
     ("experts/layer", "experts_per_layer", "{}"),
     ("params", "params", "{:,}"),
 ]
+
+log = logging.getLogger("moetrain")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -239,4 +242,26 @@ def write_report(
     ]
     files["report"] = run_dir / "report.md"
     files["report"].write_text("\n".join(lines))
+    return files
+
+
+def report_run(
+    run_dir: Path,
+    summaries: list[dict[str, Any]],
+    extra: dict[str, Any],
+    rounds: list[dict[str, Any]],
+    logging_cfg: Any,
+    logger: Any,
+) -> dict[str, Path]:
+    """The run's report (:func:`write_report`), with ``logging.baseline_run``'s summary as the reference row,
+    also sent to the metrics sinks (its plots and table)."""
+    baseline = None
+    if logging_cfg.baseline_run:  # a reference run (e.g. top2_baseline at the same total steps)
+        path = Path(logging_cfg.baseline_run)
+        baseline = {"name": path.name, **json.loads((path / "summary.json").read_text())}
+    files = write_report(run_dir, summaries, extra, rounds, baseline)
+    logger.log_report(
+        {k: v for k, v in files.items() if v.suffix == ".png"}, [c for c, _, _ in COLUMNS], table_rows(summaries)
+    )
+    log.info("report: %s", files["report"])
     return files

@@ -55,6 +55,10 @@ class RoutingMetrics:
         """Collective: every rank must call it at the same step. Returns the interval's metrics."""
         return metrics_from_sums(self.reduce_and_reset_sums(), self.E)
 
+    def metrics(self, sums_LX: torch.Tensor) -> dict[str, float | list[float]]:
+        """The metrics of a reduced table (:func:`metrics_from_sums`)."""
+        return metrics_from_sums(sums_LX, self.E)
+
 
 def metrics_from_sums(sums_LX: torch.Tensor, E: int) -> dict[str, float | list[float]]:
     out: dict[str, float | list[float]] = {}

@@ -9,9 +9,11 @@ No parallelism code lives here: the layers are plain modules; distribution is th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -93,14 +95,11 @@ def moe_layer_config(moe: MoEConfig, moe_index: int) -> MoEConfig:
     return replace(moe, num_experts=moe.experts_in_layer(moe_index), expert_ids=[])
 
 
-def build_moe_ffn(cfg: ModelConfig, moe: MoEConfig, ep_group=None, ep_size: int = 1) -> nn.Module:
-    """One MoE FFN of ``moe.num_experts`` experts on the configured backend."""
-    if moe.backend == "deepspeed":
-        from moetrain.backends.deepspeed_moe import DeepSpeedMoELayer
+MoEFFN = Callable[[ModelConfig, MoEConfig, "dist.ProcessGroup | None", int], nn.Module]
 
-        # DeepSpeed's expert-parallel groups are consecutive ranks: the expert-parallel rank is rank % size
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        return DeepSpeedMoELayer(cfg.d_model, cfg.d_ff, moe, ep_size, rank % ep_size)
+
+def native_moe_ffn(cfg: ModelConfig, moe: MoEConfig, ep_group=None, ep_size: int = 1) -> nn.Module:
+    """One MoE FFN of ``moe.num_experts`` experts: our own layer (other backends pass their constructor)."""
     return MoELayer(cfg.d_model, cfg.d_ff, moe, ep_group=ep_group)
 
 
@@ -113,9 +112,12 @@ class ModelOutput:
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, ep_group=None, ep_size: int = 1) -> None:
+    def __init__(
+        self, cfg: ModelConfig, moe: MoEConfig, ep_group=None, ep_size: int = 1, moe_ffn: MoEFFN = native_moe_ffn
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.moe_ffn = moe_ffn  # the backend's MoE FFN constructor (a pruned layer is rebuilt with it)
         # Initial weights depend only on the RNG state at entry, not on what the modules' constructors draw
         # (DeepSpeed's experts build nn.Linear layers, ours do not): every backend starts from the same weights.
         rng_at_entry = torch.get_rng_state()
@@ -135,11 +137,10 @@ class MoETransformer(nn.Module):
         torch.set_rng_state(rng_at_entry)
         self.reset_parameters()
 
-    @staticmethod
-    def _ffn(i: int, cfg: ModelConfig, moe: MoEConfig, ep_group, ep_size: int) -> nn.Module:
+    def _ffn(self, i: int, cfg: ModelConfig, moe: MoEConfig, ep_group, ep_size: int) -> nn.Module:
         if not is_moe_layer(i, cfg):
             return DenseFFN(cfg.d_model, cfg.dense_d_ff or cfg.d_ff)
-        return build_moe_ffn(cfg, moe, ep_group, ep_size)
+        return self.moe_ffn(cfg, moe, ep_group, ep_size)
 
     @staticmethod
     def _shared(i: int, cfg: ModelConfig) -> SharedExpert | None:
@@ -189,7 +190,9 @@ class MoETransformer(nn.Module):
         return ModelOutput(logits, aux, z, stats)
 
 
-def build_model(cfg: ModelConfig, moe: MoEConfig, ep_group=None, ep_size: int = 1) -> MoETransformer:
-    """The model. Native MoE layers hold only this rank's experts of ``ep_group``; DeepSpeed MoE layers
-    are built for ``ep_size`` and get their group when the engine starts."""
-    return MoETransformer(cfg, moe, ep_group, ep_size)
+def build_model(
+    cfg: ModelConfig, moe: MoEConfig, ep_group=None, ep_size: int = 1, moe_ffn: MoEFFN = native_moe_ffn
+) -> MoETransformer:
+    """The model, its MoE FFNs built by ``moe_ffn`` (default: the native layer, which holds only this rank's
+    experts of ``ep_group``; :func:`moetrain.backends.build_backend_model` passes the configured backend's)."""
+    return MoETransformer(cfg, moe, ep_group, ep_size, moe_ffn)

@@ -7,11 +7,16 @@ as in Hinton et al.). Applies in every step after the teacher is taken.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import DistillConfig
+from moetrain.surgery.teacher import TeacherState
+from moetrain.train.engine import build_model_for_engine
+from moetrain.train.model_state import ModelState
 
 
 def distillation_kl(student_BSV: torch.Tensor, teacher_BSV: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -41,6 +46,20 @@ class Distiller:
             p.requires_grad_(False)
         self.teacher = teacher
         self.teacher_expert_ids = [list(ids) for ids in expert_ids]
+
+    def build_teacher(self, state: ModelState, expert_ids: list[list[int]], from_model: bool) -> None:
+        """A frozen copy of the run's model with the ``expert_ids`` structure: weights copied from the live
+        model (``from_model``), or loaded later from a checkpoint (:meth:`checkpoint_component`)."""
+        cfg = replace(state.cfg, moe=replace(state.cfg.moe, expert_ids=expert_ids))
+        teacher, _ = build_model_for_engine(cfg)
+        state.backend.join_groups(teacher)  # outside an engine: the teacher joins its expert-parallel groups here
+        if from_model:
+            teacher.load_state_dict(state.model.state_dict())
+        self.set_teacher(teacher, expert_ids)
+
+    def checkpoint_component(self, rank: int) -> TeacherState | None:
+        """What saves and loads this rank's teacher weights in a checkpoint (None: no teacher)."""
+        return TeacherState(self.teacher, rank) if self.teacher is not None else None
 
     def drop_teacher(self) -> None:
         """No teacher again (a pruning round that took it was rolled back)."""

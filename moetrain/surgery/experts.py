@@ -21,7 +21,7 @@ from torch import nn
 
 from moetrain.config import MoEConfig
 from moetrain.model.moe import MoELayer, RoutingCore
-from moetrain.model.transformer import MoETransformer, build_moe_ffn
+from moetrain.model.transformer import MoETransformer
 
 STACKS = ("w1_EDF", "w3_EDF", "w2_EFD")
 _LINEAR = {"w1_EDF": "w1", "w3_EDF": "w3", "w2_EFD": "w2"}
@@ -44,7 +44,7 @@ def expert_pieces(core: RoutingCore) -> dict[str, list[tuple[nn.Parameter, bool]
     if isinstance(core, MoELayer):
         experts = core.experts
         return {name: [(base_parameter(experts, name), False)] for name in STACKS}
-    local = core._experts[0].deepspeed_experts
+    local = core.local_experts
     return {name: [(base_parameter(getattr(e, _LINEAR[name]), "weight"), True) for e in local] for name in STACKS}
 
 
@@ -157,7 +157,7 @@ def _prune_layer(model, block, ids: list[int], moe: MoEConfig, ep_size: int, ep_
     bias = core.router.bias_E[idx].clone()
 
     with torch.random.fork_rng():  # building modules must not move the training RNG
-        block.ffn = build_moe_ffn(model.cfg, moe, ep_group, ep_size)
+        block.ffn = model.moe_ffn(model.cfg, moe, ep_group, ep_size)  # the model's backend
     new_core = routing_core(block.ffn)
     write_local_stacks(new_core, weights, _copy_into)
     _copy_into(new_core.router.weight_ED, router_rows)

@@ -24,25 +24,27 @@ import zlib
 import torch
 from torch import nn
 
-from moetrain.config import LoRAConfig
+from moetrain.backends import Backend, get_backend
+from moetrain.config import LoRAConfig, StageConfig
 from moetrain.surgery.experts import ep_group_of, routing_core
+from moetrain.surgery.ops import StructureOps
+from moetrain.train.stages import StageState
 
 # grouped-KV attention projections and DeepSeek's MLA projections (moetrain/model/attention.py)
 ATTENTION_MODULES = ["wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a", "wkv_b"]
 _SEED = 20240601
 
 
-def peft_config(cfg: LoRAConfig, backend: str):
+def peft_config(cfg: LoRAConfig, backend: Backend):
     from peft import LoraConfig
 
     params, patterns = [], []
     if "router" in cfg.targets:
         params.append("router.weight_ED")
     if "experts" in cfg.targets:
-        if backend == "deepspeed":
-            patterns.append(r".*\.deepspeed_experts\.\d+\.w[123]$")
-        else:
-            params += ["experts.w1_EDF", "experts.w3_EDF", "experts.w2_EFD"]
+        expert_params, expert_patterns = backend.lora_expert_targets()
+        params += expert_params
+        patterns += expert_patterns
     if "attention" in cfg.targets:
         patterns.append(r".*\.attn\.(" + "|".join(ATTENTION_MODULES) + r")$")
     return LoraConfig(
@@ -60,7 +62,7 @@ class LoRAAdapters:
 
     def __init__(self, cfg: LoRAConfig, backend: str) -> None:
         self.cfg = cfg
-        self.backend = backend
+        self.backend = get_backend(backend)
         self.tuner = None
 
     @property
@@ -148,12 +150,25 @@ def _base_weight(module: nn.Module) -> torch.Tensor:
 
 
 class LoRAStageHook:
-    """Stages with ``lora: true``: adapters attached when the stage starts, merged when it ends."""
+    """Stages with ``lora: true``: adapters attached when the stage starts, merged when it ends. Stateless: a
+    checkpoint inside a LoRA stage records the adapters in its structure."""
 
-    def on_stage_start(self, trainer, state) -> None:
-        if trainer.schedule.stages[state.index].lora:
-            trainer.attach_adapters()
+    state_key = None
+    summary_key = None
 
-    def on_stage_end(self, trainer, state) -> None:
-        if trainer.schedule.stages[state.index].lora:
-            trainer.merge_adapters()
+    def on_stage_start(self, ops: StructureOps, state: StageState, stage: StageConfig) -> None:
+        if stage.lora:
+            ops.attach_adapters()
+
+    def on_stage_end(self, ops: StructureOps, state: StageState, stage: StageConfig) -> None:
+        if stage.lora:
+            ops.merge_adapters()
+
+    def records(self) -> list[dict]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
-from moetrain.config import PruneConfig
+from moetrain.config import PruneConfig, StageConfig
 from moetrain.runtime.distributed import all_reduce_sum, barrier
 from moetrain.surgery.experts import expert_pieces
+from moetrain.surgery.ops import StructureOps
 from moetrain.train.checkpoint import fault_requested
 from moetrain.train.stages import StageState
 
@@ -72,18 +73,17 @@ class ExpertProfile:
 
 
 @torch.no_grad()
-def profile_experts(engine, moe_layers, batches) -> ExpertProfile:
-    """Collective. Run ``batches`` through the model in eval mode with no capacity limit and sum each layer's
-    routing statistics over every rank."""
+def profile_experts(forward, moe_layers, batches) -> ExpertProfile:
+    """Collective. Run ``batches`` through ``forward`` (the model in eval mode) with no capacity limit and sum
+    each layer's routing statistics over every rank."""
     saved = [layer.eval_capacity_factor for layer in moe_layers]
-    engine.eval()
     sizes = [layer.num_experts for layer in moe_layers]
     sums = torch.zeros(sum(3 * e for e in sizes) + 1, dtype=torch.float64)
     try:
         for layer in moe_layers:
             layer.eval_capacity_factor = None  # every routed assignment is computed: saliency sees them all
         for inputs, _ in batches:
-            out = engine(inputs.to(engine.device))
+            out = forward(inputs)
             parts = []
             for s in out.moe_stats:
                 parts += [s.routed_per_expert_E, s.gate_mass_E, s.saliency_sum_E]
@@ -125,33 +125,55 @@ def select_survivors(shares: list[torch.Tensor], cfg: PruneConfig, ep_size: int)
     return [[e for e in range(n) if e not in set(gone)] for n, gone in zip(sizes, removed)]
 
 
+def prune_round_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """A round as a metrics event (W&B and ``metrics.jsonl``)."""
+    return {
+        "event": "prune_round",
+        "prune/round": record["round"],
+        "prune/outcome": record["outcome"],
+        "prune/val_loss_before": record["val_loss_before"],
+        "prune/val_loss_after": record["val_loss_after"],
+        # per-layer lists of different lengths: logged as JSON text, shares as histograms
+        "prune/experts_after": {"per_layer": record["experts_after"]},
+        "prune/removed": {"per_layer": record["removed"]},
+        **{f"prune/layer{j}/share": sh for j, sh in enumerate(record["shares"])},
+    }
+
+
 class PruneHook:
-    """Runs a pruning round at the start of every stage with ``prune: true``."""
+    """Runs a pruning round at the start of every stage with ``prune: true``; its rounds are the records the
+    run's summary and report show, and its checkpointed state."""
+
+    state_key = "prune"
+    summary_key = "prune_rounds"
 
     def __init__(self, cfg: PruneConfig) -> None:
         self.cfg = cfg
         self.rounds: list[dict[str, Any]] = []
 
-    def on_stage_start(self, trainer, state: StageState) -> None:
-        if trainer.schedule.stages[state.index].prune:
-            self.run_round(trainer, state)
+    def on_stage_start(self, ops: StructureOps, state: StageState, stage: StageConfig) -> None:
+        if stage.prune:
+            self.run_round(ops, state)
 
-    def on_stage_end(self, trainer, state: StageState) -> None:
+    def on_stage_end(self, ops: StructureOps, state: StageState, stage: StageConfig) -> None:
         pass
 
-    def run_round(self, trainer, state: StageState) -> dict[str, Any]:
-        cfg, env = self.cfg, trainer.env
+    def records(self) -> list[dict[str, Any]]:
+        return self.rounds
+
+    def run_round(self, ops: StructureOps, state: StageState) -> dict[str, Any]:
+        cfg = self.cfg
         number = len(self.rounds) + 1
-        before_ids = [list(ids) for ids in trainer.expert_ids()]
-        v0 = trainer.validate()
-        snapshot = trainer.save_snapshot(f"pre_prune_round{number}")
-        profile = profile_experts(trainer.engine, trainer.moe_layers, trainer.data.profile_batches(cfg.profile_tokens))
+        before_ids = [list(ids) for ids in ops.expert_ids()]
+        v0 = ops.validate()
+        snapshot = ops.snapshot(f"pre_prune_round{number}")
+        profile = profile_experts(ops.forward, ops.moe_layers(), ops.profile_batches(cfg.profile_tokens))
         shares = profile.shares(cfg.criterion)
-        keep = select_survivors(shares, cfg, trainer.cfg.parallel.ep_size)
+        keep = select_survivors(shares, cfg, ops.ep_size)
         record: dict[str, Any] = {
             "round": number,
             "stage": state.name,
-            "step": trainer.step,
+            "step": ops.step,
             "criterion": cfg.criterion,
             "val_loss_before": v0,
             "experts_before": [len(ids) for ids in before_ids],
@@ -166,24 +188,24 @@ class PruneHook:
         if all(len(k) == len(ids) for k, ids in zip(keep, before_ids)):
             record.update(val_loss_after=v0, experts_after=record["experts_before"], outcome="nothing to prune")
         else:
-            trainer.remove_experts(keep)
+            ops.remove_experts(keep)
             if fault_requested("hurt-prune-round", number):  # tests: make this round damage the model
                 with torch.no_grad():
-                    for layer in trainer.moe_layers:
+                    for layer in ops.moe_layers():
                         for p, _ in expert_pieces(layer)["w2_EFD"]:
                             p.mul_(100.0)
-            v1 = trainer.validate()
+            v1 = ops.validate()
             record.update(val_loss_after=v1, experts_after=[len(k) for k in keep])
             if v1 - v0 > cfg.max_loss_increase:
-                trainer.restore_snapshot(snapshot)
-                record["val_loss_restored"] = trainer.validate()  # equals val_loss_before: nothing of the round stays
+                ops.restore(snapshot)
+                record["val_loss_restored"] = ops.validate()  # equals val_loss_before: nothing of the round stays
                 record["outcome"] = (
                     f"rolled back (loss +{v1 - v0:.4f} > prune.max_loss_increase={cfg.max_loss_increase})"
                 )
             else:
                 record["outcome"] = "kept"
         barrier()  # every rank is done with the snapshot
-        if env.is_main:
+        if ops.is_main:
             shutil.rmtree(snapshot, ignore_errors=True)
             log.info(
                 "prune round %d (%s): experts per layer %s -> %s, val loss %.4f -> %.4f: %s",
@@ -195,7 +217,7 @@ class PruneHook:
                 record["val_loss_after"],
                 record["outcome"],
             )
-        trainer.log_prune_round(record)
+        ops.log(prune_round_metrics(record))
         self.rounds.append(record)
         return record
 

@@ -1,5 +1,4 @@
-"""State that goes with a structure change: the distillation teacher's weights (per rank, safetensors) and
-the model's global parameter count."""
+"""The distillation teacher's weights as a checkpoint component (per rank, safetensors)."""
 
 from __future__ import annotations
 
@@ -7,12 +6,6 @@ import os
 from pathlib import Path
 
 from torch import nn
-
-
-def count_parameters(model: nn.Module, ep_size: int) -> int:
-    """Parameters of the whole model: expert-parallel shards (tagged ``allreduce=False``) count ``ep_size``
-    times, since every rank of an expert-parallel group holds different experts."""
-    return sum(p.numel() * (ep_size if getattr(p, "allreduce", True) is False else 1) for p in model.parameters())
 
 
 class TeacherState:

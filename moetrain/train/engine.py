@@ -6,15 +6,20 @@ DeepSpeed owns mixed precision, ZeRO partitioning, gradient accumulation, clippi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from moetrain.config import TrainConfig
+from moetrain.backends import build_backend_model, get_backend
+from moetrain.config import ParallelConfig, TrainConfig
 from moetrain.train.lr import lr_multiplier
 from moetrain.train.stages import StageSchedule
+
+# loads a model's starting weights (model.init_from), given by the entry: the HF reader is a layer above
+InitWeights = Callable[[nn.Module, TrainConfig], None]
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -62,23 +67,16 @@ def parameter_groups(model: nn.Module, weight_decay: float, schedule: StageSched
     return [g for g in groups if g["params"]]
 
 
-def build_model_for_engine(cfg: TrainConfig, load_init: bool = True):
-    """The model (from ``model.init_from`` when set and ``load_init``), sharded over ``parallel.ep_size`` ranks
-    when asked, with its expert-parallel parameters declared to DeepSpeed. Returns (model, expert-shard
+def build_model_for_engine(cfg: TrainConfig, init_weights: InitWeights | None = None):
+    """The model on the configured backend, sharded over ``parallel.ep_size`` ranks when asked, with its
+    expert-parallel parameters declared to DeepSpeed; ``init_weights(model, cfg)`` loads the starting weights
+    (``model.init_from``; passed in by the entry, None: keep the fresh init). Returns (model, expert-shard
     checkpoint component or None)."""
-    from moetrain.model import build_model
-
-    ep_group = None
-    if cfg.moe.backend == "native" and cfg.parallel.ep_size > 1:
-        from moetrain.backends.deepspeed_ep import create_expert_parallel_groups
-
-        ep_group = create_expert_parallel_groups(cfg.parallel.ep_size)
-    # DeepSpeed's MoE layers are built for ep_size and get their group when the engine starts
-    model = build_model(cfg.model, cfg.moe, ep_group, ep_size=cfg.parallel.ep_size)
-    if cfg.model.init_from and load_init:
-        from moetrain.interop.hf import load_hf_weights
-
-        load_hf_weights(model, cfg)
+    backend = get_backend(cfg.moe.backend)
+    ep_group = backend.expert_group(cfg.parallel.ep_size)
+    model = build_backend_model(backend, cfg.model, cfg.moe, ep_group, ep_size=cfg.parallel.ep_size)
+    if init_weights is not None:
+        init_weights(model, cfg)
     return model, prepare_model_for_engine(model, cfg)
 
 
@@ -86,14 +84,7 @@ def prepare_model_for_engine(model: nn.Module, cfg: TrainConfig):
     """Declare native expert-parallel parameters (expert weights and their adapters) to DeepSpeed; returns the
     component that checkpoints their shards (None without native expert parallelism). Run again after a
     structure change (pruning, adapters)."""
-    if cfg.moe.backend == "deepspeed":  # DeepSpeed's layer tags its experts and checkpoints them per expert
-        return None
-    if cfg.parallel.ep_size == 1:
-        return None
-    from moetrain.backends.deepspeed_ep import ExpertShards, mark_expert_parameters
-
-    mark_expert_parameters(model, cfg.parallel.ep_size)
-    return ExpertShards(model, cfg.parallel.ep_size)
+    return get_backend(cfg.moe.backend).declare_experts(model, cfg.parallel.ep_size)
 
 
 def group_lr_factor(step: int, cfg: TrainConfig, stages: StageSchedule, frozen_by_stage: tuple[bool, ...]) -> float:
@@ -124,3 +115,24 @@ def build_engine(model: nn.Module, cfg: TrainConfig, stages: StageSchedule):
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
     )
     return engine
+
+
+def grad_norm_before_clipping(model: nn.Module, moe_layers: list, parallel: ParallelConfig) -> float:
+    """Global L2 norm of the gradients before clipping, read after DeepSpeed's gradient all-reduce (NaN where
+    the engine's optimizer measures it during ``step``: ZeRO and bf16, ``get_global_grad_norm`` after).
+
+    For plain fp32 ZeRO-0 the averaged gradients are on every rank: replicated parameters count once,
+    expert-parallel shards are summed over their expert-parallel group.
+    """
+    if parallel.zero_stage > 0 or parallel.dtype != "fp32":
+        return float("nan")
+    sq = torch.zeros(2, dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            sq[int(getattr(p, "allreduce", True) is False)] += p.grad.detach().double().pow(2).sum().cpu()
+    ep_group = moe_layers[0].ep_group if moe_layers else None
+    if ep_group is not None:
+        expert_sq = sq[1:].clone()
+        torch.distributed.all_reduce(expert_sq, group=ep_group)
+        sq[1] = expert_sq[0]
+    return float(sq.sum().sqrt())

@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from moetrain.metrics.routing import RoutingMetrics, metrics_from_sums
 from moetrain.model.moe import MoEStats, RoutingCore
 from moetrain.runtime.distributed import all_reduce_sum
+from moetrain.train.components import RoutingTable, StageHook
 from moetrain.train.stages import RUNTIME_MOE_KEYS, StageSchedule, StageState
 
 log = logging.getLogger("moetrain")
-
-
-class StageHook(Protocol):
-    """A structural action at stage boundaries (pruning, adapters). ``on_stage_end`` runs after the ending
-    stage is summarised, ``on_stage_start`` once the next stage's schedule is applied."""
-
-    def on_stage_start(self, trainer, state: StageState) -> None: ...
-
-    def on_stage_end(self, trainer, state: StageState) -> None: ...
 
 
 def expert_ffn_flops_per_token(sums_LX: torch.Tensor, num_experts: int, d_model: int, d_ff: int) -> float:
@@ -50,16 +42,19 @@ class StageRunner:
         d_ff: int,
         is_main: bool,
         num_experts: int,
+        routing_table: Callable[[int, int], RoutingTable],
         hooks: list[StageHook] | None = None,
     ) -> None:
-        """``num_experts``: width of the routing tables (the unpruned expert count)."""
+        """``num_experts``: width of the routing tables (the unpruned expert count); ``routing_table``: makes
+        the per-stage table of routing sums. ``hooks`` run at boundaries (``on_stage_end`` after the ending
+        stage is summarised, ``on_stage_start`` once the next stage's schedule is applied)."""
         self.schedule = schedule
         self.is_main = is_main
         self.moe_layers = moe_layers
         self.E = num_experts
         self.d_model, self.d_ff = d_model, d_ff
         self.hooks = hooks or []
-        self.stage_routing = RoutingMetrics(len(moe_layers), self.E)
+        self.stage_routing = routing_table(len(moe_layers), self.E)
         self.seconds = 0.0
         self.tokens = 0
         self.summaries: list[dict[str, Any]] = []  # closed stages, in order
@@ -97,7 +92,7 @@ class StageRunner:
         """Collective (all-reduces the stage's routing sums). Summarise the stage that ends at ``step``."""
         state = self.schedule.at(step - 1)
         sums = self.stage_routing.reduce_and_reset_sums()
-        routing = metrics_from_sums(sums, self.E) if self.E else {}
+        routing = self.stage_routing.metrics(sums) if self.E else {}
         L = sums.shape[0]
         utilization = []
         for i in range(L):
@@ -122,13 +117,13 @@ class StageRunner:
         self.seconds, self.tokens = 0.0, 0
         return summary
 
-    def end_stage(self, trainer, step: int) -> None:
-        """Run the hooks of the stage that ends at ``step`` (after :meth:`close_stage`)."""
+    def end_stage(self, ops: Any, step: int) -> None:
+        """Run the hooks of the stage that ends at ``step`` (after :meth:`close_stage`) on ``ops``."""
         state = self.schedule.at(step - 1)
         for hook in self.hooks:
-            hook.on_stage_end(trainer, state)
+            hook.on_stage_end(ops, state, self.schedule.stages[state.index])
 
-    def begin_stage(self, trainer, step: int) -> dict[str, Any]:
+    def begin_stage(self, ops: Any, step: int) -> dict[str, Any]:
         """Apply the new stage, run its hooks, and describe what changed (for the log line and the event)."""
         before = self.schedule.at(step - 1)
         after = self.apply(step)
@@ -143,7 +138,7 @@ class StageRunner:
             if getattr(stage, action):
                 changes[action] = [False, True]
         for hook in self.hooks:
-            hook.on_stage_start(trainer, after)
+            hook.on_stage_start(ops, after, stage)
         return {"stage": after.name, "index": after.index, "changes": changes}
 
     # ------------------------------------------------------------------ checkpoint

@@ -220,7 +220,7 @@ def test_staged_run_two_ranks_resumes_exactly_and_reports(tmp_path):
     import subprocess
 
     import torch
-    from conftest import launcher_env
+    from helpers.launch import launcher_env
 
     run_launcher([*DEEPSPEED_2, TRAIN, *STAGED, f"hydra.run.dir={tmp_path}/a"], tmp_path)
     full = read_metrics(tmp_path / "a")
@@ -304,7 +304,7 @@ def test_bad_data_path_stops_every_rank_with_one_line(tmp_path):
     """Rank 0 finds the problem while loading data; the other rank must not hang at a barrier."""
     import subprocess
 
-    from conftest import launcher_env
+    from helpers.launch import launcher_env
 
     cmd = [
         str(BIN / "torchrun"),

@@ -192,7 +192,7 @@ def test_top1_prune_two_ranks_exports_reloads_and_resumes(tmp_path):
 
     model, model_cfg, moe_cfg = load_exported(full / "export")
     assert [layer.num_experts for layer in model.moe_layers()] == s["experts_per_layer"]
-    from conftest import compose_config
+    from helpers.configs import compose_config
 
     cfg = compose_config([*PRUNE_FAST])
     cfg.data.cache_dir = str(ROOT / ".pytest_cache" / "moetrain-data")

@@ -29,7 +29,7 @@ def moe_parts(model: nn.Module) -> Iterator[tuple[int, RoutingCore, nn.ModuleLis
     for i, block in enumerate(model.layers):
         core = routing_core(block.ffn)
         if core is not None:
-            yield i, core, None if isinstance(core, MoELayer) else core._experts[0].deepspeed_experts
+            yield i, core, None if isinstance(core, MoELayer) else core.local_experts
 
 
 def to_model_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,112 @@
+"""The interfaces of what the trainer is given from the layers above it (surgery, metrics, interop): it calls
+them, never imports them. :func:`moetrain.interop.entry.build_trainer` assembles the real ones; tests may pass
+fakes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+from moetrain.config import ModelConfig, MoEConfig, StageConfig
+from moetrain.model.moe import MoEStats
+from moetrain.train.stages import StageState
+
+if TYPE_CHECKING:
+    from moetrain.train.model_state import ModelState
+
+
+class MetricsLogger(Protocol):
+    """Where metrics go (W&B, ``metrics.jsonl``); a no-op on ranks other than 0."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+
+    def log_report(self, images: dict[str, Path], columns: list[str], rows: list[list[str]]) -> None: ...
+
+    def wandb_location(self) -> str | None: ...
+
+    def finish(self) -> None: ...
+
+
+class RoutingTable(Protocol):
+    """Routing statistics summed over forwards, reduced over ranks on demand (collective)."""
+
+    sums_LX: torch.Tensor
+
+    def update(self, stats: list[MoEStats]) -> None: ...
+
+    def reduce_and_reset(self) -> dict[str, Any]: ...
+
+    def reduce_and_reset_sums(self) -> torch.Tensor: ...
+
+
+class Adapters(Protocol):
+    """LoRA adapters of one model: attached, merged into the weights, and whether they are on now."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def attach(self, model: nn.Module) -> int: ...
+
+    def merge(self, model: nn.Module) -> None: ...
+
+
+class Distillation(Protocol):
+    """A frozen teacher and the distillation term against it."""
+
+    @property
+    def active(self) -> bool: ...
+
+    teacher_expert_ids: list[list[int]] | None
+
+    def kl(self, student_BSV: torch.Tensor, inputs_BS: torch.Tensor) -> torch.Tensor: ...
+
+    def build_teacher(self, state: ModelState, expert_ids: list[list[int]], from_model: bool) -> None: ...
+
+    def drop_teacher(self) -> None: ...
+
+    def checkpoint_component(self, rank: int) -> Any | None: ...
+
+
+class StageHook(Protocol):
+    """A structural action at stage boundaries (pruning, adapters), acting through ``ops`` (a
+    ``surgery.ops.StructureOps``). ``state_key``: where its state goes in a checkpoint (None: stateless);
+    ``summary_key``: where its records go in the run's summary (None: none)."""
+
+    state_key: str | None
+    summary_key: str | None
+
+    def on_stage_start(self, ops: Any, state: StageState, stage: StageConfig) -> None: ...
+
+    def on_stage_end(self, ops: Any, state: StageState, stage: StageConfig) -> None: ...
+
+    def records(self) -> list[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+Exporter = Callable[[nn.Module, ModelConfig, MoEConfig, Path, bool], Path]
+# (run_dir, stage summaries, extra rows, structural records, baseline run folder or None, logger) -> report path
+Reporter = Callable[[Path, list[dict[str, Any]], dict[str, Any], list[dict[str, Any]], Any, MetricsLogger], Any]
+
+
+@dataclass
+class RunComponents:
+    """Everything the trainer is given. ``structure_ops`` makes the interface the hooks act through from the
+    trainer's model state and its validation; ``init_weights`` loads ``model.init_from``."""
+
+    logger: MetricsLogger
+    routing_table: Callable[[int, int], RoutingTable]
+    adapters: Adapters
+    distiller: Distillation
+    structure_ops: Callable[..., Any]
+    exporter: Exporter
+    reporter: Reporter
+    hooks: list[StageHook] = field(default_factory=list)
+    init_weights: Callable[[nn.Module, Any], None] | None = None
