@@ -29,6 +29,7 @@ demo: setup
 	$(BIN)/python launch/demo.py
 
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra tests
 
 test-fast: setup
@@ -42,6 +43,7 @@ slurm-down:
 	bash launch/slurm/local_cluster.sh down
 
 lint: setup
+	$(BIN)/lint-imports
 	$(BIN)/ruff check moetrain launch tests
 	$(BIN)/ruff format --check moetrain launch tests
 

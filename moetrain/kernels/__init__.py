@@ -5,6 +5,7 @@ ATen ops (``torch._grouped_mm``, a per-expert loop) live in ``aten``, the opt-in
 bindings and the CPU process settings in ``cpu/``. It may import ``config`` and ``runtime``.
 """
 
-from moetrain.kernels.registry import ExpertKernel, expert_kernel, prepare_process
+from moetrain.kernels.kernel import ExpertKernel
+from moetrain.kernels.registry import expert_kernel, prepare_process
 
 __all__ = ["ExpertKernel", "expert_kernel", "prepare_process"]

@@ -134,9 +134,59 @@ def prune_model(
     return per_param
 
 
-def _prune_layer(model, block, ids: list[int], moe: MoEConfig, ep_size: int, ep_group, per_param) -> None:
+def merge_model(
+    model: MoETransformer,
+    moe: MoEConfig,
+    groups: list[list[list[int]]],
+    weights: list[torch.Tensor],
+    ep_size: int,
+    ep_group: dist.ProcessGroup | None,
+    per_param: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Merge experts in place: MoE layer j becomes one expert per group of ``groups[j]`` (lists of current
+    expert indices covering each expert at most once), in that order. A merged expert's w1, w3, w2 are the
+    ``weights[j]``-weighted mean of its members' (``W = sum_i w_i W_i / sum_i w_i``, e.g. ``w`` the routing
+    frequencies, as M-SMoE and HC-SMoE merge); its router row and selection bias are those of the group's
+    first member (the dominant expert: the caller orders each group). Optimizer moments (``per_param``) are
+    mixed with the same weights. Collective."""
+    per_param = dict(per_param or {})
+    blocks = [block for block in model.layers if routing_core(block.ffn) is not None]
+    if len(groups) != len(blocks) or len(weights) != len(blocks):
+        raise ValueError(f"merge_model: {len(groups)} group lists, {len(weights)} weights for {len(blocks)} layers")
+    for block, layer_groups, w_E in zip(blocks, groups, weights):
+        E = routing_core(block.ffn).num_experts
+        members = [e for g in layer_groups for e in g]
+        if (
+            sorted(set(members)) != sorted(members)
+            or not all(0 <= e < E for e in members)
+            or min(map(len, layer_groups)) < 1
+        ):
+            raise ValueError(
+                f"merge_model: groups {layer_groups} must be non-empty and cover experts 0..{E - 1} at most once"
+            )
+        mix = torch.zeros(len(layer_groups), E, dtype=torch.float64)
+        for n, g in enumerate(layer_groups):
+            w = w_E.double()[g].clamp_min(0)
+            mix[n, g] = w / w.sum() if float(w.sum()) > 0 else 1.0 / len(g)
+        firsts = [g[0] for g in layer_groups]
+        layer_moe = replace(moe, num_experts=len(layer_groups), expert_ids=[])
+        _prune_layer(model, block, firsts, layer_moe, ep_size, ep_group, per_param, mix)
+    return per_param
+
+
+def _prune_layer(
+    model, block, ids: list[int], moe: MoEConfig, ep_size: int, ep_group, per_param, mix: torch.Tensor | None = None
+) -> None:
+    """Rebuild one layer with ``len(ids)`` experts: expert n gets the router row and bias of old expert
+    ``ids[n]`` and its weights (``mix``: an (E_new, E_old) matrix, the weights ``mix @ old`` instead)."""
     core = routing_core(block.ffn)
     idx = torch.as_tensor(ids, dtype=torch.long)
+
+    def pick(full_E: torch.Tensor) -> torch.Tensor:
+        if mix is None:
+            return full_E[idx]
+        return torch.tensordot(mix.to(full_E.dtype), full_E, dims=1)
+
     group = ep_group_of(core)
     names = {id(p): n for n, p in model.named_parameters()}
     pieces = expert_pieces(core)
@@ -145,7 +195,7 @@ def _prune_layer(model, block, ids: list[int], moe: MoEConfig, ep_size: int, ep_
     def select(fetch: Fetch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Survivors of every expert stack (this rank's new slice) and of the router rows."""
         stacks = {
-            n: local_slice(gather_experts(read_local_stack(pc, fetch), group)[idx], group) for n, pc in pieces.items()
+            n: local_slice(pick(gather_experts(read_local_stack(pc, fetch), group)), group) for n, pc in pieces.items()
         }
         return stacks, fetch(router_w).detach()[idx]
 

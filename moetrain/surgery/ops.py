@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from moetrain.model.moe import RoutingCore
-from moetrain.surgery.experts import ep_group_of, prune_model
+from moetrain.surgery.experts import ep_group_of, merge_model, prune_model
 from moetrain.train.components import MetricsLogger
 from moetrain.train.model_state import ModelState
 from moetrain.train.optim_state import read_moments, write_moments
@@ -55,6 +55,11 @@ class StructureOps(Protocol):
 
     def remove_experts(self, keep: list[list[int]]) -> None:
         """MoE layer j keeps ``keep[j]`` (current indices, in their new order); optimizer moments carried."""
+        ...
+
+    def merge_experts(self, groups: list[list[list[int]]], weights: list[torch.Tensor]) -> None:
+        """MoE layer j becomes one expert per group of ``groups[j]`` (current indices, dominant first), its
+        weights the ``weights[j]``-weighted mean of the members'; optimizer moments mixed alike."""
         ...
 
     def attach_adapters(self) -> int: ...
@@ -108,6 +113,20 @@ class ModelStructureOps:
         return self._validate()
 
     def remove_experts(self, keep: list[list[int]]) -> None:
+        self._change_experts(
+            keep, lambda model, moe, ep, group, moments: prune_model(model, moe, keep, ep, group, moments)
+        )
+
+    def merge_experts(self, groups: list[list[list[int]]], weights: list[torch.Tensor]) -> None:
+        # a merged expert carries the id of its dominant (first) member
+        firsts = [[g[0] for g in layer] for layer in groups]
+        self._change_experts(
+            firsts, lambda model, moe, ep, group, moments: merge_model(model, moe, groups, weights, ep, group, moments)
+        )
+
+    def _change_experts(self, firsts: list[list[int]], change: Callable[..., dict]) -> None:
+        """Teacher first (distillation), then the change with the optimizer moments carried, the new structure
+        recorded (``moe.expert_ids``: per layer the original id of each new expert) and the engine rebuilt."""
         state, cfg = self.state, self.state.cfg
         if cfg.distill.enabled and state.distiller.teacher_expert_ids is None:
             state.distiller.build_teacher(state, state.expert_ids(), from_model=True)
@@ -115,8 +134,8 @@ class ModelStructureOps:
         old_ids = state.expert_ids()
         layers = state.moe_layers
         ep_group = ep_group_of(layers[0]) if layers else None
-        moments = prune_model(state.model, cfg.moe, keep, cfg.parallel.ep_size, ep_group, moments)
-        cfg.moe.expert_ids = [[ids[e] for e in k] for ids, k in zip(old_ids, keep)]
+        moments = change(state.model, cfg.moe, cfg.parallel.ep_size, ep_group, moments)
+        cfg.moe.expert_ids = [[ids[e] for e in k] for ids, k in zip(old_ids, firsts)]
         state.rebuild()
         write_moments(state.engine, state.model, moments, opt_step)
 

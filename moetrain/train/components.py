@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -15,9 +15,6 @@ from torch import nn
 from moetrain.config import ModelConfig, MoEConfig, StageConfig
 from moetrain.model.moe import MoEStats
 from moetrain.train.stages import StageState
-
-if TYPE_CHECKING:
-    from moetrain.train.model_state import ModelState
 
 
 class MetricsLogger(Protocol):
@@ -65,7 +62,10 @@ class Distillation(Protocol):
 
     def kl(self, student_BSV: torch.Tensor, inputs_BS: torch.Tensor) -> torch.Tensor: ...
 
-    def build_teacher(self, state: ModelState, expert_ids: list[list[int]], from_model: bool) -> None: ...
+    def build_teacher(self, state: Any, expert_ids: list[list[int]], from_model: bool) -> None:
+        """A frozen copy of ``state``'s model (a ``ModelState``, which holds this object: typed ``Any`` so that
+        the two modules do not import each other) with the ``expert_ids`` structure."""
+        ...
 
     def drop_teacher(self) -> None: ...
 

@@ -11,7 +11,7 @@ import torch
 
 from moetrain.kernels.cpu import experts as cpu_experts
 from moetrain.kernels.cpu import router as cpu_router
-from moetrain.kernels.registry import ExpertKernel
+from moetrain.kernels.kernel import ExpertKernel
 
 
 def _require_build() -> None:
