@@ -120,10 +120,9 @@ def kernel_linear_supported(x_TD: torch.Tensor, w_ED: torch.Tensor) -> bool:
 class KernelLinear(torch.autograd.Function):
     """``out_TE = x_TD @ w_ED.T`` and its two gradients on the kernel's own fp32 GEMM (the router's logits).
 
-    Why: these shapes have a long and a short side (T x D times D x E, E = 8-64), where MKL is slow here: 2
-    threads, 4096 tokens of d_model 256, warm, 0.85-1.04 ms per GEMM against 0.65-0.66 at 64 experts and
-    0.24-0.44 against 0.11-0.21 at 8. At 64 experts the three GEMMs are 4 % of the expert FLOPs at top-1 (2 % at
-    top-2). The GEMM reads B by contiguous rows, so the forward transposes the small weight (E x D) once."""
+    Why: these shapes have a long and a short side (T x D times D x E, E = 8-64), where MKL was measured slow
+    on the development machine (docs/benchmarks.md, "CPU process settings"). The GEMM reads B by contiguous
+    rows, so the forward transposes the small weight (E x D) once."""
 
     @staticmethod
     def forward(ctx, x_TD, w_ED):

@@ -1,11 +1,10 @@
-"""Process settings for training on CPU: intra-op threads and glibc's allocator.
+"""Process settings for training on CPU: intra-op threads, glibc's allocator and huge pages.
 
 Why the allocator: glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh
 ``mmap`` and returns it with ``munmap`` on free, so each such tensor is page-faulted and zero-filled by the
 kernel again on every step. PyTorch has no caching allocator on CPU, and an MoE layer allocates large
 tensors every step (the (E, D, F) expert weight gradients are 32 MiB each at E = 64, D = 256, F = 512).
-Measured on the 2-core machine (forward + backward of that layer, top-1, 4096 tokens): 76 ms with glibc's
-defaults, 66 ms cached; no difference at E = 8, whose blocks stay under the threshold (docs/benchmarks.md).
+What it buys is measured in docs/benchmarks.md ("CPU process settings").
 
 ``cached`` turns mmap off (``M_MMAP_MAX = 0``) and raises the trim threshold, so freed blocks stay in the
 heap and are reused: the CUDA caching allocator's trade, more resident memory for no page faults (the heap
@@ -17,12 +16,9 @@ that the expert kernel reads is on a page of its own (a row of an (F, D) or (D, 
 32-64 experts' weights (96-192 MiB) are far beyond what the TLB maps, so the reads that stream the weights from
 memory also wait on page walks. PyTorch's CPU allocator asks the kernel for transparent huge pages (2 MiB) for
 every tensor of 2 MiB or more when ``THP_MEM_ALLOC_ENABLE=1``, which it reads once, at its first CPU allocation
-of any size: so this must be set before the process allocates any tensor. Measured on the 2-core machine, the
-CPU expert kernel's forward + backward at 4096 tokens, top-1, in separate processes alternating with and without
-(two pairs): 64 experts of (256, 512) 70.0 -> 63.8 and 81.3 -> 76.6 ms, 32 experts of (512, 1024) 269 -> 243 and
-305 -> 268 ms, 8 experts of (256, 512) 69.1 -> 63.0 and 76.9 -> 72.2 ms. It needs Linux with transparent huge
-pages in ``madvise`` or ``always`` mode (``/sys/kernel/mm/transparent_hugepage/enabled``); elsewhere nothing
-changes.
+of any size: so this must be set before the process allocates any tensor (measured in docs/benchmarks.md,
+"CPU process settings"). It needs Linux with transparent huge pages in ``madvise`` or ``always`` mode
+(``/sys/kernel/mm/transparent_hugepage/enabled``); elsewhere nothing changes.
 """
 
 from __future__ import annotations
