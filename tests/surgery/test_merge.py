@@ -6,18 +6,12 @@ from __future__ import annotations
 import copy
 
 import torch
+from test_pruning import tiny_model
 
-from moetrain.config import ModelConfig, MoEConfig
-from moetrain.model import build_model
+from moetrain.config import MoEConfig
 from moetrain.surgery.experts import full_expert_stacks, merge_model, prune_model
 
 STACKS = ("w1_EDF", "w3_EDF", "w2_EFD")
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, vocab_size=300, seq_len=16)
-    return build_model(cfg, MoEConfig(num_experts=4, top_k=2))
 
 
 def test_merged_experts_are_the_weighted_mean_and_keep_the_dominant_router_row():
