@@ -2,12 +2,16 @@
 fails there with the allowed values (``Invalid value 'tutel', expected one of [native, deepspeed]``).
 
 Members are named as their values, so recipes and the command line spell them as before. They are ``str``
-subclasses: ``cfg.moe.backend == "native"`` and f-strings read as plain strings.
+subclasses: ``cfg.moe.backend == "native"``, ``in ("a", "b")``, dict lookups keyed by strings (a member hashes
+as its value) and f-strings read as plain strings. :func:`plain` turns them into plain strings where a config
+leaves the process (checkpoints, JSON files).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, is_dataclass
 from enum import Enum
+from typing import Any
 
 
 class Choice(str, Enum):
@@ -24,6 +28,20 @@ class Choice(str, Enum):
         return tuple(m.value for m in cls)
 
 
+def plain(obj: Any) -> Any:
+    """``obj`` with dataclasses as dicts (as :func:`dataclasses.asdict`) and every Enum as its value, inside
+    dicts, lists and tuples too: what ``torch.load(weights_only=True)``, JSON and YAML read back."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        obj = asdict(obj)
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {plain(k): plain(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(plain(v) for v in obj)
+    return obj
+
+
 class ExpertImpl(Choice):
     """``moe.expert_impl``: how the expert FFN (and the router's logits GEMM) runs (moetrain/kernels)."""
 
@@ -31,3 +49,116 @@ class ExpertImpl(Choice):
     cpu_kernel = "cpu_kernel"  # the C++ CPU kernel (moetrain/kernels/cpu), opt-in
     grouped_mm = "grouped_mm"  # torch._grouped_mm
     loop = "loop"  # one GEMM per expert
+
+
+class MoEBackend(Choice):
+    """``moe.backend``: our MoE layer, or DeepSpeed's with our router as its gate (moetrain/backends)."""
+
+    native = "native"
+    deepspeed = "deepspeed"
+
+
+class DropPolicy(Choice):
+    """``moe.drop_policy``: which assignments an expert over capacity drops (moetrain/model/dispatch.py)."""
+
+    probs = "probs"  # the lowest gates
+    position = "position"  # the latest tokens
+    reroute = "reroute"  # dropped assignments go to the next-best expert with room
+
+
+class ScoreFunc(Choice):
+    """``moe.score_func``: router scores from logits."""
+
+    softmax = "softmax"  # Switch, Mixtral
+    sigmoid = "sigmoid"  # DeepSeek-V3
+
+
+class GroupScore(Choice):
+    """``moe.group_score``: a group's score in group-limited routing, from its experts' scores."""
+
+    max = "max"  # DeepSeek-V2
+    top2_sum = "top2_sum"  # DeepSeek-V3
+
+
+class Attention(Choice):
+    """``model.attention``."""
+
+    gqa = "gqa"  # grouped-query attention
+    mla = "mla"  # DeepSeek multi-head latent attention (model.mla.*)
+
+
+class QKNorm(Choice):
+    """``model.qk_norm``."""
+
+    none = "none"
+    head = "head"  # RMSNorm over each head's q / k (Qwen3-MoE)
+    full = "full"  # RMSNorm over all of q / k (OLMoE)
+
+
+class RopeScaling(Choice):
+    """``model.rope_scaling.type``."""
+
+    default = "default"  # none
+    yarn = "yarn"  # YaRN
+
+
+class DType(Choice):
+    """``parallel.dtype``: the training precision."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class LRDecay(Choice):
+    """``schedule.decay``: the LR after warmup."""
+
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class WandbMode(Choice):
+    """``logging.wandb.mode`` (null: online when an API key is configured, else offline)."""
+
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class PruneCriterion(Choice):
+    """``prune.criterion``: what an expert's share of its layer is measured in."""
+
+    frequency = "frequency"  # routed tokens
+    gate_weighted = "gate_weighted"  # gate mass
+    saliency = "saliency"  # gradient saliency per routed token
+
+
+# "global" is a Python keyword: the functional API names the members
+PruneRanking = Choice("PruneRanking", [("layer", "layer"), ("global", "global")], module=__name__)
+PruneRanking.__doc__ = (
+    "``prune.ranking``: ``layer`` (threshold and caps per layer) | ``global`` (one ranking over every layer)."
+)
+
+
+class LoRATarget(Choice):
+    """An entry of ``lora.targets``: the modules that get adapters."""
+
+    router = "router"
+    experts = "experts"
+    attention = "attention"
+
+
+class RampShape(Choice):
+    """``schedule.stages[i].<ramp>.shape``: how a ramp goes from ``start`` to ``end``."""
+
+    linear = "linear"
+    cosine = "cosine"
+
+
+class Trainable(Choice):
+    """``schedule.stages[i].trainable``: the parameters a stage trains."""
+
+    all = "all"
+    router = "router"
+    experts = "experts"
+    non_experts = "non_experts"

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from moetrain.config import TrainConfig, to_typed, validate
 from moetrain.interop.hf import apply_hf_architecture
+from moetrain.interop.inputs import check_inputs
 from moetrain.train.data import check_tokenizer_vocab, resolve_tokenizer
 
 
@@ -33,4 +34,5 @@ def resolve_config(
     cfg.data.tokenizer = resolve_tokenizer(cfg.data.tokenizer, cfg.model.init_from)
     validate(cfg, world_size=world_size, cuda=cuda)
     check_tokenizer_vocab(cfg.data.tokenizer, cfg.model.vocab_size)
+    check_inputs(cfg)
     return cfg

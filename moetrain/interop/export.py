@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from moetrain.config import DataConfig, ModelConfig, MoEConfig
+from moetrain.config import DataConfig, ModelConfig, MoEConfig, plain
 from moetrain.model.transformer import MoETransformer, build_model
 from moetrain.surgery.experts import base_parameter, full_expert_stacks, routing_core
 
@@ -51,7 +51,7 @@ def export_model(
     if write:
         directory.mkdir(parents=True, exist_ok=True)
         moe = replace(moe_cfg, backend="native", a2a_chunks=1)
-        cfg = {"format": "moetrain-export-v1", "model": asdict(replace(model_cfg, init_from=None)), "moe": asdict(moe)}
+        cfg = {"format": "moetrain-export-v1", "model": plain(replace(model_cfg, init_from=None)), "moe": plain(moe)}
         tmp = directory / ".model.safetensors.tmp"
         save_file(state, str(tmp))
         os.replace(tmp, directory / "model.safetensors")

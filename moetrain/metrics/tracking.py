@@ -10,11 +10,10 @@ import json
 import netrc
 import os
 import re
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
-from moetrain.config import TrainConfig, WandbConfig
+from moetrain.config import TrainConfig, WandbConfig, plain
 
 Metrics = dict[str, Any]
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -86,7 +85,7 @@ class WandbSink:
             group=w.group,
             name=w.name or run_dir.name,
             tags=list(w.tags),
-            config=asdict(cfg),
+            config=plain(cfg),
             dir=str(run_dir),
             mode=mode,
             settings=wandb.Settings(console="off", silent=True),

@@ -78,14 +78,59 @@ def resolve_tokenizer(tokenizer: str, init_from: str | None) -> str:
     return "byte"
 
 
+def error_line(e: BaseException) -> str:
+    """A library's exception as one line: its type, then its message with line breaks folded (a size mismatch
+    or a JSON error spreads its one fact over several lines), cut to a length a terminal line holds."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+TOKENIZER_ALLOWED = "allowed: byte, hf:PATH (a local folder with tokenizer.json or tokenizer_config.json)"
+# the JSON files a transformers tokenizer folder may hold: the one that does not parse is named when loading fails
+TOKENIZER_JSON = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+)
+
+
+def check_tokenizer_folder(tokenizer: str) -> Path:
+    """The folder of ``hf:DIR``; ConfigError when it is missing, not a folder, or holds no tokenizer file."""
+    path = Path(tokenizer[3:]).expanduser()
+    if not path.exists():
+        raise ConfigError(f"data.tokenizer={tokenizer} does not exist; {TOKENIZER_ALLOWED}")
+    if not path.is_dir():
+        raise ConfigError(f"data.tokenizer={tokenizer} is a file, not a folder; {TOKENIZER_ALLOWED}")
+    if not has_hf_tokenizer(path):
+        raise ConfigError(f"data.tokenizer={tokenizer} has no {' or '.join(HF_TOKENIZER_FILES)}; {TOKENIZER_ALLOWED}")
+    return path
+
+
 def load_hf_tokenizer(tokenizer: str):
-    """The transformers tokenizer of ``hf:DIR`` (local files only, nothing is downloaded)."""
+    """The transformers tokenizer of ``hf:DIR`` (local files only, nothing is downloaded). Whatever transformers
+    or tokenizers raise on a damaged folder becomes one line naming the file (the JSON file that does not
+    parse, when one does not) instead of a traceback from inside the library."""
+    import json
+
     from transformers import AutoTokenizer
 
-    path = Path(tokenizer[3:]).expanduser()
-    if not has_hf_tokenizer(path):
-        raise ConfigError(f"data.tokenizer={tokenizer} has no {' or '.join(HF_TOKENIZER_FILES)}")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    path = check_tokenizer_folder(tokenizer)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure of the library to read the folder is the folder's
+        for name in TOKENIZER_JSON:
+            if (path / name).is_file():
+                try:
+                    json.loads((path / name).read_text(encoding="utf-8"))
+                except (OSError, ValueError) as bad:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                    raise ConfigError(
+                        f"data.tokenizer={tokenizer} has a corrupt {name} ({error_line(bad)}); {TOKENIZER_ALLOWED}"
+                    ) from e
+        raise ConfigError(
+            f"data.tokenizer={tokenizer} cannot be loaded by transformers ({error_line(e)}); {TOKENIZER_ALLOWED}"
+        ) from e
 
 
 def eos_id_of(tok, tokenizer: str) -> int:
@@ -123,18 +168,44 @@ def stdlib_files(pattern: str) -> list[str]:
     return files
 
 
+# a local file's suffix -> the Hugging Face ``datasets`` builder that reads it
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SUFFIXES_ALLOWED = f"allowed: {', '.join(BUILDERS)}"
+
+
 def local_files(path: str) -> list[str]:
+    """The files of ``data.path`` (a file, a folder searched recursively, or a glob), all of one known type.
+    A folder keeps only the files of known suffixes; a file or a glob names the file whose suffix is not."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".json", ".parquet"))
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix in BUILDERS and f.is_file())
     else:
-        files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else ([path] if p.is_file() else [])
+        pattern = any(c in path for c in "*?[")
+        files = sorted(f for f in glob.glob(path) if Path(f).is_file()) if pattern else ([path] if p.is_file() else [])
     if not files:
-        raise ConfigError(f"data.path={path} matches no .txt/.jsonl/.json/.parquet file")
+        where = "a folder without them" if p.is_dir() else "no such file" if not p.exists() else "not a file"
+        raise ConfigError(
+            f"data.path={path} matches no .txt/.jsonl/.json/.parquet file ({where}); "
+            "allowed: such a file, a folder or a glob of them"
+        )
+    for f in files:
+        suffix = Path(f).suffix
+        if suffix not in BUILDERS:
+            which = "" if f == path else f" (matched file {f})"
+            raise ConfigError(
+                f"data.path={path} has an unsupported suffix {suffix or '(none)'}{which}; {SUFFIXES_ALLOWED}"
+            )
     suffixes = {Path(f).suffix for f in files}
     if len(suffixes) > 1:
-        raise ConfigError(f"data.path={path} mixes file types {sorted(suffixes)}; use one type")
+        raise ConfigError(f"data.path={path} mixes file types {sorted(suffixes)}; allowed: files of one type")
     return files
+
+
+def source_key(cfg: DataConfig) -> str:
+    """``key=value`` of the data source, for messages about what it holds."""
+    if cfg.path:
+        return f"data.path={cfg.path}"
+    return f"data.hf_name={cfg.hf_name}" if cfg.hf_name else f"data.stdlib_glob={cfg.stdlib_glob}"
 
 
 def load_documents(cfg: DataConfig, cache_dir: Path):
@@ -146,14 +217,15 @@ def load_documents(cfg: DataConfig, cache_dir: Path):
         ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split="train", cache_dir=hf_cache)
     else:
         files = local_files(cfg.path) if cfg.path else stdlib_files(cfg.stdlib_glob)
-        suffix = Path(files[0]).suffix
-        if suffix == ".txt" or not cfg.path:
-            ds = datasets.load_dataset(
-                "text", data_files=files, sample_by="document", split="train", cache_dir=hf_cache
-            )
-        else:
-            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}[suffix]
-            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=hf_cache)
+        builder = BUILDERS[Path(files[0]).suffix] if cfg.path else "text"
+        by_document = {"sample_by": "document"} if builder == "text" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=hf_cache, **by_document)
+        except Exception as e:  # noqa: BLE001 - a file the library cannot parse: named here, not as its traceback
+            raise ConfigError(
+                f"{source_key(cfg)} cannot be read by datasets' {builder} reader ({error_line(e)}); "
+                f"allowed: well-formed {', '.join(s for s, b in BUILDERS.items() if b == builder)} files"
+            ) from e
     if cfg.text_field not in ds.column_names:
         raise ConfigError(
             f"data.text_field={cfg.text_field} is not a column of the data; allowed: {', '.join(ds.column_names)}"
@@ -213,7 +285,11 @@ def tokenize_splits(cfg: DataConfig, cache_dir: Path) -> TokenSplits:
     train = [np.asarray(ids[i], dtype=dtype) for i in np.flatnonzero(~is_val)]
     val = [np.asarray(ids[i], dtype=dtype) for i in np.flatnonzero(is_val)]
     if not train or not val:
-        raise ConfigError(f"data.val_fraction={val_fraction} leaves an empty split over {len(is_val)} documents")
+        raise ConfigError(
+            f"data.val_fraction={val_fraction} leaves an empty {'train' if not train else 'validation'} split over "
+            f"the {len(is_val)} documents of {source_key(cfg)}; allowed: a value that leaves documents on both "
+            "sides, or more documents"
+        )
     return TokenSplits(np.concatenate(train), np.concatenate(val))
 
 

@@ -7,6 +7,7 @@ Stages run in the order listed; stage i covers ``[start_i, start_i + steps_i)``;
 ``drop_policy``, ``min_capacity``) hold from its start on, until a later stage overrides them again.
 A stage's coefficient or LR ramp runs from ``start`` to ``end`` over its first ``steps`` steps and then stays
 at ``end``; a stage that sets none keeps the value the previous stage ended with (or the recipe's base).
+The stages are validated with the rest of the config (:mod:`moetrain.config.stages`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from moetrain.config import ConfigError, MoEConfig, RampConfig, ScheduleConfig, StageConfig, TrainConfig
+from moetrain.config import RUNTIME_MOE_KEYS, MoEConfig, RampConfig, ScheduleConfig, StageConfig, plain
 
-# MoE values a stage may change at run time without rebuilding the model.
-RUNTIME_MOE_KEYS = ("top_k", "capacity_factor", "eval_capacity_factor", "drop_policy", "min_capacity")
-TRAINABLE = ("all", "router", "experts", "non_experts")
-RAMP_SHAPES = ("linear", "cosine")
+__all__ = ["RUNTIME_MOE_KEYS", "StageSchedule", "StageState", "frozen_parameters", "ramp_value"]
 
 
 def ramp_value(ramp: RampConfig, step_in_stage: int) -> float:
@@ -80,7 +78,7 @@ class StageSchedule:
         aux, z, lr = self.base_moe.aux_loss_coef, self.base_moe.z_loss_coef, 1.0
         for j in range(i + 1):
             st = self.stages[j]
-            moe.update(st.moe)
+            moe.update(st.moe.overrides())
             # earlier stages contribute the value they ended with
             here = step - self.starts[j] if j == i else st.steps
             if st.aux_loss_coef is not None:
@@ -89,6 +87,7 @@ class StageSchedule:
                 z = ramp_value(st.z_loss_coef, here)
             if st.lr_mult is not None:
                 lr = ramp_value(st.lr_mult, here)
+        moe = plain(moe)  # choices as plain strings: the state goes into logs, summaries and checkpoints
         return StageState(i, self.stages[i].name, step - self.starts[i], moe, aux, z, lr, self._frozen[i])
 
     def param_frozen_pattern(self, name: str) -> tuple[bool, ...]:
@@ -115,58 +114,3 @@ def frozen_parameters(stage: StageConfig, names: list[str]) -> list[str]:
         }[stage.trainable]
 
     return [n for n in names if not in_set(n) or any(fnmatch.fnmatch(n, pat) for pat in stage.freeze)]
-
-
-def _check_stage_moe(key: str, moe: dict[str, Any], num_experts: int) -> None:
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if "top_k" in moe and not (is_int(moe["top_k"]) and 1 <= moe["top_k"] <= num_experts):
-        raise ConfigError(
-            f"{key}.moe.top_k={moe['top_k']} must be an integer between 1 and moe.num_experts={num_experts}"
-        )
-    if "min_capacity" in moe and not (is_int(moe["min_capacity"]) and moe["min_capacity"] >= 1):
-        raise ConfigError(f"{key}.moe.min_capacity={moe['min_capacity']} must be an integer >= 1")
-    for cf_key in ("capacity_factor", "eval_capacity_factor"):
-        v = moe.get(cf_key)
-        if cf_key in moe and v is not None and not (isinstance(v, int | float) and not isinstance(v, bool) and v > 0):
-            raise ConfigError(f"{key}.moe.{cf_key}={v} must be a number > 0, or null for dropless")
-    if "drop_policy" in moe and moe["drop_policy"] not in ("probs", "position", "reroute"):
-        raise ConfigError(
-            f"{key}.moe.drop_policy={moe['drop_policy']} is not supported; allowed: probs, position, reroute"
-        )
-
-
-def validate_stages(cfg: TrainConfig) -> None:
-    """One-line errors naming ``schedule.stages[i].key``."""
-    names = set()
-    start = 0
-    for i, st in enumerate(cfg.schedule.stages):
-        if start >= cfg.trainer.max_steps:
-            raise ConfigError(
-                f"schedule.stages[{i}] ({st.name}) would start at step {start}, after trainer.max_steps="
-                f"{cfg.trainer.max_steps}; shorten earlier stages or raise trainer.max_steps"
-            )
-        start += st.steps
-        key = f"schedule.stages[{i}]"
-        if st.steps <= 0:
-            raise ConfigError(f"{key}.steps={st.steps} must be > 0")
-        if st.name in names:
-            raise ConfigError(f"{key}.name={st.name} is used by an earlier stage; stage names must be unique")
-        names.add(st.name)
-        for k, v in st.moe.items():
-            if k not in RUNTIME_MOE_KEYS:
-                raise ConfigError(
-                    f"{key}.moe.{k}={v} cannot change during a run; allowed: {', '.join(RUNTIME_MOE_KEYS)}"
-                )
-        _check_stage_moe(key, st.moe, cfg.moe.num_experts)
-        if st.trainable not in TRAINABLE:
-            raise ConfigError(f"{key}.trainable={st.trainable} is not supported; allowed: {', '.join(TRAINABLE)}")
-        for rk in ("aux_loss_coef", "z_loss_coef", "lr_mult"):
-            r = getattr(st, rk)
-            if r is None:
-                continue
-            if r.shape not in RAMP_SHAPES:
-                raise ConfigError(f"{key}.{rk}.shape={r.shape} is not supported; allowed: {', '.join(RAMP_SHAPES)}")
-            if min(r.start, r.end if r.end is not None else r.start) < 0:
-                raise ConfigError(f"{key}.{rk}.start={r.start} / end={r.end} must be >= 0")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moetrain import kernels
-from moetrain.config import TrainConfig
+from moetrain.config import TrainConfig, plain
 from moetrain.runtime.distributed import LaunchEnv, all_reduce_sum, barrier
 from moetrain.train.components import RunComponents
 from moetrain.train.data import DataPipeline
@@ -80,7 +80,7 @@ class Trainer:
             "data": self.data.state_dict(),
             "stages": self.stages.state_dict(),
             **hooks,
-            "config": asdict(self.cfg),
+            "config": plain(self.cfg),
         }
 
     def resume(self) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
 
 from helpers.launch import RECIPES, ROOT, launcher_env
 from moetrain.config import ConfigError, TrainConfig, register_configs
@@ -33,6 +34,15 @@ def assert_config_error(overrides: list[str], key_value: str, allowed: str) -> N
     assert msg.startswith(key_value), msg
     assert allowed in msg
     assert "\n" not in msg
+
+
+def assert_composition_error(overrides: list[str], allowed: str) -> None:
+    """Composing ``overrides`` fails at composition (an Enum choice): Hydra names the override, OmegaConf the
+    allowed values (``expected one of [allowed]``)."""
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(overrides)
+    assert overrides[0] in str(err.value)
+    assert f"expected one of [{allowed}]" in str(err.value.__cause__)
 
 
 def cli_config_error(tmp_path: Path, *overrides: str) -> str:

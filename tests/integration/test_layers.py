@@ -5,9 +5,9 @@ reads every import statement of a module, wherever it sits)."""
 from __future__ import annotations
 
 import subprocess
-import tomllib
 
 import grimp
+import tomllib
 from helpers.launch import BIN, ROOT
 
 LAYERS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]["layers"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.configs import assert_composition_error
 from helpers.configs import assert_config_error as assert_one_line_error
 
 from moetrain.config import MLAConfig, ModelConfig, MoEConfig
@@ -81,10 +82,7 @@ INVALID = [
     (["moe.n_group=3"], "moe.n_group=3", "divide moe.num_experts=8"),
     (["moe.n_group=4", "moe.topk_group=5"], "moe.topk_group=5", "between 1 and moe.n_group=4"),
     (["moe.n_group=4", "moe.top_k=5"], "moe.topk_group=1", "fewer than moe.top_k=5"),
-    (["moe.group_score=mean"], "moe.group_score=mean", "allowed: max, top2_sum"),
     (["moe.routed_scaling_factor=0"], "moe.routed_scaling_factor=0.0", "must be > 0"),
-    (["model.attention=linear"], "model.attention=linear", "allowed: gqa, mla"),
-    (["model.qk_norm=layer"], "model.qk_norm=layer", "allowed: none, head, full"),
     (["model.head_dim=7"], "model.head_dim=7", "RoPE needs it even"),
     (["model.shared_expert_gate=true"], "model.shared_expert_gate=True", "needs a shared expert"),
     (["model.dense_layers=[9]"], "model.dense_layers=[9]", "outside 0..3"),
@@ -99,3 +97,15 @@ INVALID = [
 @pytest.mark.parametrize(("overrides", "key_value", "allowed"), INVALID, ids=[i[1] for i in INVALID])
 def test_invalid_variant_values_name_the_key(overrides, key_value, allowed):
     assert_one_line_error(overrides, key_value, allowed)
+
+
+BAD_CHOICES = [
+    (["moe.group_score=mean"], "max, top2_sum"),
+    (["model.attention=linear"], "gqa, mla"),
+    (["model.qk_norm=layer"], "none, head, full"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "allowed"), BAD_CHOICES, ids=[b[0][0] for b in BAD_CHOICES])
+def test_a_bad_variant_choice_fails_at_composition(overrides, allowed):
+    assert_composition_error(overrides, allowed)

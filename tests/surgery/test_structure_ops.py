@@ -45,9 +45,11 @@ class FakeOps:
         # capacity is off while the profile runs: every routed assignment counts
         assert all(layer.eval_capacity_factor is None for layer in self.layers)
         stats = [
-            SimpleNamespace(routed_per_expert_E=torch.tensor(r), gate_mass_E=torch.tensor(r) / 2, saliency_sum_E=torch.tensor(r))
+            SimpleNamespace(
+                routed_per_expert_E=torch.tensor(r), gate_mass_E=torch.tensor(r) / 2, saliency_sum_E=torch.tensor(r)
+            )
             for r in ROUTED
-        ]  # fmt: skip
+        ]
         return SimpleNamespace(moe_stats=stats)
 
     def validate(self) -> float:

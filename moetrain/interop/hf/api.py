@@ -28,6 +28,7 @@ from moetrain.interop.hf.common import (
     unused_tensors,
 )
 from moetrain.model.transformer import MoETransformer, build_model
+from moetrain.train.data import error_line
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -88,24 +89,51 @@ def mixtral_configs(hf: dict[str, Any]) -> tuple[ModelConfig, MoEConfig]:
     return model_cfg, moe_cfg
 
 
+HF_DIR_ALLOWED = "allowed: hf:PATH of a local Hugging Face folder (config.json + *.safetensors)"
+
+
 def hf_path(init_from: str) -> Path:
     if not init_from.startswith("hf:"):
         raise ConfigError(f"model.init_from={init_from} is not supported; allowed: hf:PATH (a local directory)")
     path = Path(init_from[3:]).expanduser()
     if not (path / "config.json").is_file():
-        raise ConfigError(f"model.init_from={init_from} has no config.json")
+        where = " (no such folder)" if not path.exists() else " (not a folder)" if not path.is_dir() else ""
+        raise ConfigError(f"model.init_from={init_from} has no config.json{where}; {HF_DIR_ALLOWED}")
     return path
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    return json.loads((path / "config.json").read_text())
+    """``path/config.json`` as a dict; ConfigError naming ``model.init_from`` and the file when it is not
+    readable JSON, not an object, or names no ``model_type`` (the JSON parser's traceback says neither)."""
+    f = path / "config.json"
+    kv = f"model.init_from=hf:{path}"
+    try:
+        hf = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(
+            f"{kv} has a config.json that is not readable JSON ({error_line(e)}); {HF_DIR_ALLOWED}"
+        ) from e
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{kv} has a config.json that is a JSON {type(hf).__name__}, not an object; {HF_DIR_ALLOWED}")
+    if not isinstance(hf.get("model_type"), str):
+        raise ConfigError(f"{kv} has a config.json without a model_type; allowed: {', '.join(FAMILIES)}")
+    return hf
 
 
 def apply_hf_architecture(cfg: TrainConfig) -> None:
     """Replace the architecture keys of ``cfg`` by the checkpoint's (training keys such as model.seq_len,
     capacity and coefficients stay as the recipe sets them). ``moe.renormalize_top1`` stays the recipe's
     choice unless the checkpoint is itself top-1 with renormalised gates."""
-    _, hf_model, hf_moe = hf_configs(read_config(hf_path(cfg.model.init_from)))
+    hf = read_config(hf_path(cfg.model.init_from))
+    try:
+        _, hf_model, hf_moe = hf_configs(hf)
+    except ConfigError:  # a value the mapping refuses: it names the config.json key
+        raise
+    except Exception as e:  # noqa: BLE001 - a mistyped value fails deep inside transformers' config classes
+        raise ConfigError(
+            f"model.init_from={cfg.model.init_from} has a config.json transformers cannot read ({error_line(e)}); "
+            f"allowed: a config.json that {hf['model_type']}'s transformers config accepts"
+        ) from e
     for key in MODEL_ARCH_KEYS:
         setattr(cfg.model, key, getattr(hf_model, key))
     for key in MOE_ARCH_KEYS:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from moetrain.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig, is_moe_layer
+from moetrain.train.checkpoint import file_problem
+from moetrain.train.data import error_line
 
 EXPERT_TENSORS = ("w1_EDF", "w3_EDF", "w2_EFD")  # our stacked expert weights, in the order of Layout.experts
 
@@ -320,15 +322,33 @@ def unused_tensors(hf_state: dict[str, torch.Tensor], m: ModelConfig, layout: La
     return unused
 
 
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a Hugging Face folder, checked cheaply (headers, and that the tensors fit each file)
+    before anything loads them; ConfigError naming ``model.init_from`` and the file otherwise."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(
+            f"model.init_from=hf:{path} has no *.safetensors file; allowed: hf:PATH of a folder with config.json "
+            "and *.safetensors"
+        )
+    for f in files:
+        problem = file_problem(f)
+        if problem:
+            raise ConfigError(f"model.init_from=hf:{path} has a corrupt {f.name} ({problem}); allowed: intact weights")
+    return files
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"model.init_from: no *.safetensors file in {path}")
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    for f in safetensors_files(path):
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001 - damage the header check cannot see, named instead of a traceback
+            raise ConfigError(
+                f"model.init_from=hf:{path} has a corrupt {f.name} ({error_line(e)}); allowed: intact weights"
+            ) from e
     return state
 
 
