@@ -6,7 +6,8 @@
 2. ``model.init_from=hf:DIR``: that directory's architecture replaces the model and MoE architecture keys;
 3. ``data.tokenizer``: ``auto`` / ``hf`` become a concrete ``byte`` or ``hf:DIR``;
 4. ``validate``: every value, with the launch's world size and device when known;
-5. the files the run will read (data, resume folder, tokenizer) are checked and named in one line.
+5. the files the run will read (data, resume folder, tokenizer) and the machine's CPU settings are checked
+   and named in one line.
 
 Nothing past the entry validates again.
 """
@@ -17,9 +18,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from moetrain.config import TrainConfig, to_typed, validate
+from moetrain.config import ConfigError, TrainConfig, to_typed, validate
 from moetrain.interop.hf import apply_hf_architecture
 from moetrain.interop.inputs import check_inputs
+from moetrain.kernels.cpu.runtime import settings_from_environment
 from moetrain.train.data import check_tokenizer_vocab, resolve_tokenizer
 
 
@@ -35,4 +37,13 @@ def resolve_config(
     validate(cfg, world_size=world_size, cuda=cuda)
     check_tokenizer_vocab(cfg.data.tokenizer, cfg.model.vocab_size)
     check_inputs(cfg)
+    check_process_settings()
     return cfg
+
+
+def check_process_settings() -> None:
+    """The machine's CPU settings (``MOETRAIN_CPU_MALLOC``, ``MOETRAIN_CPU_HUGE_PAGES``), named in one line."""
+    try:
+        settings_from_environment()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from moetrain.config import ConfigError
 from moetrain.config.choices import ExpertImpl
 from moetrain.kernels import aten
 from moetrain.kernels.kernel import ExpertKernel
@@ -36,11 +37,11 @@ def _cpu_kernel() -> ExpertKernel:
 
 def expert_kernel(impl: ExpertImpl | str, device: torch.device, dtype: torch.dtype) -> ExpertKernel:
     """The implementation ``moe.expert_impl=impl`` runs on tensors of ``device`` and ``dtype``; a
-    ``ValueError`` (one line, naming the key) where the implementation asked for cannot run them."""
+    ``ConfigError`` (one line, naming the key) where the implementation asked for cannot run them."""
     impl = ExpertImpl(impl)
     if impl is ExpertImpl.cpu_kernel:
         if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float64):
-            raise ValueError(
+            raise ConfigError(
                 f"moe.expert_impl=cpu_kernel runs on CPU tensors (float32, bfloat16, float64), got {device.type} "
                 f"{dtype}; allowed elsewhere: auto, grouped_mm, loop"
             )

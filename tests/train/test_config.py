@@ -157,3 +157,12 @@ def test_cli_retired_key_fails_with_one_line_naming_the_new_key(tmp_path):
         "config error: moe.grouped_mm=fused is retired; use moe.expert_impl=cpu_kernel; "
         "allowed: auto, cpu_kernel, grouped_mm, loop"
     )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "allowed"),
+    [("MOETRAIN_CPU_MALLOC", "jemalloc", "cached, default"), ("MOETRAIN_CPU_HUGE_PAGES", "yes", "on, off")],
+)
+def test_bad_cpu_process_settings_name_the_variable(monkeypatch, variable, value, allowed):
+    monkeypatch.setenv(variable, value)
+    assert_config_error([], f"{variable}={value} is not supported", f"allowed: {allowed}")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from moetrain.config import ConfigError
 from moetrain.kernels.cpu import experts as cpu_experts
 from moetrain.kernels.cpu import router as cpu_router
 from moetrain.kernels.kernel import ExpertKernel
@@ -17,7 +18,7 @@ from moetrain.kernels.kernel import ExpertKernel
 def _require_build() -> None:
     reason = cpu_experts.build_error()
     if reason is not None:
-        raise ValueError(
+        raise ConfigError(
             f"moe.expert_impl=cpu_kernel: the CPU expert kernel does not build here ({reason}); "
             "allowed: auto, grouped_mm, loop"
         )
