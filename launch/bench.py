@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import platform
 import re
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.kernels.cpu.runtime import CPU_MALLOC, cache_freed_memory, huge_pages_in_use, use_huge_pages
+from moetrain.metrics.timing import (
+    Entry,
+    median_ratio,
+    round_order,
+    time_fwd_bwd,
+    time_in_rounds,
+    timing_groups,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -44,101 +48,6 @@ SHAPES = [(256, 512, 8), (256, 512, 32), (256, 512, 64), (512, 1024, 32)]  # (d_
 # the rows the targets table names
 NATIVE, DS_DROPLESS = "moetrain native dropless", "DeepSpeed MoE dropless"
 BOUND, OWN_BOUND = "dense-GEMM bound", "dense bound on the kernel's GEMM"
-
-
-def timing_groups(shapes: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
-    """The (d_model, d_ff, E, k) cells timed together in rounds: every E and k of one (d_model, d_ff), so that
-    the ratios the targets name (top-1 against top-2, 64 experts against 8) compare rows measured in the same
-    rounds."""
-    groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
-    for d, f, E in shapes:
-        groups.setdefault((d, f), []).extend((d, f, E, k) for k in (1, 2))
-    return list(groups.values())
-
-
-def round_order(per_cell: list[list[Entry]]) -> list[tuple[int, int]]:
-    """(cell, row) pairs in the order a round runs them: implementation by implementation, each over every cell.
-
-    Why: a target's ratio compares one implementation's rows of different cells (E = 64 against E = 8, top-1
-    against top-2). Run one after another they are measured seconds apart, not the half minute that a round of a
-    width's ~60 rows takes, so a slow spell of the shared machine falls on both sides of the ratio or on neither."""
-    names = [[e.name for e in entries] for entries in per_cell]
-    if any(n != names[0] for n in names):
-        raise ValueError(f"every cell must list the same implementations in the same order, got {names}")
-    return [(c, i) for i in range(len(per_cell[0])) for c in range(len(per_cell))]
-
-
-def median_ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
-    """The median, lowest and highest of num[r] / den[r] over rounds r: the ratio of two rows timed in the same
-    rounds, with the spread the rounds give it."""
-    ratios = [a / b for a, b in zip(num, den, strict=True)]
-    return statistics.median(ratios), min(ratios), max(ratios)
-
-
-@functools.cache
-def output_gradient(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The fixed gradient every backward of an output of this shape starts from (seeded: the same in every run)."""
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(shape, generator=gen, dtype=dtype).to(device)
-
-
-def one_fwd_bwd(module_fn, x: torch.Tensor, module: nn.Module) -> float:
-    """Seconds of one forward + backward; the backward starts from a fixed output gradient (``output_gradient``,
-    the output has x's shape). Why not a loss: its own passes over the output are no part of the layer (a
-    square-sum loss and its backward cost 1.4 ms at 4096 x 256 on the 2-core machine, in every row alike).
-
-    ``module``'s gradients are set to None first, outside the timing, as a training loop's ``zero_grad()`` does:
-    each backward writes fresh gradients instead of adding to the last ones."""
-    module.zero_grad(set_to_none=True)
-    xi = x.detach().requires_grad_(True)
-    dout = output_gradient(tuple(x.shape), x.dtype, x.device)
-    t0 = time.perf_counter()
-    out = module_fn(xi)
-    out.backward(dout)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def time_fwd_bwd(module_fn, x: torch.Tensor, iters: int, module: nn.Module, warmup: int = 3) -> float:
-    """Median seconds of ``one_fwd_bwd`` over ``iters`` iterations after ``warmup``."""
-    times = [one_fwd_bwd(module_fn, x, module) for _ in range(warmup + iters)]
-    return statistics.median(times[warmup:])
-
-
-@dataclass
-class Entry:
-    """One row of the table: what runs (x_TD -> y_TD), on which input, whose gradients reset, inside what."""
-
-    name: str
-    fn: Callable[[torch.Tensor], torch.Tensor]
-    x: torch.Tensor
-    module: nn.Module
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-
-
-def time_in_rounds(entries: list[Entry], iters: int, warmup: int = 2, alternate: bool = False) -> list[list[float]]:
-    """Seconds of forward + backward of each entry in each round (one list per entry, one value per round), timed
-    in rounds: after ``warmup`` untimed rounds, each of ``iters`` rounds runs every entry twice in turn, the first
-    run untimed. ``alternate``: every other round runs the entries in reverse order, so that a drift within a
-    round (the heap growing, a slow spell starting) does not always fall on the later entry of a pair.
-
-    Why rounds: on a shared machine a slow spell lasting seconds would otherwise fall on whichever entries ran
-    then (the same code measured 59 and 63 ms an hour apart); in rounds it falls on all of them alike, so the
-    ratios between rows of one shape hold. Why the untimed run first: the entry before leaves the caches, the
-    allocator's free lists and the thread pool in its own state (at 64 experts a fresh heap for the 96 MiB of
-    expert gradients alone costs ~8 ms of page faults); one run of its own restores what back-to-back
-    iterations of one layer would see."""
-    times: list[list[float]] = [[] for _ in entries]
-    for r in range(warmup + iters):
-        order = range(len(entries) - 1, -1, -1) if alternate and r % 2 else range(len(entries))
-        for i in order:
-            e = entries[i]
-            with e.context():
-                one_fwd_bwd(e.fn, e.x, e.module)
-                if r >= warmup:
-                    times[i].append(one_fwd_bwd(e.fn, e.x, e.module))
-    return times
 
 
 def expert_flops(tokens: int, k: int, d: int, f: int) -> float:

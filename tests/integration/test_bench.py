@@ -11,6 +11,8 @@ import torch
 from helpers.launch import ROOT
 from torch import nn
 
+from moetrain.metrics import timing
+
 
 def load_bench():
     spec = importlib.util.spec_from_file_location("bench", ROOT / "launch" / "bench.py")
@@ -20,11 +22,11 @@ def load_bench():
     return bench
 
 
-def clocked_rows(bench, monkeypatch, calls: list[str]):
+def clocked_rows(timing, monkeypatch, calls: list[str]):
     """Rows on a fake clock: every perf_counter call advances it by 1 s, and a row's run by `extra` s more; each run
     appends the row's name to `calls`."""
     clock = iter(range(1000))
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
 
     def row(name: str, extra: int):
         def fn(x):
@@ -33,7 +35,7 @@ def clocked_rows(bench, monkeypatch, calls: list[str]):
                 next(clock)
             return x * 2
 
-        return bench.Entry(name, fn, torch.ones(2, 1), nn.Linear(1, 1))
+        return timing.Entry(name, fn, torch.ones(2, 1), nn.Linear(1, 1))
 
     return row
 
@@ -41,7 +43,7 @@ def clocked_rows(bench, monkeypatch, calls: list[str]):
 def test_rounds_run_every_row_twice_in_turn_and_time_the_second_run(monkeypatch):
     bench = load_bench()
     calls: list[str] = []
-    row = clocked_rows(bench, monkeypatch, calls)
+    row = clocked_rows(timing, monkeypatch, calls)
     times = bench.time_in_rounds([row("a", 0), row("b", 2)], iters=3, warmup=2)
     assert calls == ["a", "b"] * 2 + ["a", "a", "b", "b"] * 3  # 2 warm-up rounds, then 3 rounds of 2 runs each
     assert times == [[1.0] * 3, [3.0] * 3]  # per round, the timed run's own clock span: 1 s, and 2 s more for "b"
@@ -49,13 +51,12 @@ def test_rounds_run_every_row_twice_in_turn_and_time_the_second_run(monkeypatch)
 
 def test_the_backward_starts_from_the_fixed_output_gradient():
     """No loss: the timed backward is the layer's, from the same seeded gradient of the output's shape every time."""
-    bench = load_bench()
     layer = nn.Linear(3, 3, bias=False)
     x = torch.randn(4, 3)
     layer.weight.grad = torch.full((3, 3), 7.0)  # set to None before the run: not added to
-    bench.one_fwd_bwd(layer, x, layer)
+    timing.one_fwd_bwd(layer, x, layer)
     dout = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
-    assert bench.output_gradient((4, 3), torch.float32, torch.device("cpu")).equal(dout)
+    assert timing.output_gradient((4, 3), torch.float32, torch.device("cpu")).equal(dout)
     torch.testing.assert_close(layer.weight.grad, dout.t() @ x)  # dW of y = x W^T is dY^T x
 
 
@@ -79,7 +80,7 @@ def test_timing_groups_put_every_e_and_k_of_one_width_in_the_same_rounds():
 def test_alternate_rounds_run_in_reverse_and_keep_each_entry_its_own_times(monkeypatch):
     bench = load_bench()
     calls: list[str] = []
-    row = clocked_rows(bench, monkeypatch, calls)
+    row = clocked_rows(timing, monkeypatch, calls)
     times = bench.time_in_rounds([row("a", 0), row("b", 2)], iters=3, warmup=2, alternate=True)
     warm = ["a", "b", "b", "a"]
     assert calls == warm + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
