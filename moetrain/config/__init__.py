@@ -129,3 +129,6 @@ __all__ = [
     "validate",
     "validate_stages",
 ]
+
+# the error's public name: tracebacks and Hydra's sweep reports print moetrain.config.ConfigError
+ConfigError.__module__ = "moetrain.config"

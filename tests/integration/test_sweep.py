@@ -59,7 +59,8 @@ def test_local_sweep_returns_objectives_groups_runs_and_reports(tmp_path):
     """3 capacity factors, sequentially in one process: every point trains, returns its validation loss to the
     sweeper, joins the sweep's W&B group; the sweep report repeats each point's measured numbers."""
     sweep = tmp_path / "multirun" / "2025-01-31" / "12-00-00"  # Hydra's default DATE/TIME layout
-    pythonpath = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}  # for RecordObjective
+    # RecordObjective (tests/integration) and the helpers it imports (tests/)
+    pythonpath = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "integration")])}
     run_launcher(
         [
             sys.executable, TRAIN, "-m", f"hydra.sweep.dir={sweep}", "hydra/callbacks=sweep_report",
