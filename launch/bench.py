@@ -156,7 +156,7 @@ def bounds(d: int, f: int, x_dense: torch.Tensor) -> tuple[Entry, Entry | None]:
     mkl = Entry(BOUND, dense, x_dense, dense)
     if x_dense.device.type != "cpu" or not cpu_experts.f32_gemm_active():
         return mkl, None
-    one = GroupedExperts(1, d, f, "fused")
+    one = GroupedExperts(1, d, f, "cpu_kernel")
     for p in one.parameters():
         nn.init.normal_(p, std=0.02)
     rows = torch.tensor([x_dense.shape[0]])
