@@ -130,7 +130,7 @@ class PruneCriterion(Choice):
 
     frequency = "frequency"  # routed tokens
     gate_weighted = "gate_weighted"  # gate mass
-    saliency = "saliency"  # gradient saliency per routed token
+    saliency = "saliency"  # REAP-style: gate * ||expert output|| per routed token
 
 
 # "global" is a Python keyword: the functional API names the members
