@@ -128,7 +128,9 @@ class DeepSpeedMoELayer(nn.Module):
         slot_TK, keep_TK, counts_E = gate.last_slots
         with torch.no_grad():
             e, s = routed.expert_idx_TK[keep_TK], slot_TK[keep_TK]
+            norm_A = norms[e, s]
             saliency_E = torch.zeros(gate.num_experts, device=y.device).index_add(
-                0, e, routed.routing.gates_TK[keep_TK].float() * norms[e, s]
+                0, e, routed.routing.gates_TK[keep_TK].float() * norm_A
             )
-        return y, gate.stats(routed, counts_E, saliency_E)
+            norm_E = torch.zeros(gate.num_experts, device=y.device).index_add(0, e, norm_A)
+        return y, gate.stats(routed, counts_E, saliency_E, norm_E)

@@ -126,11 +126,16 @@ class WandbMode(Choice):
 
 
 class PruneCriterion(Choice):
-    """``prune.criterion``: what an expert's share of its layer is measured in."""
+    """``prune.criterion``: what an expert's score is (moetrain/surgery/criteria.py has each formula)."""
 
     frequency = "frequency"  # routed tokens
-    gate_weighted = "gate_weighted"  # gate mass
-    saliency = "saliency"  # REAP-style: gate * ||expert output|| per routed token
+    gate_mass = "gate_mass"  # the router's gate mass
+    reap = "reap"  # REAP: mean over routed tokens of gate * ||expert output||
+    ean = "ean"  # mean over routed tokens of ||expert output|| (no gate)
+    random = "random"  # a seeded chance baseline
+    # the names before compression criteria had their papers' names (recipes and checkpoints still say them)
+    gate_weighted = "gate_mass"
+    saliency = "reap"
 
 
 # "global" is a Python keyword: the functional API names the members

@@ -32,6 +32,7 @@ class MoEStats:
     tokens_per_expert_E: torch.Tensor  # assignments computed, after capacity and rerouting
     gate_mass_E: torch.Tensor  # sum of the router's gates per chosen expert (before capacity)
     saliency_sum_E: torch.Tensor  # sum over computed assignments of gate * ||expert output||
+    output_norm_sum_E: torch.Tensor  # sum over computed assignments of ||expert output|| (no gate)
     entropy_sum: torch.Tensor  # sum over tokens of the routing distribution's entropy (nats)
     num_tokens: int
     dropped: int  # assignments that contribute nothing
@@ -148,9 +149,16 @@ class RoutingCore(nn.Module):
         expert_idx_TK = plan.expert_idx_TK if plan is not None else routing.expert_idx_TK
         return Routed(routing, plan, capacity, expert_idx_TK, routed_E)
 
-    def stats(self, routed: Routed, tokens_per_expert_E: torch.Tensor, saliency_sum_E: torch.Tensor) -> MoEStats:
-        """Losses (differentiable) and metrics of one call. ``saliency_sum_E``: sum over computed assignments
-        of gate * ||expert output||, which only the code that ran the experts can measure."""
+    def stats(
+        self,
+        routed: Routed,
+        tokens_per_expert_E: torch.Tensor,
+        saliency_sum_E: torch.Tensor,
+        output_norm_sum_E: torch.Tensor,
+    ) -> MoEStats:
+        """Losses (differentiable) and metrics of one call. ``saliency_sum_E`` / ``output_norm_sum_E``: sums over
+        computed assignments of gate * ||expert output|| and of ||expert output||, which only the code that ran
+        the experts can measure."""
         routing, E = routed.routing, self.num_experts
         T, K = routing.expert_idx_TK.shape
         aux_loss = balance_loss(routing.mean_dist_E, routed.routed_per_expert_E, T * K, self.base_router.num_active)
@@ -167,6 +175,7 @@ class RoutingCore(nn.Module):
                 tokens_per_expert_E=tokens_per_expert_E,
                 gate_mass_E=gate_mass_E,
                 saliency_sum_E=saliency_sum_E,
+                output_norm_sum_E=output_norm_sum_E,
                 entropy_sum=routing.entropy_sum,
                 num_tokens=T,
                 dropped=T * K - computed,
@@ -239,10 +248,10 @@ class MoELayer(RoutingCore):
             out_TD = combine(y_AD, perm, gates_TK, T)
         with torch.no_grad():
             gate_A = gates_TK.reshape(-1)[perm.assignment_A]
-            saliency_E = torch.zeros(E, device=x_TD.device).index_add(
-                0, perm.expert_A, gate_A * y_AD.float().norm(dim=-1)
-            )
-        return out_TD.view(B, S, D), self.stats(routed, perm.tokens_per_expert_E, saliency_E)
+            norm_A = y_AD.float().norm(dim=-1)
+            saliency_E = torch.zeros(E, device=x_TD.device).index_add(0, perm.expert_A, gate_A * norm_A)
+            norm_E = torch.zeros(E, device=x_TD.device).index_add(0, perm.expert_A, norm_A)
+        return out_TD.view(B, S, D), self.stats(routed, perm.tokens_per_expert_E, saliency_E, norm_E)
 
     def _padded_experts(self, x_TD: torch.Tensor, perm, plan, capacity: int) -> torch.Tensor:
         """Fixed-shape path: tokens laid out in an (E, C, D) buffer, one batched GEMM per weight."""

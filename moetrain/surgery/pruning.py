@@ -9,8 +9,9 @@ A stage with ``prune: true`` starts with one round (:class:`PruneHook`):
    independent of the data position, so resume is exact) in eval mode without capacity limits, summed over
    every data- and expert-parallel rank;
 3. per layer, each expert's *share* of the criterion (shares sum to 1 per layer): ``frequency`` = its fraction
-   of the routed assignments, ``gate_weighted`` = its fraction of the gate mass, ``saliency`` = REAP-style
-   mean over its routed tokens of ``gate * ||expert output||``, normalised over the layer;
+   of the routed assignments, ``gate_mass`` = its fraction of the gate mass, ``reap`` = REAP's mean over its
+   routed tokens of ``gate * ||expert output||``, ``ean`` = the same without the gate, ``random`` = a seeded
+   baseline, normalised over the layer (formulas and sources in :mod:`moetrain.surgery.criteria`);
 4. cold experts (share < ``prune.threshold``) are removed, coldest first, at most ``prune.max_fraction`` of
    a layer's experts (``ranking: global``: of all experts, ranked together), never below ``prune.min_experts``;
    then the removal count of each layer is rounded *down* until the survivors divide ``parallel.ep_size``
@@ -34,6 +35,7 @@ import torch
 
 from moetrain.config import PruneConfig, StageConfig
 from moetrain.runtime.distributed import all_reduce_sum, barrier
+from moetrain.surgery import criteria
 from moetrain.surgery.experts import expert_pieces
 from moetrain.surgery.ops import StructureOps
 from moetrain.train.checkpoint import fault_requested
@@ -50,18 +52,16 @@ class ExpertProfile:
     gate_mass_E: list[torch.Tensor]  # router gate mass per expert
     saliency_sum_E: list[torch.Tensor]  # sum over routed assignments of gate * ||expert output||
     tokens: int
+    output_norm_sum_E: list[torch.Tensor] | None = None  # sum over routed assignments of ||expert output||
 
-    def shares(self, criterion: str) -> list[torch.Tensor]:
-        """Each expert's share of its layer's criterion total (sums to 1 per layer)."""
-        out = []
-        for routed, mass, sal in zip(self.routed_E, self.gate_mass_E, self.saliency_sum_E):
-            score = {
-                "frequency": routed,
-                "gate_weighted": mass,
-                "saliency": sal / routed.clamp_min(1.0),
-            }[criterion].double()
-            out.append(score / score.sum().clamp_min(1e-30))
-        return out
+    def shares(self, criterion: str, seed: int = 0) -> list[torch.Tensor]:
+        """Each expert's share of its layer's criterion total (sums to 1 per layer; moetrain/surgery/criteria.py)."""
+        norms = self.output_norm_sum_E or [torch.zeros_like(r) for r in self.routed_E]
+        layers = zip(self.routed_E, self.gate_mass_E, self.saliency_sum_E, norms)
+        return [
+            criteria.shares(criteria.scores(criterion, routed, mass, sal, norm, seed=seed, layer=j))
+            for j, (routed, mass, sal, norm) in enumerate(layers)
+        ]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +69,7 @@ class ExpertProfile:
             "routed": [t.tolist() for t in self.routed_E],
             "gate_mass": [t.tolist() for t in self.gate_mass_E],
             "saliency_sum": [t.tolist() for t in self.saliency_sum_E],
+            "output_norm_sum": [t.tolist() for t in self.output_norm_sum_E or []],
         }
 
 
@@ -78,7 +79,7 @@ def profile_experts(forward, moe_layers, batches) -> ExpertProfile:
     each layer's routing statistics over every rank."""
     saved = [layer.eval_capacity_factor for layer in moe_layers]
     sizes = [layer.num_experts for layer in moe_layers]
-    sums = torch.zeros(sum(3 * e for e in sizes) + 1, dtype=torch.float64)
+    sums = torch.zeros(sum(4 * e for e in sizes) + 1, dtype=torch.float64)
     try:
         for layer in moe_layers:
             layer.eval_capacity_factor = None  # every routed assignment is computed: saliency sees them all
@@ -86,7 +87,7 @@ def profile_experts(forward, moe_layers, batches) -> ExpertProfile:
             out = forward(inputs)
             parts = []
             for s in out.moe_stats:
-                parts += [s.routed_per_expert_E, s.gate_mass_E, s.saliency_sum_E]
+                parts += [s.routed_per_expert_E, s.gate_mass_E, s.saliency_sum_E, s.output_norm_sum_E]
             sums += torch.cat([p.detach().double().cpu() for p in parts] + [torch.tensor([inputs.numel()]).double()])
     finally:
         for layer, cf in zip(moe_layers, saved):
@@ -94,9 +95,10 @@ def profile_experts(forward, moe_layers, batches) -> ExpertProfile:
     sums = all_reduce_sum(sums)
     chunks, off = [], 0
     for e in sizes:
-        chunks.append([sums[off + i * e : off + (i + 1) * e].clone() for i in range(3)])
-        off += 3 * e
-    return ExpertProfile(*[list(x) for x in zip(*chunks)], tokens=int(sums[-1]))
+        chunks.append([sums[off + i * e : off + (i + 1) * e].clone() for i in range(4)])
+        off += 4 * e
+    routed, mass, saliency, norms = [list(x) for x in zip(*chunks)] if chunks else ([], [], [], [])
+    return ExpertProfile(routed, mass, saliency, tokens=int(sums[-1]), output_norm_sum_E=norms)
 
 
 def select_survivors(shares: list[torch.Tensor], cfg: PruneConfig, ep_size: int) -> list[list[int]]:
@@ -168,7 +170,7 @@ class PruneHook:
         v0 = ops.validate()
         snapshot = ops.snapshot(f"pre_prune_round{number}")
         profile = profile_experts(ops.forward, ops.moe_layers(), ops.profile_batches(cfg.profile_tokens))
-        shares = profile.shares(cfg.criterion)
+        shares = profile.shares(cfg.criterion, cfg.seed)
         keep = select_survivors(shares, cfg, ops.ep_size)
         record: dict[str, Any] = {
             "round": number,

@@ -46,7 +46,10 @@ class FakeOps:
         assert all(layer.eval_capacity_factor is None for layer in self.layers)
         stats = [
             SimpleNamespace(
-                routed_per_expert_E=torch.tensor(r), gate_mass_E=torch.tensor(r) / 2, saliency_sum_E=torch.tensor(r)
+                routed_per_expert_E=torch.tensor(r),
+                gate_mass_E=torch.tensor(r) / 2,
+                saliency_sum_E=torch.tensor(r),
+                output_norm_sum_E=torch.tensor(r),
             )
             for r in ROUTED
         ]
