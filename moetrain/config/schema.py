@@ -295,6 +295,11 @@ class PruneConfig:
     # for the whole model, as Hugging Face MoE configs need for export
     equal_per_layer: bool = False
     max_loss_increase: float = 0.05  # validation loss rise (nats) right after a round that triggers a rollback
+    # a budget instead of the threshold (then max_fraction does not apply): experts each layer keeps after round
+    # i (keep[i]; e.g. [6, 4] staged 8 -> 6 -> 4, [4] one-shot), or the fraction of its experts (global: of all
+    # experts, ranked together) each round removes
+    keep: list[int] = field(default_factory=list)
+    remove_fraction: float | None = None
 
 
 @dataclass

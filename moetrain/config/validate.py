@@ -293,6 +293,32 @@ def _validate_structure(cfg: TrainConfig) -> None:
     )
     _require(pr.max_loss_increase >= 0, "prune.max_loss_increase", pr.max_loss_increase, "must be >= 0 (nats)")
     _require(
+        not (pr.keep and pr.remove_fraction is not None),
+        "prune.remove_fraction",
+        pr.remove_fraction,
+        f"conflicts with prune.keep={pr.keep}; set one budget",
+    )
+    _require(
+        all(pr.min_experts <= k <= moe.num_experts for k in pr.keep) and pr.keep == sorted(pr.keep, reverse=True),
+        "prune.keep",
+        pr.keep,
+        f"must not rise from round to round and stay between prune.min_experts={pr.min_experts} and "
+        f"moe.num_experts={moe.num_experts}",
+    )
+    rounds = sum(bool(st.prune) for st in cfg.schedule.stages)
+    _require(
+        not pr.keep or len(pr.keep) >= rounds,
+        "prune.keep",
+        pr.keep,
+        f"has {len(pr.keep)} entries for {rounds} pruning stages; allowed: one per round",
+    )
+    _require(
+        pr.remove_fraction is None or 0 < pr.remove_fraction < 1,
+        "prune.remove_fraction",
+        pr.remove_fraction,
+        "must be in (0, 1), or null",
+    )
+    _require(
         moe.n_group == 1 or not any(st.prune for st in cfg.schedule.stages),
         "moe.n_group",
         moe.n_group,

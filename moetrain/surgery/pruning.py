@@ -101,13 +101,43 @@ def profile_experts(forward, moe_layers, batches) -> ExpertProfile:
     return ExpertProfile(routed, mass, saliency, tokens=int(sums[-1]), output_norm_sum_E=norms)
 
 
-def select_survivors(shares: list[torch.Tensor], cfg: PruneConfig, ep_size: int) -> list[list[int]]:
-    """Per layer, the experts (current indices, ascending) that survive this round."""
+def _budget_removals(shares: list[torch.Tensor], cfg: PruneConfig, round_index: int) -> list[list[int]]:
+    """Per layer, the experts a budget removes, coldest first: down to ``keep[round_index]`` experts, or
+    ``floor(remove_fraction * experts)`` of each layer (global: of all experts, the coldest anywhere); never
+    below ``min_experts``."""
+    sizes = [len(s) for s in shares]
+    ranked = sorted((float(s[e]), layer, e) for layer, s in enumerate(shares) for e in range(len(s)))
+    removed: list[list[int]] = [[] for _ in shares]
+    if cfg.keep:
+        target = cfg.keep[min(round_index, len(cfg.keep) - 1)]
+        caps = [max(0, n - max(target, cfg.min_experts)) for n in sizes]
+    elif cfg.ranking == "global":
+        budget = math.floor(cfg.remove_fraction * sum(sizes))
+        for _, layer, e in ranked:
+            if budget > 0 and sizes[layer] - len(removed[layer]) - 1 >= cfg.min_experts:
+                removed[layer].append(e)
+                budget -= 1
+        return removed
+    else:
+        caps = [min(math.floor(cfg.remove_fraction * n), n - cfg.min_experts) for n in sizes]
+    for _, layer, e in ranked:
+        if len(removed[layer]) < caps[layer]:
+            removed[layer].append(e)
+    return removed
+
+
+def select_survivors(
+    shares: list[torch.Tensor], cfg: PruneConfig, ep_size: int, round_index: int = 0
+) -> list[list[int]]:
+    """Per layer, the experts (current indices, ascending) that survive round ``round_index`` (0-based): the
+    budget's cut (``prune.keep`` / ``prune.remove_fraction``) where one is set, else the threshold's."""
     sizes = [len(s) for s in shares]
     cold = [(float(s[e]), layer, e) for layer, s in enumerate(shares) for e in range(len(s)) if s[e] < cfg.threshold]
     cold.sort()
     removed: list[list[int]] = [[] for _ in shares]
-    if cfg.ranking == "global":
+    if cfg.keep or cfg.remove_fraction is not None:
+        removed = _budget_removals(shares, cfg, round_index)
+    elif cfg.ranking == "global":
         budget = math.floor(cfg.max_fraction * sum(sizes))
         for _, layer, e in cold:
             if budget > 0 and sizes[layer] - len(removed[layer]) - 1 >= cfg.min_experts:
@@ -171,7 +201,7 @@ class PruneHook:
         snapshot = ops.snapshot(f"pre_prune_round{number}")
         profile = profile_experts(ops.forward, ops.moe_layers(), ops.profile_batches(cfg.profile_tokens))
         shares = profile.shares(cfg.criterion, cfg.seed)
-        keep = select_survivors(shares, cfg, ops.ep_size)
+        keep = select_survivors(shares, cfg, ops.ep_size, round_index=number - 1)
         record: dict[str, Any] = {
             "round": number,
             "stage": state.name,
