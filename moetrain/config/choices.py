@@ -145,6 +145,13 @@ PruneRanking.__doc__ = (
 )
 
 
+class PruneMode(Choice):
+    """``prune.mode``: what happens to the experts a round cuts."""
+
+    drop = "drop"  # removed
+    merge = "merge"  # folded into the survivor whose mean output is closest (moetrain/surgery/merging.py)
+
+
 class LoRATarget(Choice):
     """An entry of ``lora.targets``: the modules that get adapters."""
 

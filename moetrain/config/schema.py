@@ -25,6 +25,7 @@ from moetrain.config.choices import (
     LRDecay,
     MoEBackend,
     PruneCriterion,
+    PruneMode,
     PruneRanking,
     QKNorm,
     RampShape,
@@ -300,6 +301,10 @@ class PruneConfig:
     # experts, ranked together) each round removes
     keep: list[int] = field(default_factory=list)
     remove_fraction: float | None = None
+    # drop: the cut experts are removed | merge: each is folded into the survivor whose mean output over
+    # merge_tokens calibration tokens is closest, weights averaged by routed-token frequency
+    mode: PruneMode = PruneMode.drop
+    merge_tokens: int = 4096
 
 
 @dataclass

@@ -312,6 +312,7 @@ def _validate_structure(cfg: TrainConfig) -> None:
         pr.keep,
         f"has {len(pr.keep)} entries for {rounds} pruning stages; allowed: one per round",
     )
+    _positive("prune.merge_tokens", pr.merge_tokens)
     _require(
         pr.remove_fraction is None or 0 < pr.remove_fraction < 1,
         "prune.remove_fraction",

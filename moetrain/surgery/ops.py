@@ -16,6 +16,7 @@ import torch
 
 from moetrain.model.moe import RoutingCore
 from moetrain.surgery.experts import ep_group_of, merge_model, prune_model
+from moetrain.surgery.merging import expert_mean_outputs
 from moetrain.train.components import MetricsLogger
 from moetrain.train.model_state import ModelState
 from moetrain.train.optim_state import read_moments, write_moments
@@ -60,6 +61,10 @@ class StructureOps(Protocol):
     def merge_experts(self, groups: list[list[list[int]]], weights: list[torch.Tensor]) -> None:
         """MoE layer j becomes one expert per group of ``groups[j]`` (current indices, dominant first), its
         weights the ``weights[j]``-weighted mean of the members'; optimizer moments mixed alike."""
+        ...
+
+    def expert_mean_outputs(self, tokens: int) -> list[torch.Tensor]:
+        """Per MoE layer, every expert's mean output (E, D) over ``tokens`` calibration tokens (all ranks)."""
         ...
 
     def attach_adapters(self) -> int: ...
@@ -138,6 +143,9 @@ class ModelStructureOps:
         cfg.moe.expert_ids = [[ids[e] for e in k] for ids, k in zip(old_ids, firsts)]
         state.rebuild()
         write_moments(state.engine, state.model, moments, opt_step)
+
+    def expert_mean_outputs(self, tokens: int) -> list[torch.Tensor]:
+        return expert_mean_outputs(self.state.model, self.forward, self.data.profile_batches(tokens))
 
     def attach_adapters(self) -> int:
         n = self.state.attach_adapters()

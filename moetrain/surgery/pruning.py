@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 
-from moetrain.config import PruneConfig, StageConfig
+from moetrain.config import PruneConfig, PruneMode, StageConfig
 from moetrain.runtime.distributed import all_reduce_sum, barrier
 from moetrain.surgery import criteria
 from moetrain.surgery.experts import expert_pieces
+from moetrain.surgery.merging import merge_groups
 from moetrain.surgery.ops import StructureOps
 from moetrain.train.checkpoint import fault_requested
 from moetrain.train.stages import StageState
@@ -220,7 +221,13 @@ class PruneHook:
         if all(len(k) == len(ids) for k, ids in zip(keep, before_ids)):
             record.update(val_loss_after=v0, experts_after=record["experts_before"], outcome="nothing to prune")
         else:
-            ops.remove_experts(keep)
+            if cfg.mode == PruneMode.merge:
+                means = ops.expert_mean_outputs(cfg.merge_tokens)
+                groups = [merge_groups(k, len(ids), m) for k, ids, m in zip(keep, before_ids, means)]
+                record["merged"] = [[[ids[e] for e in g] for g in layer] for ids, layer in zip(before_ids, groups)]
+                ops.merge_experts(groups, profile.routed_E)  # weights: routed-token frequencies
+            else:
+                ops.remove_experts(keep)
             if fault_requested("hurt-prune-round", number):  # tests: make this round damage the model
                 with torch.no_grad():
                     for layer in ops.moe_layers():
