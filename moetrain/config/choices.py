@@ -133,6 +133,7 @@ class PruneCriterion(Choice):
     reap = "reap"  # REAP: mean over routed tokens of gate * ||expert output||
     ean = "ean"  # mean over routed tokens of ||expert output|| (no gate)
     random = "random"  # a seeded chance baseline
+    reconstruction = "reconstruction"  # greedy: the expert whose removal changes the layer's output least
     # the names before compression criteria had their papers' names (recipes and checkpoints still say them)
     gate_weighted = "gate_mass"
     saliency = "reap"

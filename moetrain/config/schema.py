@@ -283,7 +283,7 @@ class PruneConfig:
     """Staged expert pruning; a stage with ``prune: true`` runs one round at its start."""
 
     profile_tokens: int = 65536  # tokens (over all ranks) whose routing is profiled before each round
-    criterion: PruneCriterion = PruneCriterion.frequency  # frequency | gate_mass | reap | ean | random
+    criterion: PruneCriterion = PruneCriterion.frequency  # frequency | gate_mass | reap | ean | random | reconstruction
     seed: int = 0  # the random criterion's seed
     # an expert is cold when its share of its layer's criterion total (shares sum to 1 per layer) is below this;
     # for "frequency" that is the fraction of the layer's routed tokens

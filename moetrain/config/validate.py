@@ -314,6 +314,12 @@ def _validate_structure(cfg: TrainConfig) -> None:
     )
     _positive("prune.merge_tokens", pr.merge_tokens)
     _require(
+        pr.criterion != "reconstruction" or bool(pr.keep) or pr.remove_fraction is not None,
+        "prune.criterion",
+        pr.criterion,
+        "orders experts, it gives no shares for prune.threshold; set prune.keep or prune.remove_fraction",
+    )
+    _require(
         pr.remove_fraction is None or 0 < pr.remove_fraction < 1,
         "prune.remove_fraction",
         pr.remove_fraction,

@@ -63,7 +63,9 @@ def scores(
         return reap(saliency_sum_E, routed_E)
     if criterion is PruneCriterion.ean:
         return ean(output_norm_sum_E, routed_E)
-    return random_scores(routed_E.numel(), seed, layer)
+    if criterion is PruneCriterion.random:
+        return random_scores(routed_E.numel(), seed, layer)
+    raise ValueError(f"prune.criterion={name} is not computed from a routing profile (surgery/reconstruction.py)")
 
 
 def shares(scores_E: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.model.moe import RoutingCore
 from moetrain.runtime.distributed import all_reduce_sum
+from moetrain.surgery.calibration import capture_layer_inputs, moe_blocks
 from moetrain.surgery.experts import full_expert_stacks, routing_core
 
 
@@ -53,26 +53,10 @@ def expert_mean_outputs(
     """Collective. Per MoE layer, every expert's mean output (E, D) over the calibration tokens of every rank:
     the layers' inputs are captured while ``batches`` run through ``forward``, then every expert (all of them,
     gathered over the expert-parallel group) runs on every captured token."""
-    blocks = [block for block in model.layers if routing_core(block.ffn) is not None]
-    inputs: list[list[torch.Tensor]] = [[] for _ in blocks]
-    handles = [
-        block.ffn.register_forward_pre_hook(lambda _m, args, j=j: inputs[j].append(args[0].detach().flatten(0, 1)))
-        for j, block in enumerate(blocks)
-    ]
-    try:
-        for batch, _ in batches:
-            forward(batch)
-    finally:
-        for h in handles:
-            h.remove()
     out = []
-    for block, xs in zip(blocks, inputs):
-        core: RoutingCore = routing_core(block.ffn)
-        stacks = full_expert_stacks(core)
-        x_TD = torch.cat(xs) if xs else torch.zeros(0, stacks["w1_EDF"].shape[1])
+    for block, x_TD in zip(moe_blocks(model), capture_layer_inputs(model, forward, batches)):
+        stacks = full_expert_stacks(routing_core(block.ffn))
         summed_ED = expert_output_sums(x_TD, stacks["w1_EDF"], stacks["w3_EDF"], stacks["w2_EFD"]).cpu()
-        sums = torch.cat([summed_ED.flatten(), torch.tensor([x_TD.shape[0]], dtype=torch.float64)])
-        sums = all_reduce_sum(sums)
-        E, D = stacks["w1_EDF"].shape[0], stacks["w1_EDF"].shape[1]
-        out.append(sums[:-1].view(E, D) / sums[-1].clamp_min(1.0))
+        sums = all_reduce_sum(torch.cat([summed_ED.flatten(), torch.tensor([x_TD.shape[0]], dtype=torch.float64)]))
+        out.append(sums[:-1].view(summed_ED.shape) / sums[-1].clamp_min(1.0))
     return out

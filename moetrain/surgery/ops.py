@@ -17,6 +17,7 @@ import torch
 from moetrain.model.moe import RoutingCore
 from moetrain.surgery.experts import ep_group_of, merge_model, prune_model
 from moetrain.surgery.merging import expert_mean_outputs
+from moetrain.surgery.reconstruction import reconstruction_orders
 from moetrain.train.components import MetricsLogger
 from moetrain.train.model_state import ModelState
 from moetrain.train.optim_state import read_moments, write_moments
@@ -65,6 +66,11 @@ class StructureOps(Protocol):
 
     def expert_mean_outputs(self, tokens: int) -> list[torch.Tensor]:
         """Per MoE layer, every expert's mean output (E, D) over ``tokens`` calibration tokens (all ranks)."""
+        ...
+
+    def reconstruction_orders(self, tokens: int, floor: int) -> list[list[int]]:
+        """Per MoE layer, the experts in the order greedy output reconstruction removes them, down to
+        ``floor`` (surgery/reconstruction.py), over ``tokens`` calibration tokens."""
         ...
 
     def attach_adapters(self) -> int: ...
@@ -146,6 +152,9 @@ class ModelStructureOps:
 
     def expert_mean_outputs(self, tokens: int) -> list[torch.Tensor]:
         return expert_mean_outputs(self.state.model, self.forward, self.data.profile_batches(tokens))
+
+    def reconstruction_orders(self, tokens: int, floor: int) -> list[list[int]]:
+        return reconstruction_orders(self.state.model, self.forward, self.data.profile_batches(tokens), floor)
 
     def attach_adapters(self) -> int:
         n = self.state.attach_adapters()

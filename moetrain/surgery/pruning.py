@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 
-from moetrain.config import PruneConfig, PruneMode, StageConfig
+from moetrain.config import PruneConfig, PruneCriterion, PruneMode, StageConfig
 from moetrain.runtime.distributed import all_reduce_sum, barrier
 from moetrain.surgery import criteria
 from moetrain.surgery.experts import expert_pieces
 from moetrain.surgery.merging import merge_groups
 from moetrain.surgery.ops import StructureOps
+from moetrain.surgery.reconstruction import removal_scores
 from moetrain.train.checkpoint import fault_requested
 from moetrain.train.stages import StageState
 
@@ -201,7 +202,11 @@ class PruneHook:
         v0 = ops.validate()
         snapshot = ops.snapshot(f"pre_prune_round{number}")
         profile = profile_experts(ops.forward, ops.moe_layers(), ops.profile_batches(cfg.profile_tokens))
-        shares = profile.shares(cfg.criterion, cfg.seed)
+        if cfg.criterion == PruneCriterion.reconstruction:
+            orders = ops.reconstruction_orders(cfg.merge_tokens, cfg.min_experts)
+            shares = [criteria.shares(removal_scores(o, len(ids))) for o, ids in zip(orders, before_ids)]
+        else:
+            shares = profile.shares(cfg.criterion, cfg.seed)
         keep = select_survivors(shares, cfg, ops.ep_size, round_index=number - 1)
         record: dict[str, Any] = {
             "round": number,

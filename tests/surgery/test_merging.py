@@ -78,7 +78,7 @@ def test_a_merge_round_folds_each_cut_expert_into_its_closest_survivor(tmp_path)
 
 
 @pytest.mark.slow
-def test_merge_mode_two_ranks_expert_parallel_exports_and_reloads(tmp_path):
+def test_reconstruction_and_merge_two_ranks_expert_parallel_export_and_reload(tmp_path):
     from moetrain.interop.export import load_exported
 
     run_dir = tmp_path / "run"
@@ -87,6 +87,7 @@ def test_merge_mode_two_ranks_expert_parallel_exports_and_reloads(tmp_path):
         "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"), *PRUNE_FAST,
         "prune.mode=merge", "prune.merge_tokens=256", "prune.keep=[6,4]", "parallel.ep_size=2",
         "prune.max_loss_increase=10.0",  # both rounds kept, whatever the merge costs
+        "prune.criterion=reconstruction",  # the greedy layer-output search, collective over the 2 ranks
         f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     run_launcher(cmd, tmp_path, timeout=900)

@@ -125,7 +125,7 @@ BAD_CHOICES = [
     (["parallel.dtype=fp8"], "fp32, bf16"),
     (["schedule.decay=step"], "cosine, linear, constant"),
     (["logging.wandb.mode=cloud"], "online, offline, disabled"),
-    (["prune.criterion=magnitude"], "frequency, gate_mass, reap, ean, random, gate_weighted, saliency"),
+    (["prune.criterion=magnitude"], "frequency, gate_mass, reap, ean, random, reconstruction, gate_weighted, saliency"),
     (["prune.ranking=model"], "layer, global"),
     (["lora.targets=[mlp]"], "router, experts, attention"),
 ]
