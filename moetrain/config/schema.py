@@ -296,15 +296,13 @@ class PruneConfig:
     # for the whole model, as Hugging Face MoE configs need for export
     equal_per_layer: bool = False
     max_loss_increase: float = 0.05  # validation loss rise (nats) right after a round that triggers a rollback
-    # a budget instead of the threshold (then max_fraction does not apply): experts each layer keeps after round
-    # i (keep[i]; e.g. [6, 4] staged 8 -> 6 -> 4, [4] one-shot), or the fraction of its experts (global: of all
-    # experts, ranked together) each round removes
+    # a budget instead of the threshold and max_fraction: experts each layer keeps after round i (keep[i]; [6, 4]:
+    # staged 8 -> 6 -> 4), or the fraction of its experts (global: of all, ranked together) each round removes
     keep: list[int] = field(default_factory=list)
     remove_fraction: float | None = None
-    # drop: the cut experts are removed | merge: each is folded into the survivor whose mean output over
-    # merge_tokens calibration tokens is closest, weights averaged by routed-token frequency
+    # drop: the cut experts go | merge: each folds into the survivor with the closest mean output (docs/pruning.md)
     mode: PruneMode = PruneMode.drop
-    merge_tokens: int = 4096
+    merge_tokens: int = 4096  # calibration tokens of merging and of the reconstruction criterion
 
 
 @dataclass
