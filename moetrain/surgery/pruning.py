@@ -103,26 +103,28 @@ def profile_experts(forward, moe_layers, batches) -> ExpertProfile:
     return ExpertProfile(routed, mass, saliency, tokens=int(sums[-1]), output_norm_sum_E=norms)
 
 
-def _budget_removals(shares: list[torch.Tensor], cfg: PruneConfig, round_index: int) -> list[list[int]]:
-    """Per layer, the experts a budget removes, coldest first: down to ``keep[round_index]`` experts, or
-    ``floor(remove_fraction * experts)`` of each layer (global: of all experts, the coldest anywhere); never
-    below ``min_experts``."""
-    sizes = [len(s) for s in shares]
-    ranked = sorted((float(s[e]), layer, e) for layer, s in enumerate(shares) for e in range(len(s)))
-    removed: list[list[int]] = [[] for _ in shares]
-    if cfg.keep:
-        target = cfg.keep[min(round_index, len(cfg.keep) - 1)]
-        caps = [max(0, n - max(target, cfg.min_experts)) for n in sizes]
-    elif cfg.ranking == "global":
-        budget = math.floor(cfg.remove_fraction * sum(sizes))
-        for _, layer, e in ranked:
-            if budget > 0 and sizes[layer] - len(removed[layer]) - 1 >= cfg.min_experts:
+def _removals(
+    candidates: list[tuple[float, int, int]],
+    sizes: list[int],
+    fraction: float,
+    min_experts: int,
+    ranked_globally: bool,
+    caps: list[int] | None = None,
+) -> list[list[int]]:
+    """Per layer, the ``candidates`` ``(share, layer, expert)`` removed, coldest first: at most ``caps[layer]``
+    of a layer (default ``floor(fraction * experts)``), or, ranked globally, ``floor(fraction * all experts)``
+    anywhere; never below ``min_experts`` in a layer."""
+    removed: list[list[int]] = [[] for _ in sizes]
+    if ranked_globally and caps is None:
+        budget = math.floor(fraction * sum(sizes))
+        for _, layer, e in candidates:
+            if budget > 0 and sizes[layer] - len(removed[layer]) - 1 >= min_experts:
                 removed[layer].append(e)
                 budget -= 1
         return removed
-    else:
-        caps = [min(math.floor(cfg.remove_fraction * n), n - cfg.min_experts) for n in sizes]
-    for _, layer, e in ranked:
+    if caps is None:
+        caps = [min(math.floor(fraction * n), n - min_experts) for n in sizes]
+    for _, layer, e in candidates:
         if len(removed[layer]) < caps[layer]:
             removed[layer].append(e)
     return removed
@@ -132,24 +134,20 @@ def select_survivors(
     shares: list[torch.Tensor], cfg: PruneConfig, ep_size: int, round_index: int = 0
 ) -> list[list[int]]:
     """Per layer, the experts (current indices, ascending) that survive round ``round_index`` (0-based): the
-    budget's cut (``prune.keep`` / ``prune.remove_fraction``) where one is set, else the threshold's."""
+    budget's cut where one is set (down to ``keep[round_index]`` experts, past the last entry the last; or
+    ``remove_fraction`` of them), else the threshold's (cold experts, at most ``max_fraction``)."""
     sizes = [len(s) for s in shares]
-    cold = [(float(s[e]), layer, e) for layer, s in enumerate(shares) for e in range(len(s)) if s[e] < cfg.threshold]
-    cold.sort()
-    removed: list[list[int]] = [[] for _ in shares]
-    if cfg.keep or cfg.remove_fraction is not None:
-        removed = _budget_removals(shares, cfg, round_index)
-    elif cfg.ranking == "global":
-        budget = math.floor(cfg.max_fraction * sum(sizes))
-        for _, layer, e in cold:
-            if budget > 0 and sizes[layer] - len(removed[layer]) - 1 >= cfg.min_experts:
-                removed[layer].append(e)
-                budget -= 1
+    ranked = sorted((float(s[e]), layer, e) for layer, s in enumerate(shares) for e in range(len(s)))
+    globally = cfg.ranking == "global"
+    if cfg.keep:
+        target = cfg.keep[min(round_index, len(cfg.keep) - 1)]
+        caps = [max(0, n - max(target, cfg.min_experts)) for n in sizes]
+        removed = _removals(ranked, sizes, 0.0, cfg.min_experts, False, caps)
+    elif cfg.remove_fraction is not None:
+        removed = _removals(ranked, sizes, cfg.remove_fraction, cfg.min_experts, globally)
     else:
-        for _, layer, e in cold:
-            cap = min(math.floor(cfg.max_fraction * sizes[layer]), sizes[layer] - cfg.min_experts)
-            if len(removed[layer]) < cap:
-                removed[layer].append(e)
+        cold = [c for c in ranked if c[0] < cfg.threshold]
+        removed = _removals(cold, sizes, cfg.max_fraction, cfg.min_experts, globally)
     for layer, gone in enumerate(removed):
         while (sizes[layer] - len(gone)) % ep_size:  # keep the warmest candidates until the layout is even
             gone.pop()

@@ -10,7 +10,7 @@ import torch
 from helpers.launch import BIN, ROOT, free_port, run_launcher
 from helpers.moe_reference import swiglu
 from test_pruning import PRUNE_FAST, tiny_model
-from test_structure_ops import FakeOps, prune_config, state
+from test_structure_ops import ROUND_START, FakeOps, prune_config, state
 
 from moetrain.config import PruneMode
 from moetrain.surgery.merging import expert_mean_outputs, expert_output_sums, merge_groups
@@ -63,9 +63,7 @@ def test_a_merge_round_folds_each_cut_expert_into_its_closest_survivor(tmp_path)
     hook.run_round(ops, state("prune1"))
     names = [c[0] for c in ops.calls]
     assert names == [
-        "validate",
-        "snapshot",
-        "profile_batches",
+        *ROUND_START,
         "expert_mean_outputs",
         "merge_experts",
         "validate",

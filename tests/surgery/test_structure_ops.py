@@ -83,6 +83,10 @@ class FakeOps:
         self.calls.append(("log", metrics["event"], metrics["prune/outcome"]))
 
 
+# every round begins the same way: the loss before, the rollback point, the routing profile
+ROUND_START = ["validate", "snapshot", "profile_batches"]
+
+
 def state(name: str, index: int = 1) -> StageState:
     return StageState(index, name, 0, {}, 0.01, 0.001, 1.0)
 
@@ -116,9 +120,7 @@ def test_a_round_that_hurts_too_much_is_restored(tmp_path):
     hook.run_round(ops, state("prune1"))
     names = [c[0] for c in ops.calls]
     assert names == [
-        "validate",
-        "snapshot",
-        "profile_batches",
+        *ROUND_START,
         "remove_experts",
         "validate",
         "restore",
@@ -134,7 +136,7 @@ def test_a_round_that_hurts_too_much_is_restored(tmp_path):
 def test_nothing_to_prune_changes_nothing(tmp_path):
     ops = FakeOps(tmp_path, [2.00])
     PruneHook(prune_config(threshold=0.0)).run_round(ops, state("prune1"))
-    assert [c[0] for c in ops.calls] == ["validate", "snapshot", "profile_batches", "log"]
+    assert [c[0] for c in ops.calls] == [*ROUND_START, "log"]
     assert ops.calls[-1] == ("log", "prune_round", "nothing to prune")
 
 
