@@ -25,6 +25,7 @@ from moetrain.config.choices import (
     WandbMode,
     plain,
 )
+from moetrain.config.errors import ConfigError, error_line
 from moetrain.config.schema import (
     ATTENTIONS,
     DROP_POLICIES,
@@ -43,7 +44,6 @@ from moetrain.config.schema import (
     TOKENIZERS,
     TRAINABLE,
     WANDB_MODES,
-    ConfigError,
     DataConfig,
     DistillConfig,
     LoggingConfig,
@@ -90,6 +90,7 @@ __all__ = [
     "Attention",
     "Choice",
     "ConfigError",
+    "error_line",
     "DType",
     "DataConfig",
     "DistillConfig",

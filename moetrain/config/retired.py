@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from moetrain.config.choices import ExpertImpl
-from moetrain.config.schema import ConfigError
+from moetrain.config.errors import ConfigError
 
 # old key -> (new key, old value -> new value)
 _RENAMED: dict[str, tuple[str, dict[str, str]]] = {

@@ -54,10 +54,6 @@ RAMP_SHAPES = RampShape.values()
 TRAINABLE = Trainable.values()
 
 
-class ConfigError(ValueError):
-    """A config value is invalid. The message is one line: ``key=value <problem>; allowed: ...``."""
-
-
 @dataclass
 class RopeScalingConfig:
     """RoPE frequency scaling for context extension. ``default``: none. ``yarn`` (YaRN, as transformers computes

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from moetrain.config.schema import ConfigError, StageMoEConfig, TrainConfig
+from moetrain.config.errors import ConfigError
+from moetrain.config.schema import StageMoEConfig, TrainConfig
 
 
 def _is_int(v: Any) -> bool:

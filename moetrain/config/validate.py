@@ -1,5 +1,5 @@
 """Pure validation of a typed config: every value that can be checked before training starts, each failure
-one line that names the key (:class:`~moetrain.config.schema.ConfigError`). String choices are not checked
+one line that names the key (:class:`~moetrain.config.errors.ConfigError`). String choices are not checked
 here: they are Enums, which OmegaConf checks on composition."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from moetrain.config.choices import ExpertImpl
+from moetrain.config.errors import ConfigError
 from moetrain.config.schema import (
     LORA_TARGETS,
     TOKENIZERS,
-    ConfigError,
     ModelConfig,
     MoEConfig,
     TrainConfig,

@@ -25,7 +25,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from moetrain.config import ConfigError, DataConfig, TrainConfig
+from moetrain.config import ConfigError, DataConfig, TrainConfig, error_line
 from moetrain.interop.hf import hf_path
 from moetrain.interop.hf.common import safetensors_files
 from moetrain.train.checkpoint import (
@@ -37,7 +37,7 @@ from moetrain.train.checkpoint import (
     resolve_resume,
     saved_config,
 )
-from moetrain.train.data import error_line, local_files, stdlib_files
+from moetrain.train.data import local_files, stdlib_files
 
 SNIFF_BYTES = 1 << 16  # how much of a text file is decoded at the entry (the rest is read by the tokenizer)
 MAX_RECORD_BYTES = 16 << 20  # the longest first JSON line read at the entry

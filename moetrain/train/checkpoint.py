@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 
-from moetrain.config import ConfigError, plain
+from moetrain.config import ConfigError, error_line, plain
 from moetrain.runtime.distributed import LaunchEnv, barrier
-from moetrain.train.data import error_line
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's weights + client state (model-parallel size 1)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moetrain.config import ConfigError, DataConfig
+from moetrain.config import ConfigError, DataConfig, error_line
 
 EOS_ID = 256
 
@@ -76,13 +76,6 @@ def resolve_tokenizer(tokenizer: str, init_from: str | None) -> str:
             "allowed: byte, hf:PATH"
         )
     return "byte"
-
-
-def error_line(e: BaseException) -> str:
-    """A library's exception as one line: its type, then its message with line breaks folded (a size mismatch
-    or a JSON error spreads its one fact over several lines), cut to a length a terminal line holds."""
-    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
 TOKENIZER_ALLOWED = "allowed: byte, hf:PATH (a local folder with tokenizer.json or tokenizer_config.json)"

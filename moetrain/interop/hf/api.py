@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moetrain.config import ConfigError, ModelConfig, MoEConfig, TrainConfig
+from moetrain.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, error_line
 from moetrain.interop.export import native_state_dict
 from moetrain.interop.hf import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
 from moetrain.interop.hf.backend_names import moe_parts, to_model_names
@@ -28,7 +28,6 @@ from moetrain.interop.hf.common import (
     unused_tensors,
 )
 from moetrain.model.transformer import MoETransformer, build_model
-from moetrain.train.data import error_line
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f

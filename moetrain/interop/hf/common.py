@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from moetrain.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig, is_moe_layer
+from moetrain.config import ConfigError, ModelConfig, MoEConfig, RopeScalingConfig, error_line, is_moe_layer
 from moetrain.train.checkpoint import file_problem
-from moetrain.train.data import error_line
 
 EXPERT_TENSORS = ("w1_EDF", "w3_EDF", "w2_EFD")  # our stacked expert weights, in the order of Layout.experts
 
