@@ -55,25 +55,20 @@ class ModelState:
         saved = CheckpointManager.saved_structure(self.resume_from[0] / self.resume_from[1]) if self.resume_from else {}
         if saved.get("expert_ids"):
             cfg.moe.expert_ids = saved["expert_ids"]
-        self.model, expert_shards = build_model_for_engine(cfg, init_weights if self.resume_from is None else None)
+        self.model, _ = build_model_for_engine(cfg, init_weights if self.resume_from is None else None)
         if saved.get("lora"):
             self.adapters.attach(self.model)
-            expert_shards = prepare_model_for_engine(self.model, cfg)
         if saved.get("teacher_expert_ids"):
             self.distiller.build_teacher(self, saved["teacher_expert_ids"], from_model=False)
-        self.expert_shards = expert_shards
 
     # ---------------------------------------------------------------- structure
-    def rebuild(self, expert_shards: Any | None = None) -> None:
+    def rebuild(self) -> None:
         """(Re)build everything that depends on the model's structure: the stage schedule (parameter names),
         the DeepSpeed engine with its LR schedule at the current step, the checkpoint manager. Called at start
-        and after every structure change; ``expert_shards``: the checkpoint component of the model's
-        expert-parallel shards (None: declare the current model's again)."""
+        and after every structure change. The current model's expert-parallel parameters are declared to
+        DeepSpeed again (idempotent), which also gives the component that checkpoints their shards."""
         cfg, t = self.cfg, self.cfg.trainer
-        if expert_shards is None and self.engine is not None:
-            expert_shards = prepare_model_for_engine(self.model, cfg)
-        elif expert_shards is None:
-            expert_shards = self.expert_shards
+        expert_shards = prepare_model_for_engine(self.model, cfg)
         if self.engine is not None:
             self.engine.destroy()  # releases the old optimizer's gradient hooks on parameters we keep
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -136,10 +131,10 @@ class ModelState:
         teacher: a teacher taken after the snapshot goes (the next round that removes experts takes it again)."""
         structure = CheckpointManager.saved_structure(path)
         self.cfg.moe.expert_ids = structure.get("expert_ids") or []
-        self.model, expert_shards = build_model_for_engine(self.cfg)
+        self.model, _ = build_model_for_engine(self.cfg)
         if not structure.get("teacher_expert_ids"):
             self.distiller.drop_teacher()
-        self.rebuild(expert_shards)
+        self.rebuild()
         self.checkpoints.load(self.engine, path.parent, path.name)
         barrier()
 
