@@ -145,6 +145,24 @@ def test_auto_picks_aten_on_cpu_and_the_kernel_elsewhere_is_an_error():
         expert_kernel("cpu_kernel", cpu, torch.float16)
 
 
+@pytest.mark.parametrize(("d", "ff", "grouped"), [(D, FF, True), (6, 10, False)], ids=["aligned", "unaligned"])
+def test_auto_takes_the_loop_where_grouped_mm_cannot_read_the_rows(monkeypatch, d, ff, grouped):
+    """fp32 rows of 6 or 10 elements (24 / 40 bytes) are not the 16-byte aligned rows torch._grouped_mm needs:
+    auto runs those experts on the loop; both ways equal the naive loop."""
+    calls = []
+    real_grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real_grouped_mm(*a, **kw))
+    counts = COUNTS[0]
+    experts = GroupedExperts(len(counts), d, ff, "auto")
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(sum(counts), d)
+    y = experts(x, torch.tensor(counts))
+    assert (len(calls) > 0) == grouped
+    with torch.no_grad():
+        torch.testing.assert_close(y, naive_experts(x, *experts.parameters(), counts), rtol=1e-5, atol=1e-5)
+
+
 def test_without_a_compiler_auto_runs_and_the_kernel_is_refused_in_one_line(monkeypatch, caplog):
     def no_compiler():
         raise RuntimeError("no C++ compiler")
