@@ -58,7 +58,10 @@ class ExpertProfile:
 
     def shares(self, criterion: str, seed: int = 0) -> list[torch.Tensor]:
         """Each expert's share of its layer's criterion total (sums to 1 per layer; moetrain/surgery/criteria.py)."""
-        norms = self.output_norm_sum_E or [torch.zeros_like(r) for r in self.routed_E]
+        if self.output_norm_sum_E is None and str(criterion) == "ean":
+            # zeros would make every expert tie: say what is missing instead
+            raise ValueError("prune.criterion=ean needs the profile's output-norm sums (output_norm_sum_E)")
+        norms = self.output_norm_sum_E or [torch.zeros_like(r) for r in self.routed_E]  # read by ean only
         layers = zip(self.routed_E, self.gate_mass_E, self.saliency_sum_E, norms)
         return [
             criteria.shares(criteria.scores(criterion, routed, mass, sal, norm, seed=seed, layer=j))

@@ -87,3 +87,9 @@ def test_random_scores_are_seeded_per_layer():
     assert torch.equal(a, b)
     assert not torch.equal(a, criteria.random_scores(8, seed=1, layer=1))
     assert not torch.equal(a, criteria.random_scores(8, seed=2, layer=0))
+
+
+def test_ean_without_output_norms_is_refused():
+    profile = ExpertProfile([torch.ones(4)], [torch.ones(4)], [torch.ones(4)], tokens=4)
+    with pytest.raises(ValueError, match="prune.criterion=ean needs the profile's output-norm sums"):
+        profile.shares("ean")
