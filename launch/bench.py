@@ -3,6 +3,7 @@
     python launch/bench.py moe   [--tokens 4096] [--iters 5] [--threads 2] [--device cpu] [--cpu-malloc cached]
                                  [--cpu-huge-pages on]
     python launch/bench.py a2a   [--tokens 4096] [--iters 5]     (spawns 2 ranks with torchrun)
+    python launch/bench.py compress [overrides]   -> docs/compression.md (launch/bench_compress.py)
 
 ``--cpu-malloc cached`` (the default) sets glibc's allocator as the trainer does on CPU
 (``MOETRAIN_CPU_MALLOC``, moetrain/kernels/cpu/runtime.py); ``default`` leaves it alone. ``--cpu-huge-pages on`` (the
@@ -347,13 +348,13 @@ def a2a_worker(args) -> None:
     dist.destroy_process_group()
 
 
-def write_section(name: str, body: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+def write_section(name: str, body: str, doc: Path = DOC) -> None:
+    text = doc.read_text() if doc.exists() else f"# {doc.stem.capitalize()}\n"
     block = f"<!-- {name}:start -->\n{body}\n<!-- {name}:end -->"
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
-    text = pattern.sub(block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
-    print(f"wrote the '{name}' section of {DOC}")
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
+    print(f"wrote the '{name}' section of {doc}")
 
 
 def huge_pages_label(asked: bool, in_use: bool) -> str:
@@ -364,6 +365,11 @@ def huge_pages_label(asked: bool, in_use: bool) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["compress"]:  # Hydra overrides follow: a command line of its own
+        from bench_compress import main as compress
+
+        machine = f"{platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}"
+        sys.exit(compress(sys.argv[2:], machine, write_section))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["moe", "a2a", "a2a-worker"])
     ap.add_argument("--tokens", type=int, default=4096)

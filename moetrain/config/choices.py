@@ -153,6 +153,15 @@ class PruneMode(Choice):
     merge = "merge"  # folded into the survivor whose mean output is closest (moetrain/surgery/merging.py)
 
 
+class DistillTeacher(Choice):
+    """``distill.teacher``: the frozen model the distillation term compares with."""
+
+    pre_prune = "pre_prune"  # a copy taken just before the first pruning round
+    # the model at step 0 of a fresh run (model.init_from loaded), at its own top-k and dropless; also the
+    # reference every validation compares with (train/reference.py)
+    base = "base"
+
+
 class LoRATarget(Choice):
     """An entry of ``lora.targets``: the modules that get adapters."""
 

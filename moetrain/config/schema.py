@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from moetrain.config.choices import (
     Attention,
+    DistillTeacher,
     DropPolicy,
     DType,
     ExpertImpl,
@@ -312,10 +313,12 @@ class LoRAConfig:
 
 @dataclass
 class DistillConfig:
-    """Distillation from the model as it was before the first pruning round, in every stage after it:
-    ``loss = (1 - beta) * CE + beta * T^2 * KL(teacher || student)`` at temperature ``T``."""
+    """Distillation from a frozen teacher, in every step it exists: ``loss = (1 - beta) * CE + beta * T^2 *
+    KL(teacher || student)`` at temperature ``T``. ``teacher``: pre_prune (a copy taken before the first
+    pruning round) | base (the step-0 model; also the reference of every validation, even when not enabled)."""
 
     enabled: bool = False
+    teacher: DistillTeacher = DistillTeacher.pre_prune
     beta: float = 0.5
     temperature: float = 2.0
 
@@ -334,6 +337,7 @@ class TrainerConfig:
     log_every: int = 1
     expert_stats_every: int = 25
     num_threads: int | None = None  # torch intra-op threads per rank; default: cores / local ranks
+    throughput_rounds: int = 5  # with a reference: rounds timing base vs final model at the end (0: off)
 
 
 @dataclass

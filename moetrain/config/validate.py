@@ -252,6 +252,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None, cuda: bool | None 
         _positive(f"trainer.{key}", getattr(t, key))
     if t.num_threads is not None:
         _positive("trainer.num_threads", t.num_threads)
+    _require(t.throughput_rounds >= 0, "trainer.throughput_rounds", t.throughput_rounds, "must be >= 0 (0: off)")
 
     _require(
         d.hf_config is None or d.hf_name is not None,
@@ -347,10 +348,11 @@ def _validate_structure(cfg: TrainConfig) -> None:
     if stages and stages[0].prune:
         raise ConfigError("schedule.stages[0].prune=true is not supported: a round needs a trained model to profile")
     _require(
-        not di.enabled or any(st.prune for st in stages),
+        not di.enabled or di.teacher == "base" or any(st.prune for st in stages),
         "distill.enabled",
         di.enabled,
-        "needs a stage with prune: true (the teacher is the model before the first pruning round)",
+        "needs a stage with prune: true (distill.teacher=pre_prune is the model before the first pruning round); "
+        "allowed: such a stage, or distill.teacher=base",
     )
     for j, ids in enumerate(moe.expert_ids):
         key = f"moe.expert_ids[{j}]"

@@ -8,6 +8,7 @@ from pathlib import Path
 from moetrain.config import TrainConfig
 from moetrain.interop.export import export_model
 from moetrain.interop.hf import load_hf_weights
+from moetrain.metrics.comparison import measure_throughput
 from moetrain.metrics.report import report_run
 from moetrain.metrics.routing import RoutingMetrics
 from moetrain.metrics.tracking import build_logger
@@ -33,5 +34,6 @@ def build_trainer(cfg: TrainConfig, run_dir: Path) -> Trainer:
         reporter=report_run,
         hooks=[PruneHook(cfg.prune), LoRAStageHook()],
         init_weights=load_hf_weights if cfg.model.init_from else None,
+        throughput=measure_throughput,
     )
     return Trainer(cfg, run_dir, env, parts)

@@ -1,7 +1,9 @@
-"""The end-of-run report: ``report.md`` with the per-stage table and the quality table (validation loss and
+"""The end-of-run report: ``report.md`` with the per-stage table, the quality table (validation loss and
 perplexity at each stage end and right after each pruning round, experts per layer, parameters, optionally a
-baseline run), ``loss.png`` (loss curve with stage boundaries), ``utilization.png`` (per-layer expert
-utilization heatmap, one panel per stage) and ``pruning.png`` (each round's profile, removed experts marked)."""
+baseline run) and, in a run with a base model as its reference, the table comparing every stage with the base
+(:mod:`moetrain.metrics.comparison`); ``loss.png`` (loss curve with stage boundaries), ``utilization.png``
+(per-layer expert utilization heatmap, one panel per stage) and ``pruning.png`` (each round's profile, removed
+experts marked)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import logging
 import math
 from pathlib import Path
 from typing import Any
+
+from moetrain.metrics import comparison as base_comparison
 
 COLUMNS = [
     ("stage", "stage", "{}"),
@@ -194,14 +198,35 @@ def quality_rows(
     return rows
 
 
+def comparison_section(comparison: dict[str, Any] | None, summaries: list[dict[str, Any]]) -> list[str]:
+    """report.md's lines comparing every stage with the base model (none without a base measurement)."""
+    if not comparison or not comparison.get("base"):
+        return []
+    return [
+        "## Compared with the base model (same validation tokens)",
+        "",
+        "NLL = mean next-token cross-entropy (nats/token) on the validation batches, at the end of each stage; gap =",
+        "NLL - the base's NLL (and in % of it); KL(base||model) = mean over tokens of the KL divergence from the",
+        "base's next-token distribution to the model's (temperature 1); top-1 agreement = share of tokens whose",
+        "most likely next token is the base's; tokens/s = the stage's training throughput.",
+        "",
+        *markdown_table(base_comparison.COLUMNS, base_comparison.comparison_rows(comparison["base"], summaries)),
+        "",
+        base_comparison.throughput_line(comparison.get("throughput")),
+        "",
+    ]
+
+
 def write_report(
     run_dir: Path,
     summaries: list[dict[str, Any]],
     extra: dict[str, Any],
     rounds: list[dict[str, Any]] | None = None,
     baseline: dict[str, Any] | None = None,
+    comparison: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write report.md and its plots into ``run_dir``; return the files written."""
+    """Write report.md and its plots into ``run_dir``; return the files written. ``comparison``: the base
+    measurement and the one-run throughput of a run with a reference (``{"base", "throughput"}``)."""
     rounds = rounds or []
     files = {"loss": run_dir / "loss.png", "utilization": run_dir / "utilization.png"}
     plot_loss(files["loss"], run_dir / "metrics.jsonl", summaries)
@@ -234,6 +259,7 @@ def write_report(
         "",
         *markdown_table([c for c, _, _ in COLUMNS], table_rows(summaries)),
         "",
+        *comparison_section(comparison, summaries),
         *quality,
         "![loss](loss.png)",
         "",
@@ -252,6 +278,7 @@ def report_run(
     rounds: list[dict[str, Any]],
     logging_cfg: Any,
     logger: Any,
+    comparison: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """The run's report (:func:`write_report`), with ``logging.baseline_run``'s summary as the reference row,
     also sent to the metrics sinks (its plots and table)."""
@@ -259,7 +286,7 @@ def report_run(
     if logging_cfg.baseline_run:  # a reference run (e.g. top2_baseline at the same total steps)
         path = Path(logging_cfg.baseline_run)
         baseline = {"name": path.name, **json.loads((path / "summary.json").read_text())}
-    files = write_report(run_dir, summaries, extra, rounds, baseline)
+    files = write_report(run_dir, summaries, extra, rounds, baseline, comparison)
     logger.log_report(
         {k: v for k, v in files.items() if v.suffix == ".png"}, [c for c, _, _ in COLUMNS], table_rows(summaries)
     )

@@ -85,24 +85,40 @@ class Entry:
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def time_in_rounds(entries: list[Entry], iters: int, warmup: int = 2, alternate: bool = False) -> list[list[float]]:
+def one_loss_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, module: nn.Module) -> float:
+    """Seconds of one forward + backward from a scalar loss (``loss_fn(x)``, e.g. a whole model's training loss
+    on token ids, which take no gradient); ``module``'s gradients are set to None first, outside the timing."""
+    module.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    loss_fn(x).backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_in_rounds(
+    entries: list[Entry], iters: int, warmup: int = 2, alternate: bool = False, run: Callable | None = None
+) -> list[list[float]]:
     """Seconds of forward + backward of each entry in each round (one list per entry, one value per round), timed
     in rounds: after ``warmup`` untimed rounds, each of ``iters`` rounds runs every entry twice in turn, the first
     run untimed. ``alternate``: every other round runs the entries in reverse order, so that a drift within a
-    round (the heap growing, a slow spell starting) does not always fall on the later entry of a pair.
+    round (the heap growing, a slow spell starting) does not always fall on the later entry of a pair. ``run``:
+    what one run is, ``run(fn, x, module) -> seconds`` (default :func:`one_fwd_bwd`; :func:`one_loss_bwd` for
+    entries whose ``fn`` returns a loss).
 
     Why rounds: on a shared machine a slow spell lasting seconds would otherwise fall on whichever entries ran
     then; in rounds it falls on all of them alike, so the ratios between rows of one shape hold. Why the untimed
     run first: the entry before leaves the caches, the allocator's free lists and the thread pool in its own
     state (at 64 experts a fresh heap for the 96 MiB of expert gradients alone is page-faulted again); one run of
     its own restores what back-to-back iterations of one layer would see (docs/benchmarks.md)."""
+    run = run or one_fwd_bwd
     times: list[list[float]] = [[] for _ in entries]
     for r in range(warmup + iters):
         order = range(len(entries) - 1, -1, -1) if alternate and r % 2 else range(len(entries))
         for i in order:
             e = entries[i]
             with e.context():
-                one_fwd_bwd(e.fn, e.x, e.module)
+                run(e.fn, e.x, e.module)
                 if r >= warmup:
-                    times[i].append(one_fwd_bwd(e.fn, e.x, e.module))
+                    times[i].append(run(e.fn, e.x, e.module))
     return times

@@ -89,8 +89,8 @@ class StructureOps(Protocol):
 
 
 class ModelStructureOps:
-    """:class:`StructureOps` on a run's model state; the distillation teacher is taken before the first
-    removal when ``distill.enabled``."""
+    """:class:`StructureOps` on a run's model state; with ``distill.enabled`` and ``distill.teacher=pre_prune``
+    the distillation teacher is taken before the first removal (a base teacher exists from step 0 and stays)."""
 
     def __init__(self, state: ModelState, validate: Callable[[], float], data: Any, logger: MetricsLogger) -> None:
         self.state, self._validate, self.data, self.logger = state, validate, data, logger
@@ -136,10 +136,12 @@ class ModelStructureOps:
         )
 
     def _change_experts(self, firsts: list[list[int]], change: Callable[..., dict]) -> None:
-        """Teacher first (distillation), then the change with the optimizer moments carried, the new structure
-        recorded (``moe.expert_ids``: per layer the original id of each new expert) and the engine rebuilt."""
+        """Teacher first (pre_prune distillation), then the change with the optimizer moments carried, the new
+        structure recorded (``moe.expert_ids``: per layer the original id of each new expert) and the engine
+        rebuilt."""
         state, cfg = self.state, self.state.cfg
-        if cfg.distill.enabled and state.distiller.teacher_expert_ids is None:
+        pre_prune = cfg.distill.enabled and cfg.distill.teacher == "pre_prune"
+        if pre_prune and state.distiller.teacher_expert_ids is None:
             state.distiller.build_teacher(state, state.expert_ids(), from_model=True)
         moments, opt_step = read_moments(state.engine, state.model)
         old_ids = state.expert_ids()

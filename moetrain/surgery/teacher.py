@@ -19,18 +19,17 @@ class TeacherState:
         return f"teacher_rank{self.rank:05d}.safetensors"
 
     def save(self, directory: Path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_model
 
         path = directory / self.filename()
         tmp = path.with_name(path.name + ".tmp")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.teacher.state_dict().items()}
-        save_file(state, str(tmp))
+        save_model(self.teacher, str(tmp))  # tied weights (embedding = LM head) are stored once
         os.replace(tmp, path)
 
     def load(self, directory: Path) -> None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_model
 
         path = directory / self.filename()
         if not path.is_file():  # structure.json says this checkpoint has a teacher: its weights must be there
             raise FileNotFoundError(f"trainer.resume: {path} is missing (the distillation teacher of this rank)")
-        self.teacher.load_state_dict(load_file(str(path)))
+        load_model(self.teacher, str(path))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moetrain.config import ModelConfig, MoEConfig, StageConfig
+from moetrain.model import ModelOutput
 from moetrain.model.moe import MoEStats
 from moetrain.train.stages import StageState
 
@@ -53,14 +54,26 @@ class Adapters(Protocol):
 
 
 class Distillation(Protocol):
-    """A frozen teacher and the distillation term against it."""
+    """A frozen teacher and the distillation term against it; the base teacher is also the run's reference."""
 
     @property
     def active(self) -> bool: ...
 
+    @property
+    def teacher_kind(self) -> str | None:
+        """``distill.teacher`` of the teacher held now (None: none)."""
+        ...
+
+    @property
+    def reference(self) -> nn.Module | None:
+        """The frozen base model every validation compares with (``distill.teacher=base``), else None."""
+        ...
+
     teacher_expert_ids: list[list[int]] | None
 
     def kl(self, student_BSV: torch.Tensor, inputs_BS: torch.Tensor) -> torch.Tensor: ...
+
+    def teacher_forward(self, inputs_BS: torch.Tensor) -> ModelOutput: ...
 
     def build_teacher(self, state: Any, expert_ids: list[list[int]], from_model: bool) -> None:
         """A frozen copy of ``state``'s model (a ``ModelState``, which holds this object: typed ``Any`` so that
@@ -92,14 +105,23 @@ class StageHook(Protocol):
 
 
 Exporter = Callable[[nn.Module, ModelConfig, MoEConfig, Path, bool], Path]
-# (run_dir, stage summaries, extra rows, structural records, baseline run folder or None, logger) -> report path
-Reporter = Callable[[Path, list[dict[str, Any]], dict[str, Any], list[dict[str, Any]], Any, MetricsLogger], Any]
+# (run_dir, stage summaries, extra rows, structural records, logging config, logger, comparison with the base:
+# {"base": the base measurement, "throughput": ... or None} or None without a reference) -> report files
+Reporter = Callable[
+    [Path, list[dict[str, Any]], dict[str, Any], list[dict[str, Any]], Any, MetricsLogger, dict[str, Any] | None],
+    Any,
+]
+# collective: (models, inputs_BS, labels_BS, rounds, tokens per run over all ranks) -> {"base_tokens_per_s",
+# "model_tokens_per_s", "speedup", "rounds"}: forward + backward of models[0] (the base) and models[1] (the
+# final model) timed in the same rounds (metrics/comparison.py)
+Throughput = Callable[[list[nn.Module], torch.Tensor, torch.Tensor, int, int], dict[str, Any]]
 
 
 @dataclass
 class RunComponents:
     """Everything the trainer is given. ``structure_ops`` makes the interface the hooks act through from the
-    trainer's model state and its validation; ``init_weights`` loads ``model.init_from``."""
+    trainer's model state and its validation; ``init_weights`` loads ``model.init_from``; ``throughput`` times
+    the base against the final model at the end of a run with a reference."""
 
     logger: MetricsLogger
     routing_table: Callable[[int, int], RoutingTable]
@@ -110,3 +132,4 @@ class RunComponents:
     reporter: Reporter
     hooks: list[StageHook] = field(default_factory=list)
     init_weights: Callable[[nn.Module, Any], None] | None = None
+    throughput: Throughput | None = None

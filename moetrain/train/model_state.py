@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from moetrain.backends import get_backend
-from moetrain.config import TrainConfig
+from moetrain.config import ConfigError, TrainConfig
 from moetrain.runtime.distributed import LaunchEnv, barrier
 from moetrain.train.checkpoint import CheckpointManager, resolve_resume
 from moetrain.train.components import Adapters, Distillation
@@ -58,8 +59,23 @@ class ModelState:
         self.model, _ = build_model_for_engine(cfg, init_weights if self.resume_from is None else None)
         if saved.get("lora"):
             self.adapters.attach(self.model)
+        teacher = cfg.distill.teacher
         if saved.get("teacher_expert_ids"):
+            # checkpoints written before distill.teacher existed hold a pre_prune teacher
+            if saved.get("teacher", "pre_prune") != teacher:
+                raise ConfigError(
+                    f"distill.teacher={teacher} does not match the teacher of the checkpoint "
+                    f"{self.resume_from[0] / self.resume_from[1]} ({saved.get('teacher', 'pre_prune')}); "
+                    "allowed: the checkpoint's"
+                )
             self.distiller.build_teacher(self, saved["teacher_expert_ids"], from_model=False)
+        elif teacher == "base" and self.resume_from is not None:
+            raise ConfigError(
+                f"distill.teacher=base: the checkpoint {self.resume_from[0] / self.resume_from[1]} holds no base "
+                "model (it is taken at step 0 of a fresh run); allowed: a checkpoint of a distill.teacher=base run"
+            )
+        elif teacher == "base":  # the base: the model as loaded (model.init_from), before any training
+            self.distiller.build_teacher(self, self.expert_ids(), from_model=True)
 
     # ---------------------------------------------------------------- structure
     def rebuild(self) -> None:
@@ -91,6 +107,7 @@ class ModelState:
             "expert_ids": cfg.moe.expert_ids,
             "lora": self.adapters.active,
             "teacher_expert_ids": self.distiller.teacher_expert_ids,
+            "teacher": self.distiller.teacher_kind,
         }
         components = [expert_shards, self.distiller.checkpoint_component(self.env.rank)]
         self.checkpoints = CheckpointManager(
@@ -110,6 +127,17 @@ class ModelState:
     def param_count(self) -> int:
         return count_parameters(self.model, self.cfg.parallel.ep_size)
 
+    def model_copy(self, source: nn.Module | None, expert_ids: list[list[int]], moe: dict[str, Any]) -> nn.Module:
+        """A model of this run outside the engine (it joins its expert-parallel groups here): the
+        ``expert_ids`` structure, ``moe`` overriding ``moe.*`` values (e.g. a stage's top-k, dropless), and
+        ``source``'s weights when given (a distillation teacher, a timing copy)."""
+        cfg = replace(self.cfg, moe=replace(self.cfg.moe, expert_ids=expert_ids, **moe))
+        model, _ = build_model_for_engine(cfg)
+        self.backend.join_groups(model)
+        if source is not None:
+            model.load_state_dict(source.state_dict())
+        return model
+
     def attach_adapters(self) -> int:
         """Collective: LoRA adapters on the configured targets; returns their trainable parameter count."""
         n = self.adapters.attach(self.model)
@@ -128,11 +156,12 @@ class ModelState:
 
     def restore(self, path: Path) -> None:
         """Collective: back to a snapshot's structure, weights, optimizer state and RNG, and to its distillation
-        teacher: a teacher taken after the snapshot goes (the next round that removes experts takes it again)."""
+        teacher: a pre_prune teacher taken after the snapshot goes (the next round that removes experts takes
+        it again); the base (taken at step 0, before any snapshot) stays."""
         structure = CheckpointManager.saved_structure(path)
         self.cfg.moe.expert_ids = structure.get("expert_ids") or []
         self.model, _ = build_model_for_engine(self.cfg)
-        if not structure.get("teacher_expert_ids"):
+        if not structure.get("teacher_expert_ids") and self.distiller.teacher_kind != "base":
             self.distiller.drop_teacher()
         self.rebuild()
         self.checkpoints.load(self.engine, path.parent, path.name)

@@ -88,8 +88,11 @@ class StageRunner:
         """``step`` optimizer steps are done: does a stage end here (a new one starts, or the run ends)?"""
         return step in self.schedule.boundaries() or step == self.schedule.max_steps
 
-    def close_stage(self, step: int, val_loss: float | None) -> dict[str, Any]:
-        """Collective (all-reduces the stage's routing sums). Summarise the stage that ends at ``step``."""
+    def close_stage(
+        self, step: int, val_loss: float | None, comparison: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Collective (all-reduces the stage's routing sums). Summarise the stage that ends at ``step``;
+        ``comparison``: its last validation against the base (``base_val_loss``, ``kl_base``, ``agree_base``)."""
         state = self.schedule.at(step - 1)
         sums = self.stage_routing.reduce_and_reset_sums()
         routing = self.stage_routing.metrics(sums) if self.E else {}
@@ -112,6 +115,7 @@ class StageRunner:
             "utilization": utilization,
             **{f"moe.{k}": v for k, v in state.moe.items()},
             "aux_loss_coef": state.aux_loss_coef,
+            **(comparison or {}),
         }
         self.summaries.append(summary)
         self.seconds, self.tokens = 0.0, 0

@@ -1,14 +1,14 @@
 """The training loop. Features arrive as components (data pipeline, model state, stage runner and its hooks,
-metrics sinks, routing statistics, exporter, reporter); the loop only sequences them.
+validation and its reference, metrics sinks, routing statistics, exporter, reporter); the loop only sequences
+them.
 
 Loop state that resume needs: the optimizer step (DeepSpeed restores model, optimizer and LR schedule), the
-data position, the stage runner's sums, each hook's state and each rank's RNG state. Every schedule is a
-pure function of the step.
+data position, the stage runner's sums, each hook's state, the base measurement and each rank's RNG state.
+Every schedule is a pure function of the step.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import replace
@@ -23,9 +23,10 @@ from moetrain.runtime.distributed import LaunchEnv, all_reduce_sum, barrier
 from moetrain.train.components import RunComponents
 from moetrain.train.data import DataPipeline
 from moetrain.train.engine import grad_norm_before_clipping
-from moetrain.train.evaluation import cross_entropy_sums
 from moetrain.train.losses import training_loss
 from moetrain.train.model_state import ModelState
+from moetrain.train.reference import Validation
+from moetrain.train.run_summary import finish_run, hook_records
 from moetrain.train.splits import load_splits_rank0_first
 from moetrain.train.stage_runner import StageRunner
 from moetrain.train.stages import StageSchedule, StageState
@@ -57,14 +58,18 @@ class Trainer:
         self.state.on_rebuild.append(self._follow_structure)
         self.state.client_state = self.client_state
         self.ops = parts.structure_ops(self.state, self.validate, self.data, self.logger)
+        self.validation = Validation(self.state, self.data, cfg, parts.routing_table, parts.throughput)
         self.state.rebuild()
-        self.last_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.dp_size * cfg.model.seq_len
 
     @property
     def step(self) -> int:
         return self.state.step
+
+    @property
+    def last_val_loss(self) -> float | None:
+        return self.validation.last.get("val/loss")
 
     def _follow_structure(self, state: ModelState) -> None:
         """After a structure change: the stage runner follows the new layers and schedule, at this step."""
@@ -74,7 +79,7 @@ class Trainer:
     # ---------------------------------------------------------------- state
     def client_state(self) -> dict[str, Any]:
         """Collective (the stage runner sums its interval over ranks)."""
-        hooks = {h.state_key: h.state_dict() for h in self.parts.hooks if h.state_key}
+        hooks = {h.state_key: h.state_dict() for h in [*self.parts.hooks, self.validation] if h.state_key}
         return {
             "step": self.step,
             "data": self.data.state_dict(),
@@ -90,7 +95,7 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         if "stages" in state:
             self.stages.load_state_dict(state["stages"])
-        for hook in self.parts.hooks:
+        for hook in [*self.parts.hooks, self.validation]:
             if hook.state_key:
                 hook.load_state_dict(state.get(hook.state_key, {}))
         self.stages.apply(self.step)
@@ -145,15 +150,10 @@ class Trainer:
             "stage/index": stage.index,
         }
 
-    @torch.no_grad()
     def validate(self) -> float:
-        """Mean next-token cross-entropy (nats) over the fixed validation batches of all ranks."""
-        engine = self.state.engine
-        engine.eval()
-        batches = self.data.val_batches(self.cfg.trainer.eval_batches)
-        totals = all_reduce_sum(cross_entropy_sums(engine, batches, engine.device))
-        self.last_val_loss = float(totals[0] / totals[1])
-        return self.last_val_loss
+        """Mean next-token cross-entropy (nats) over the fixed validation batches of all ranks; with a reference
+        the comparisons too (``self.validation.last``)."""
+        return self.validation.run()["val/loss"]
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -170,6 +170,8 @@ class Trainer:
             self.logger.log({"data/unigram_baseline": self.unigram_baseline}, step=self.step)
         bar = self._progress_bar()
         self.stages.apply(self.step)
+        if base := self.validation.measure_base(self.step):  # step 0 of a run with a reference
+            self.logger.log(base, step=self.step)
         while self.step < t.max_steps:
             stage = self.stages.apply(self.step)
             metrics = self.train_step(stage)
@@ -177,7 +179,8 @@ class Trainer:
                 metrics.update(self.routing.reduce_and_reset())
             stage_end = self.stages.is_stage_end(self.step)
             if self.step % t.eval_every == 0 or stage_end:
-                metrics["val/loss"] = self.validate()
+                self.validate()
+                metrics.update(self.validation.last)
             if self.step % t.log_every == 0 or "val/loss" in metrics:
                 self.logger.log(metrics, step=self.step)
             if bar is not None:
@@ -208,19 +211,14 @@ class Trainer:
             log.info("exported the final model to %s (moetrain.interop.export.load_exported)", export)
         return export
 
-    def _records(self) -> dict[str, list[dict[str, Any]]]:
-        """Each hook's structural records (pruning rounds), without their bulky profiles."""
-        strip = lambda rows: [{k: v for k, v in r.items() if k != "profile"} for r in rows]  # noqa: E731
-        return {h.summary_key: strip(h.records()) for h in self.parts.hooks if h.summary_key}
-
     def _end_stage(self) -> None:
         """At a stage boundary (and at the end): summarise the stage; if another follows, switch to it and
         record what changed (log line, ``metrics.jsonl`` and W&B event)."""
-        summary = self.stages.close_stage(self.step, self.last_val_loss)
+        summary = self.stages.close_stage(self.step, self.last_val_loss, self.validation.stage_summary())
         self.stages.end_stage(self.ops, self.step)  # hooks: e.g. LoRA adapters merged
         summary["experts_per_layer"] = self.state.experts_per_layer()
         summary["params"] = self.state.param_count()
-        for key, rows in self._records().items():
+        for key, rows in hook_records(self.parts).items():
             summary[key] = [r["round"] for r in rows if r["stage"] == summary["stage"]]
         if self.env.is_main:
             log.info(
@@ -256,38 +254,14 @@ class Trainer:
         return tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
 
     def _finish(self) -> dict:
-        records = self._records()
-        summary = {
+        fields = {
             "run_dir": str(self.run_dir),
             "step": self.step,
             "val_loss": self.last_val_loss,
             "unigram_baseline": self.unigram_baseline,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "export": str(self.export_dir),
-            "experts_per_layer": self.state.experts_per_layer(),
-            "params": self.state.param_count(),
-            **records,
-            "wandb": self.logger.wandb_location(),
         }
-        if self.env.is_main:
-            summary["stages"] = self.stages.summaries
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            if self.stages.summaries:  # resumed at the very end: nothing ran, nothing to report
-                extra = {
-                    "steps": self.step,
-                    "unigram baseline (nats/token)": f"{self.unigram_baseline:.4f}",
-                    "backend": self.cfg.moe.backend,
-                    "ranks": self.env.world_size,
-                    "ep_size": self.cfg.parallel.ep_size,
-                }
-                rows = [r for rs in records.values() for r in rs]
-                self.parts.reporter(self.run_dir, self.stages.summaries, extra, rows, self.cfg.logging, self.logger)
-            log.info(
-                "done: val loss %s (unigram baseline %.4f) | checkpoint %s | W&B %s",
-                summary["val_loss"],
-                self.unigram_baseline,
-                summary["checkpoint"],
-                summary["wandb"],
-            )
-        self.logger.finish()
-        return summary
+        return finish_run(
+            self.cfg, self.run_dir, self.env, self.parts, self.state, self.stages, self.validation, fields
+        )

@@ -110,9 +110,10 @@ FAMILIES = {
 }
 
 
-def tiny_checkpoint(name: str, path, vocab_size: int = VOCAB):
-    """A random transformers model of family ``name`` saved in its published on-disk layout under ``path``."""
-    model_type, kwargs = FAMILIES[name]
+def tiny_checkpoint(name: str, path, vocab_size: int = VOCAB, spec: tuple[str, dict] | None = None):
+    """A random transformers model of family ``name`` (or of ``spec``: model type and config kwargs) saved in its
+    published on-disk layout under ``path``."""
+    model_type, kwargs = spec or FAMILIES[name]
     cfg = AutoConfig.for_model(model_type, **{**COMMON, "vocab_size": vocab_size}, **kwargs)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()

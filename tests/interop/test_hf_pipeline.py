@@ -142,6 +142,9 @@ def test_top1_prune_from_an_imported_mixtral_exports_a_smaller_mixtral(tmp_path)
         "trainer.eval_every=4",
         *stages,
         "prune.profile_tokens=1024",
+        "prune.keep=[]",
+        "schedule.stages.4.lora=true",
+        "distill.enabled=true",
         "prune.threshold=1.0",  # every expert is a candidate: the caps decide (1 per layer and round)
         "prune.max_fraction=0.34",
         "prune.equal_per_layer=true",  # one expert count for the exported config

@@ -68,3 +68,27 @@ def test_moments_are_mixed_like_the_weights():
     torch.testing.assert_close(merged[:, 0, 0], torch.tensor([0.75, 2.5]))  # (0 + 3 * 1) / 4, (2 + 3) / 2
     router = out[names[id(core.router.weight_ED)]]["exp_avg"]
     torch.testing.assert_close(router[:, 0], torch.tensor([0.0, 2.0]))  # the dominant members' rows
+
+
+def test_a_merge_of_identical_experts_changes_no_output():
+    """Experts 2 and 3 are copies of experts 0 and 1 (upcycled duplicates) that top-k never selects (selection
+    bias far down): the model routes as if they were not there, since renormalised gates do not see unchosen
+    experts. Folding each copy into its original with non-trivial frequency weights averages identical weights,
+    keeps the original's router row and bias, and so leaves every logit as it was."""
+    model = tiny_model().eval()
+    with torch.no_grad():
+        for core in model.moe_layers():
+            for name in STACKS:
+                w = getattr(core.experts, name)
+                w[2:].copy_(w[:2])
+            core.router.bias_E.copy_(torch.tensor([0.0, 0.0, -1e9, -1e9]))
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(x).logits_BSV
+    weights = [torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([4.0, 1.0, 1.0, 7.0])]
+    merge_model(model, MoEConfig(num_experts=4, top_k=2), [[[0, 2], [1, 3]]] * 2, weights, 1, None)
+    assert [c.num_experts for c in model.moe_layers()] == [2, 2]
+    with torch.no_grad():
+        after = model(x).logits_BSV
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(before, tiny_model().eval()(x).logits_BSV)  # the copies and bias did change the model

@@ -120,6 +120,15 @@ PRUNE_FAST = [
     "trainer.keep_checkpoints=10",
     *(f"schedule.stages.{i}.steps=10" for i in range(5)),
     "prune.profile_tokens=2048",
+    # the threshold rule (cold experts, capped per round) and a LoRA recovery distilled from the pre-prune model:
+    # the paths these tests cover (the recipe itself now cuts by budget and recovers by plain training)
+    "prune.keep=[]",
+    "prune.criterion=frequency",
+    "prune.threshold=0.14",
+    "prune.max_fraction=0.25",
+    "schedule.stages.4.lora=true",
+    "lora.targets=[router,experts]",
+    "distill.enabled=true",
 ]
 
 

@@ -80,7 +80,17 @@ INVALID = [
     (["moe.expert_ids=[[0,9],[1,2]]"], "moe.expert_ids[0]=[0, 9]", "ids outside 0..7"),
     (["logging.baseline_run=/nonexistent"], "logging.baseline_run=/nonexistent", "no summary.json"),
     (["+recipe=top1_prune", "moe.n_group=2", "moe.topk_group=1"], "moe.n_group=2", "pruning stages"),
-    (["+recipe=top1_prune", "moe.padded=true", "moe.capacity_factor=1.0"], "moe.padded=True", "expert LoRA"),
+    (
+        [
+            "+recipe=top1_prune",
+            "schedule.stages.4.lora=true",
+            "lora.targets=[experts]",
+            "moe.padded=true",
+            "moe.capacity_factor=1.0",
+        ],
+        "moe.padded=True",
+        "expert LoRA",
+    ),  # fmt: skip
 ]
 
 

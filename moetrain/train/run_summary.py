@@ -1,0 +1,77 @@
+"""The end of a run: ``summary.json`` (the final numbers, every stage's summary, the structural records and, with
+a reference, the base measurement and the one-run throughput) and the report, written by rank 0."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from moetrain.config import TrainConfig
+from moetrain.runtime.distributed import LaunchEnv
+from moetrain.train.components import RunComponents
+from moetrain.train.model_state import ModelState
+from moetrain.train.reference import Validation
+from moetrain.train.stage_runner import StageRunner
+
+log = logging.getLogger("moetrain")
+
+
+def hook_records(parts: RunComponents) -> dict[str, list[dict[str, Any]]]:
+    """Each hook's structural records (pruning rounds), without their bulky profiles."""
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "profile"} for r in rows]  # noqa: E731
+    return {h.summary_key: strip(h.records()) for h in parts.hooks if h.summary_key}
+
+
+def finish_run(
+    cfg: TrainConfig,
+    run_dir: Path,
+    env: LaunchEnv,
+    parts: RunComponents,
+    state: ModelState,
+    stages: StageRunner,
+    validation: Validation,
+    fields: dict[str, Any],
+) -> dict[str, Any]:
+    """Collective (the throughput is timed on every rank): the run's summary, written with the report on rank 0.
+    ``fields``: what the loop knows (run folder, step, val loss, unigram baseline, checkpoint, export)."""
+    records = hook_records(parts)
+    summary = {
+        **fields,
+        "experts_per_layer": state.experts_per_layer(),
+        "params": state.param_count(),
+        **records,
+        "wandb": parts.logger.wandb_location(),
+    }
+    comparison = None
+    if validation.base is not None:  # a reference: the base measurement and the one-run throughput
+        comparison = {"base": validation.base, "throughput": validation.throughput()}
+        summary.update(comparison)
+    if env.is_main:
+        summary["stages"] = stages.summaries
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if stages.summaries:  # resumed at the very end: nothing ran, nothing to report
+            extra = {
+                "steps": summary["step"],
+                "unigram baseline (nats/token)": f"{summary['unigram_baseline']:.4f}",
+                "backend": cfg.moe.backend,
+                "ranks": env.world_size,
+                "ep_size": cfg.parallel.ep_size,
+            }
+            rows = [r for rs in records.values() for r in rs]
+            parts.reporter(run_dir, stages.summaries, extra, rows, cfg.logging, parts.logger, comparison)
+        tp = summary.get("throughput")
+        log.info(
+            "done: val loss %s (unigram baseline %.4f%s) | checkpoint %s | W&B %s",
+            summary["val_loss"],
+            summary["unigram_baseline"],
+            f"; base {validation.base['val_loss']:.4f}" if validation.base else "",
+            summary["checkpoint"],
+            summary["wandb"],
+        )
+        if tp:
+            log.info("one-run throughput: base %.0f, final %.0f tokens/s (%.2fx)", tp["base_tokens_per_s"],
+                     tp["model_tokens_per_s"], tp["speedup"])  # fmt: skip
+    parts.logger.finish()
+    return summary
