@@ -38,7 +38,19 @@ def native_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict().items():
         if not any(name.startswith(p) for p in moe_prefixes) and not name.startswith("ds_expert_parallel"):
             out[name] = t
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+    return unshared({k: v.detach().cpu().contiguous() for k, v in out.items()})
+
+
+def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor on a storage of its own: tied weights (an LM head that is the embedding)
+    become copies, which safetensors can write and a strict ``load_state_dict`` ties again."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in state.items():
+        storage = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if storage in seen else t
+        seen.add(storage)
+    return out
 
 
 def export_model(
