@@ -1,26 +1,22 @@
 """Benchmarks; results go to docs/benchmarks.md (each section replaced in place).
 
     python launch/bench.py moe   [--tokens 4096] [--iters 5] [--threads 2] [--device cpu] [--cpu-malloc cached]
-                                 [--cpu-huge-pages on]
     python launch/bench.py a2a   [--tokens 4096] [--iters 5]     (spawns 2 ranks with torchrun)
     python launch/bench.py compress [overrides]   -> docs/compression.md (launch/bench_compress.py)
 
-``--cpu-malloc cached`` (the default) sets glibc's allocator as the trainer does on CPU
-(``MOETRAIN_CPU_MALLOC``, moetrain/kernels/cpu/runtime.py); ``default`` leaves it alone. ``--cpu-huge-pages on`` (the
-default) puts large tensors on transparent huge pages as the trainer does (``MOETRAIN_CPU_HUGE_PAGES``).
+``--cpu-malloc cached`` (the default) sets glibc's allocator as the trainer does on CPU (``MOETRAIN_CPU_MALLOC``,
+moetrain/runtime/cpu_process.py); ``default`` leaves it alone.
 
 ``moe``: forward + backward of one MoE layer (fp32) against a dense-GEMM bound doing the same expert FLOPs
 (tokens * k rows through one SwiGLU FFN of the same width), for moetrain native, moetrain's deepspeed
 backend (DeepSpeed's layer with our router), DeepSpeed's stock ``deepspeed.moe.layer.MoE`` and
-transformers' ``MixtralSparseMoeBlock``; native runs ``moe.expert_impl=auto`` (``torch._grouped_mm``), and on
-CPU also the opt-in C++ kernel (``cpu_kernel``) beside it.
+transformers' ``MixtralSparseMoeBlock``; native runs ``moe.expert_impl=auto`` (``torch._grouped_mm``).
 ``a2a``: the expert-parallel layer with 2 ranks, ``moe.a2a_chunks`` 1 vs 2 vs 4.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import re
@@ -33,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.kernels.cpu.runtime import CPU_MALLOC, cache_freed_memory, huge_pages_in_use, use_huge_pages
 from moetrain.metrics.timing import (
     Entry,
     median_ratio,
@@ -42,13 +37,14 @@ from moetrain.metrics.timing import (
     time_in_rounds,
     timing_groups,
 )
+from moetrain.runtime.cpu_process import CPU_MALLOC, cache_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SHAPES = [(256, 512, 8), (256, 512, 32), (256, 512, 64), (512, 1024, 32)]  # (d_model, d_ff, E)
 # the rows the targets table names
 NATIVE, DS_DROPLESS = "moetrain native dropless", "DeepSpeed MoE dropless"
-BOUND, OWN_BOUND = "dense-GEMM bound", "dense bound on the kernel's GEMM"
+BOUND = "dense-GEMM bound"
 
 
 def expert_flops(tokens: int, k: int, d: int, f: int) -> float:
@@ -91,22 +87,15 @@ def on_tokens(module: nn.Module):
 def candidates(d: int, f: int, E: int, k: int, x: torch.Tensor) -> list[Entry]:
     """The MoE layers compared, each on the tokens ``x`` (T, d)."""
     from moetrain.config import MoEConfig
-    from moetrain.kernels.cpu import experts as cpu_experts
     from moetrain.model.moe import MoELayer
 
     device = x.device
     out = []
-    native = [("dropless", None, "auto", contextlib.nullcontext), ("cf 1.25", 1.25, "auto", contextlib.nullcontext)]
-    if device.type == "cpu":
-        # the opt-in CPU kernel (moe.expert_impl=cpu_kernel) beside auto (torch._grouped_mm); its GEMM against ATen's
-        native.append(("dropless, expert_impl=cpu_kernel", None, "cpu_kernel", contextlib.nullcontext))
-        if cpu_experts.f32_gemm_active():
-            native.append(("dropless, cpu_kernel on ATen GEMMs", None, "cpu_kernel", cpu_experts.aten_gemms))
-    for label, cf, impl, context in native:
-        layer = MoELayer(d, f, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, expert_impl=impl)).to(device)
+    for label, cf in (("dropless", None), ("cf 1.25", 1.25)):
+        layer = MoELayer(d, f, MoEConfig(num_experts=E, top_k=k, capacity_factor=cf)).to(device)
         for p in layer.parameters():
             nn.init.normal_(p, std=0.02)
-        out.append(Entry(f"moetrain native {label}", on_tokens(layer), x, layer, context))
+        out.append(Entry(f"moetrain native {label}", on_tokens(layer), x, layer))
 
     from deepspeed.moe.layer import MoE
 
@@ -146,22 +135,10 @@ def candidates(d: int, f: int, E: int, k: int, x: torch.Tensor) -> list[Entry]:
     return out
 
 
-def bounds(d: int, f: int, x_dense: torch.Tensor) -> tuple[Entry, Entry | None]:
-    """The dense-GEMM bound (``tokens * k`` rows through one SwiGLU FFN in PyTorch: MKL's GEMMs on CPU) and, where
-    the CPU kernel runs its own GEMM, the same FLOPs on it (else None): one expert of ``tokens * k`` rows (every
-    GEMM split over the threads by tiles)."""
-    from moetrain.kernels.cpu import experts as cpu_experts
-    from moetrain.model.experts import GroupedExperts
-
+def dense_bound(d: int, f: int, x_dense: torch.Tensor) -> Entry:
+    """The dense-GEMM bound: ``tokens * k`` rows through one SwiGLU FFN in PyTorch (MKL's GEMMs on CPU)."""
     dense = SwiGLU(d, f).to(x_dense.device)
-    mkl = Entry(BOUND, dense, x_dense, dense)
-    if x_dense.device.type != "cpu" or not cpu_experts.f32_gemm_active():
-        return mkl, None
-    one = GroupedExperts(1, d, f, "cpu_kernel")
-    for p in one.parameters():
-        nn.init.normal_(p, std=0.02)
-    rows = torch.tensor([x_dense.shape[0]])
-    return mkl, Entry(OWN_BOUND, lambda x: one(x, rows), x_dense, one)
+    return Entry(BOUND, dense, x_dense, dense)
 
 
 def bench_moe(args) -> str:
@@ -174,8 +151,7 @@ def bench_moe(args) -> str:
         bound_rows: list[tuple[int, Entry]] = []
         for k in sorted({k for *_, k in group}):
             torch.manual_seed(0)
-            mkl, own = bounds(d, f, torch.randn(args.tokens * k, d, device=device))
-            bound_rows += [(k, mkl)] + ([(k, own)] if own else [])
+            bound_rows.append((k, dense_bound(d, f, torch.randn(args.tokens * k, d, device=device))))
         per_cell = []
         for _, _, E, k in group:
             torch.manual_seed(0)
@@ -189,37 +165,32 @@ def bench_moe(args) -> str:
             per_round[(*group[c], per_cell[c][i].name)] = t
         for cell, cell_entries in zip(group, per_cell, strict=True):
             _, _, E, k = cell
-            bounds_k = {name: ts for (kb, name), ts in bound_times.items() if kb == k}  # MKL's, then the own GEMM's
-            per_round[(*cell, BOUND)] = bounds_k[BOUND]
-            named = [*bounds_k.items()] + [(e.name, per_round[(*cell, e.name)]) for e in cell_entries]
-            bound = statistics.median(bounds_k[BOUND])
-            own = statistics.median(bounds_k[OWN_BOUND]) if OWN_BOUND in bounds_k else None
+            per_round[(*cell, BOUND)] = bound_times[(k, BOUND)]
+            named = [(BOUND, bound_times[(k, BOUND)])] + [(e.name, per_round[(*cell, e.name)]) for e in cell_entries]
+            bound = statistics.median(bound_times[(k, BOUND)])
             print(f"(d={d}, f={f}, E={E}, k={k})", flush=True)
             for name, ts in named:
                 t = statistics.median(ts)
-                own_frac = f"{own / t:.2f}" if own is not None else "-"
                 gflops = expert_flops(args.tokens, k, d, f) / t / 1e9
-                rows.append((d, f, E, k, name, t, f"{bound / t:.2f}", own_frac, gflops))
-                print(f"    {name:40s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound  {own_frac} of own", flush=True)
+                rows.append((d, f, E, k, name, t, f"{bound / t:.2f}", gflops))
+                print(f"    {name:40s} {t * 1e3:8.1f} ms  {bound / t:5.2f} of bound", flush=True)
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device {args.device}, cpu_malloc {args.cpu_malloc}, huge pages "
-        f"{args.huge_pages_in_use}; tokens={args.tokens}, "
+        f"{torch.get_num_threads()} threads, device {args.device}, cpu_malloc {args.cpu_malloc}; tokens={args.tokens}, "
         "fp32, forward+backward (the backward from a fixed output gradient; gradients set to None before each), "
         f"median of {args.iters} rounds after 2 warm-up rounds. A round runs every row of one (d_model, d_ff) twice in "
         "turn, timing the second run, implementation by implementation (each over every E and k), every other round "
         "in reverse order; the bounds depend on k only and are timed once per k, shown under every E.",
         "",
         f"Command: `python launch/bench.py moe --tokens {args.tokens} --iters {args.iters} --threads {args.threads}"
-        f" --device {args.device} --cpu-malloc {args.cpu_malloc} --cpu-huge-pages {args.cpu_huge_pages}`",
+        f" --device {args.device} --cpu-malloc {args.cpu_malloc}`",
         "",
-        "| d_model | d_ff | E | k | implementation | ms | fraction of dense bound | fraction of own-GEMM bound "
-        "| expert GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| d_model | d_ff | E | k | implementation | ms | fraction of dense bound | expert GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {d} | {f} | {E} | {k} | {name} | {t * 1e3:.1f} | {frac} | {own_frac} | {gf:.0f} |"
-        for d, f, E, k, name, t, frac, own_frac, gf in rows
+        f"| {d} | {f} | {E} | {k} | {name} | {t * 1e3:.1f} | {frac} | {gf:.0f} |"
+        for d, f, E, k, name, t, frac, gf in rows
     ]
     return "\n".join(lines + ["", *targets_table(per_round)])
 
@@ -295,8 +266,6 @@ def bench_a2a(args) -> str:
             str(args.iters),
             "--cpu-malloc",
             args.cpu_malloc,
-            "--cpu-huge-pages",
-            args.cpu_huge_pages,
         ],
         capture_output=True,
         text=True,
@@ -307,12 +276,12 @@ def bench_a2a(args) -> str:
     return "\n".join(
         [
             f"Machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}, "
-            f"2 ranks (gloo), huge pages {args.huge_pages_in_use}, "
+            f"2 ranks (gloo), cpu_malloc {args.cpu_malloc}, "
             f"1 thread each; tokens={args.tokens} per rank, d_model=256, d_ff=512, E=8, k=2, dropless, "
             "forward+backward, median.",
             "",
             f"Command: `python launch/bench.py a2a --tokens {args.tokens} --iters {args.iters} --cpu-malloc "
-            f"{args.cpu_malloc} --cpu-huge-pages {args.cpu_huge_pages}`",
+            f"{args.cpu_malloc}`",
             "",
             "| ep_size | a2a_chunks | ms | speed-up vs 1 chunk |",
             "|---|---|---|---|",
@@ -357,13 +326,6 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     print(f"wrote the '{name}' section of {doc}")
 
 
-def huge_pages_label(asked: bool, in_use: bool) -> str:
-    """What the Machine line says of huge pages: whether tensors were on them, and why when nobody asked."""
-    if not in_use:
-        return "off"
-    return "on" if asked else "on (Linux THP mode always)"
-
-
 def main() -> None:
     if sys.argv[1:2] == ["compress"]:  # Hydra overrides follow: a command line of its own
         from bench_compress import main as compress
@@ -377,14 +339,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cpu-malloc", choices=CPU_MALLOC, default="cached", help="as MOETRAIN_CPU_MALLOC")
-    ap.add_argument("--cpu-huge-pages", choices=["on", "off"], default="on", help="as MOETRAIN_CPU_HUGE_PAGES")
     args = ap.parse_args()
-    # what the trainer does on CPU by default (moetrain/kernels/cpu/runtime.py), before any tensor
-    if args.cpu_malloc == "cached":
+    if args.cpu_malloc == "cached":  # what the trainer does on CPU by default, before any large tensor
         cache_freed_memory()
-    # probed either way: with THP mode `always` Linux gives huge pages without PyTorch asking
-    asked = args.cpu_huge_pages == "on"
-    args.huge_pages_in_use = huge_pages_label(asked, use_huge_pages() if asked else huge_pages_in_use())
     if args.what == "a2a-worker":
         a2a_worker(args)
         return

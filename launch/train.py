@@ -25,6 +25,7 @@ from moetrain.config.retired import check_retired_keys
 from moetrain.interop.entry import resolve_config
 from moetrain.metrics.tracking import join_sweep_group
 from moetrain.runtime.distributed import LaunchEnv
+from moetrain.runtime.fatal import exit_with_error
 from moetrain.runtime.launch_args import keep_log_file_on_rank0, prepare_argv
 
 register_configs()
@@ -46,9 +47,7 @@ def main(dcfg: DictConfig) -> float | None:
     except ConfigError as e:  # also raised by checks that need the data or the launch (every rank agrees)
         if sweep:
             raise  # this point fails; Hydra reports it with its overrides, and the other points still run
-        if env.is_main:
-            print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(f"config error: {e}")  # whichever rank finds it, the line is printed once
     return summary["val_loss"]
 
 
@@ -57,6 +56,5 @@ if __name__ == "__main__":
     try:
         check_retired_keys(sys.argv[1:])
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(f"config error: {e}")
     main()

@@ -43,10 +43,9 @@ def plain(obj: Any) -> Any:
 
 
 class ExpertImpl(Choice):
-    """``moe.expert_impl``: how the expert FFN (and the router's logits GEMM) runs (moetrain/kernels)."""
+    """``moe.expert_impl``: how the expert FFN runs (moetrain/kernels)."""
 
     auto = "auto"  # grouped_mm where device and dtype support it (ATen on CPU; bf16 on sm90+ CUDA), else loop
-    cpu_kernel = "cpu_kernel"  # the C++ CPU kernel (moetrain/kernels/cpu), opt-in
     grouped_mm = "grouped_mm"  # torch._grouped_mm
     loop = "loop"  # one GEMM per expert
 

@@ -1,5 +1,5 @@
-"""Keys that were renamed or left the schema: a command line that still sets one stops with one line that
-names the new key, instead of Hydra's "key not in struct"."""
+"""Keys and values that were renamed or left the schema: a command line that still sets one stops with one
+line that names what to use, instead of Hydra's "key not in struct" or an Enum's list."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from moetrain.config.errors import ConfigError
 _RENAMED: dict[str, tuple[str, dict[str, str]]] = {
     "moe.grouped_mm": (
         "moe.expert_impl",
-        {"fused": "cpu_kernel", "grouped": "grouped_mm", "auto": "auto", "loop": "loop"},
+        {"fused": "auto", "grouped": "grouped_mm", "auto": "auto", "loop": "loop"},
     ),
-    "trainer.cpu_malloc": ("MOETRAIN_CPU_MALLOC (an environment variable)", {}),
-    "trainer.cpu_huge_pages": ("MOETRAIN_CPU_HUGE_PAGES (an environment variable, on | off)", {}),
+}
+# (key, old value) -> (why, the value to use)
+_RETIRED_VALUES: dict[tuple[str, str], tuple[str, str]] = {
+    ("moe.expert_impl", "cpu_kernel"): ("the C++ CPU kernel was removed: ATen is the CPU path", "auto"),
 }
 _ALLOWED = {"moe.expert_impl": ", ".join(ExpertImpl.values())}
 
@@ -24,6 +26,9 @@ def check_retired_keys(overrides: Iterable[str]) -> None:
     """Raise :class:`ConfigError` for the first override (``key=value``, ``+key=value``) of a retired key."""
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
+        if sep and (key, value) in _RETIRED_VALUES:
+            why, use = _RETIRED_VALUES[key, value]
+            raise ConfigError(f"{key}={value} is retired ({why}); use {key}={use}; allowed: {_ALLOWED[key]}")
         if not sep or key not in _RENAMED:
             continue
         new_key, values = _RENAMED[key]

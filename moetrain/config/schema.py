@@ -154,8 +154,8 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0  # aux-loss-free balancing rate u (0: off)
     backend: MoEBackend = MoEBackend.native
-    # how the expert FFN and the router's logits GEMM run (moetrain/kernels): auto (torch._grouped_mm where the
-    # device and dtype support it, else loop) | cpu_kernel (the C++ CPU kernel, opt-in) | grouped_mm | loop
+    # how the expert FFN runs (moetrain/kernels): auto (torch._grouped_mm where the device and dtype support it,
+    # else loop) | grouped_mm | loop
     expert_impl: ExpertImpl = ExpertImpl.auto
     a2a_chunks: int = 1  # expert-parallel dispatch split into chunks to overlap all-to-all with compute
     # Structure after expert pruning (written by the pruner, read when a pruned model is rebuilt): per MoE

@@ -184,12 +184,6 @@ def validate(cfg: TrainConfig, world_size: int | None = None, cuda: bool | None 
         moe.a2a_chunks,
         "is not supported by moe.backend=deepspeed (DeepSpeed's layer runs one all-to-all); allowed: 1",
     )
-    _require(
-        not (cuda and moe.expert_impl == ExpertImpl.cpu_kernel),
-        "moe.expert_impl",
-        moe.expert_impl,
-        "is the CPU expert kernel and this run trains on CUDA; allowed on CUDA: auto, grouped_mm, loop",
-    )
     # settings of our own expert compute: DeepSpeed's layer would silently ignore them
     if moe.backend == "deepspeed":
         _require(

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from moetrain.config import ConfigError, TrainConfig, to_typed, validate
 from moetrain.interop.hf import apply_hf_architecture
 from moetrain.interop.inputs import check_inputs
-from moetrain.kernels.cpu.runtime import settings_from_environment
+from moetrain.runtime.cpu_process import cpu_malloc_setting
 from moetrain.train.data import check_tokenizer_vocab, resolve_tokenizer
 
 
@@ -42,8 +42,8 @@ def resolve_config(
 
 
 def check_process_settings() -> None:
-    """The machine's CPU settings (``MOETRAIN_CPU_MALLOC``, ``MOETRAIN_CPU_HUGE_PAGES``), named in one line."""
+    """The machine's CPU settings (``MOETRAIN_CPU_MALLOC``), named in one line."""
     try:
-        settings_from_environment()
+        cpu_malloc_setting()
     except ValueError as e:
         raise ConfigError(str(e)) from None

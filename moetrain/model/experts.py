@@ -5,8 +5,7 @@ E experts, C capacity slots.
 
 ``GroupedExperts.forward`` is the one seam for the expert FFN: it asks the kernel registry
 (:func:`moetrain.kernels.expert_kernel`) for the implementation ``moe.expert_impl`` names on the input's
-device and dtype. Called with a permutation and gates it also does the gather and the gate-weighted combine,
-or hands all three to an implementation that fuses them (``swiglu_tokens``).
+device and dtype. Gather and gate-weighted combine are the caller's (:mod:`moetrain.model.dispatch`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from torch import nn
 
 from moetrain.config.choices import ExpertImpl
 from moetrain.kernels import expert_kernel
-from moetrain.model.dispatch import Permutation, combine
 
 
 class GroupedExperts(nn.Module):
@@ -30,31 +28,10 @@ class GroupedExperts(nn.Module):
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        tokens_per_expert_E: torch.Tensor,
-        *,
-        perm: Permutation | None = None,
-        gates_TK: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Rows sorted by expert (x_SD, ``tokens_per_expert_E`` per expert) -> their experts' outputs y_SD.
-
-        With ``perm`` and ``gates_TK`` (no expert parallelism): tokens in, tokens out. ``x`` is x_TD, every
-        kept assignment of ``perm`` runs through its expert and the outputs are combined per token:
-        returns ``(out_TD, y_AD)`` with ``out[t] = sum_k gates[t, k] * y[t, k]`` and ``y_AD`` the unweighted
-        outputs in sorted order; an implementation with ``swiglu_tokens`` runs gather and combine inside it, on
-        blocks in cache. Both modes go through this one ``forward``, so wrappers of the module (peft's LoRA on
-        the expert weights, hooks) apply to both."""
-        kernel = expert_kernel(self.impl, x.device, x.dtype)
-        if perm is None:
-            return kernel.swiglu(x, self.w1_EDF, self.w3_EDF, self.w2_EFD, tokens_per_expert_E)
-        if kernel.swiglu_tokens is not None:
-            return kernel.swiglu_tokens(
-                x, gates_TK, self.w1_EDF, self.w3_EDF, self.w2_EFD, perm.assignment_A, tokens_per_expert_E
-            )
-        y_AD = self.forward(x.index_select(0, perm.token_A), tokens_per_expert_E)
-        return combine(y_AD, perm, gates_TK, x.shape[0]), y_AD
+    def forward(self, x_SD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert (``tokens_per_expert_E`` rows each) -> their experts' outputs y_SD."""
+        kernel = expert_kernel(self.impl, x_SD.device, x_SD.dtype)
+        return kernel.swiglu(x_SD, self.w1_EDF, self.w3_EDF, self.w2_EFD, tokens_per_expert_E)
 
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Fixed shapes: every expert computes its C slots (padding included) with one batched GEMM."""

@@ -19,7 +19,14 @@ from torch import nn
 from moetrain.config import MoEConfig
 from moetrain.model.dispatch import CapacityPlan, apply_capacity, combine, expert_capacity, permute
 from moetrain.model.experts import GroupedExperts
-from moetrain.model.router import Routing, TopKRouter, balance_loss, balancing_bias_update, z_loss_of_lse
+from moetrain.model.router import (
+    Routing,
+    TopKRouter,
+    balancing_bias_update,
+    load_balancing_loss,
+    router_entropy,
+    router_z_loss,
+)
 
 
 @dataclass
@@ -78,7 +85,6 @@ class RoutingCore(nn.Module):
             n_group=cfg.n_group,
             topk_group=cfg.topk_group,
             group_score=cfg.group_score,
-            expert_impl=cfg.expert_impl,
         )
         # aux-loss-free balancing: token counts of training forwards since the last optimizer step
         self.register_buffer("_load_since_step_E", torch.zeros(cfg.num_experts), persistent=False)
@@ -143,7 +149,6 @@ class RoutingCore(nn.Module):
         capacity = expert_capacity(T, self.base_router.num_active, K, self.current_capacity_factor(), self.min_capacity)
         plan = None
         if capacity is not None:
-            # only rerouting ranks by the selection scores (the fused router computes them when asked)
             selection_TE = routing.selection_TE if self.drop_policy == "reroute" else None
             plan = apply_capacity(routing.expert_idx_TK, routing.gates_TK, selection_TE, capacity, self.drop_policy, E)
         expert_idx_TK = plan.expert_idx_TK if plan is not None else routing.expert_idx_TK
@@ -161,8 +166,8 @@ class RoutingCore(nn.Module):
         the experts can measure."""
         routing, E = routed.routing, self.num_experts
         T, K = routing.expert_idx_TK.shape
-        aux_loss = balance_loss(routing.mean_dist_E, routed.routed_per_expert_E, T * K, self.base_router.num_active)
-        z_loss = z_loss_of_lse(routing.lse_T)
+        aux_loss = load_balancing_loss(routing.dist_TE, routing.expert_idx_TK, self.base_router.num_active)
+        z_loss = router_z_loss(routing.logits_TE)
         with torch.no_grad():
             computed = int(tokens_per_expert_E.sum())
             gate_mass_E = torch.zeros(E, device=routing.gates_TK.device).index_add(
@@ -176,7 +181,7 @@ class RoutingCore(nn.Module):
                 gate_mass_E=gate_mass_E,
                 saliency_sum_E=saliency_sum_E,
                 output_norm_sum_E=output_norm_sum_E,
-                entropy_sum=routing.entropy_sum,
+                entropy_sum=router_entropy(routing.dist_TE) * T,
                 num_tokens=T,
                 dropped=T * K - computed,
                 rerouted=int(routed.plan.rerouted_TK.sum()) if routed.plan is not None else 0,
@@ -232,20 +237,14 @@ class MoELayer(RoutingCore):
         gates_TK = routed.routing.gates_TK
         if routed.plan is not None and self.padded and self.ep_size == 1:
             y_AD = self._padded_experts(x_TD, perm, routed.plan, routed.capacity)
-            out_TD = combine(y_AD, perm, gates_TK, T)
         elif self.ep_size == 1:
-            out_TD, y_AD = self.experts(x_TD, perm.tokens_per_expert_E, perm=perm, gates_TK=gates_TK)
+            y_AD = self.experts(x_TD.index_select(0, perm.token_A), perm.tokens_per_expert_E)
         else:
             from moetrain.model.expert_parallel import expert_parallel_ffn
 
-            y_AD = expert_parallel_ffn(
-                x_TD.index_select(0, perm.token_A),
-                perm.tokens_per_expert_E,
-                self.experts,
-                self.ep_group,
-                self.a2a_chunks,
-            )
-            out_TD = combine(y_AD, perm, gates_TK, T)
+            x_AD = x_TD.index_select(0, perm.token_A)
+            y_AD = expert_parallel_ffn(x_AD, perm.tokens_per_expert_E, self.experts, self.ep_group, self.a2a_chunks)
+        out_TD = combine(y_AD, perm, gates_TK, T)
         with torch.no_grad():
             gate_A = gates_TK.reshape(-1)[perm.assignment_A]
             norm_A = y_AD.float().norm(dim=-1)

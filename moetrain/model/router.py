@@ -5,11 +5,6 @@ Shape legend: T tokens, D model dim, E experts, K experts per token (top-k).
 The router runs in fp32 whatever the model dtype: the score function and the aux losses are sensitive to
 rounding. ``top_k`` is a plain attribute, so a schedule can switch it at run time without rebuilding.
 
-The logits GEMM runs on the implementation the kernel registry gives for ``moe.expert_impl`` (the router's
-fp32 input's device and dtype); where that implementation has a one-pass softmax router (``softmax_route``)
-and the scores are softmax without group limits, everything after the GEMM runs there. Either way the router
-hands on the reductions the losses need (``lse_T``, ``mean_dist_E``, the entropy), not only the (T, E) scores.
-
 Scores: ``softmax`` over experts (Switch, Mixtral) or an independent ``sigmoid`` per expert (DeepSeek-V3).
 Selection: the k best ``score + bias`` among unmasked experts. ``bias_E`` is the aux-loss-free balancing
 bias (a buffer, never trained by the optimizer; DeepSeek-V3's ``e_score_correction_bias``): it shifts *which*
@@ -24,36 +19,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from moetrain.config.choices import ExpertImpl
 from moetrain.config.schema import SCORE_FUNCS
-from moetrain.kernels import expert_kernel
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(dist_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch-Transformer load-balancing loss, without its coefficient.
 
     ``loss = E * sum_i f_i * P_i`` where ``f_i = (#assignments routed to expert i) / (T * K)`` (a count, no
-    gradient) and ``P_i = mean_t probs[t, i]`` (differentiable). It is 1.0 when routing is perfectly uniform
-    and E when every token goes to one expert. The trainer multiplies it by ``moe.aux_loss_coef``.
+    gradient) and ``P_i = mean_t dist[t, i]`` (differentiable; ``dist`` is the routing distribution: softmax
+    scores, or sigmoid scores normalised per token). It is 1.0 when routing is perfectly uniform and E when
+    every token goes to one expert. The trainer multiplies it by ``moe.aux_loss_coef``.
 
     Computed over the tokens of one forward call: one micro-batch on one data-parallel rank, before any
     expert-parallel exchange (so it does not depend on ``parallel.ep_size``). ``num_experts`` is the number
     of experts that can be selected (masked experts have f_i = P_i = 0), so balance over them scores 1.0.
+    The counts are a scatter-add into a fixed-size buffer: no host synchronisation.
     """
-    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=probs_TE.shape[1])
-    return balance_loss(probs_TE.mean(dim=0), counts_E, expert_idx_TK.numel(), num_experts)
-
-
-def balance_loss(
-    mean_probs_E: torch.Tensor, counts_E: torch.Tensor, num_assignments: int, num_experts: int
-) -> torch.Tensor:
-    """:func:`load_balancing_loss` from its two reductions: ``E * sum_i (counts_i / (T * K)) * P_i`` with
-    ``P_i = mean_probs_E[i]`` (what the router computes in its own pass) and ``counts_E`` the assignments per
-    expert."""
-    f_E = counts_E.to(mean_probs_E.dtype) / num_assignments
-    return num_experts * torch.sum(f_E * mean_probs_E)
+    idx_A = expert_idx_TK.reshape(-1)
+    counts_E = torch.zeros(dist_TE.shape[1], dtype=dist_TE.dtype, device=dist_TE.device)
+    counts_E.index_add_(0, idx_A, torch.ones_like(idx_A, dtype=dist_TE.dtype))
+    return num_experts * torch.sum(counts_E / idx_A.numel() * dist_TE.mean(dim=0))
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -62,12 +50,7 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     Keeps router logits small so the score function stays well conditioned. The trainer multiplies it by
     ``moe.z_loss_coef``. Masked experts are excluded from the sum (their logits are -inf).
     """
-    return z_loss_of_lse(torch.logsumexp(logits_TE, dim=-1))
-
-
-def z_loss_of_lse(lse_T: torch.Tensor) -> torch.Tensor:
-    """:func:`router_z_loss` from ``lse_T[t] = log sum_i exp(logits[t, i])``: ``mean_t lse_t^2``."""
-    return lse_T.pow(2).mean()
+    return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
 
 
 def router_entropy(dist_TE: torch.Tensor) -> torch.Tensor:
@@ -137,27 +120,14 @@ def selection_scores(probs_TE: torch.Tensor, bias_E: torch.Tensor, masked_E: tor
 
 @dataclass
 class Routing:
-    """One call's routing: the choices and gates, and the reductions the losses and metrics are computed from."""
+    """One call's routing: the choices, the gates, and what the losses and metrics are computed from."""
 
-    logits_TE: torch.Tensor  # fp32, as the logits GEMM gave them (before masking)
-    probs_TE: torch.Tensor  # fp32 scores: softmax distribution, or per-expert sigmoid (masked: 0); may carry no
-    # gradient (a one-pass router): the losses reach the scores through lse_T and mean_dist_E
+    logits_TE: torch.Tensor  # fp32 router logits, -inf for experts that cannot be selected
+    probs_TE: torch.Tensor  # fp32 scores: softmax distribution, or per-expert sigmoid (masked: 0)
+    dist_TE: torch.Tensor  # the routing distribution: probs (softmax), or sigmoid scores normalised per token
     expert_idx_TK: torch.Tensor  # int64, best expert first
     gates_TK: torch.Tensor  # fp32 combine weights
-    lse_T: torch.Tensor  # log sum_i exp(logits) over the active experts: the z-loss's input
-    mean_dist_E: torch.Tensor  # mean over tokens of the routing distribution (sigmoid: normalised per token)
-    entropy_sum: torch.Tensor  # sum over tokens of that distribution's entropy (nats), no gradient
-    bias_E: torch.Tensor  # the selection bias top-k ranked with
-    masked_E: torch.Tensor | None  # experts that cannot be selected (None: every expert can)
-    _selection_TE: torch.Tensor | None = None
-
-    @property
-    def selection_TE(self) -> torch.Tensor:
-        """What top-k ranked (scores + bias, -inf where masked or outside the allowed groups), for rerouting;
-        a one-pass router does not write it, so it is computed when first asked for."""
-        if self._selection_TE is None:
-            self._selection_TE = selection_scores(self.probs_TE, self.bias_E, self.masked_E)
-        return self._selection_TE
+    selection_TE: torch.Tensor  # what top-k ranked: scores + bias, -inf where masked or outside allowed groups
 
 
 class TopKRouter(nn.Module):
@@ -175,7 +145,6 @@ class TopKRouter(nn.Module):
         n_group: int = 1,
         topk_group: int = 1,
         group_score: str = "max",
-        expert_impl: ExpertImpl | str = ExpertImpl.auto,
     ) -> None:
         super().__init__()
         if score_func not in SCORE_FUNCS:
@@ -190,7 +159,6 @@ class TopKRouter(nn.Module):
         if num_experts % n_group:  # e.g. a pruned layer: group-limited routing needs equal groups
             raise ValueError(f"moe.n_group={n_group} does not divide this layer's {num_experts} experts")
         self.n_group, self.topk_group, self.group_score = n_group, topk_group, group_score
-        self.expert_impl = ExpertImpl(expert_impl)  # which registry entry runs the logits GEMM (and maybe more)
         self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
         self.register_buffer("bias_E", torch.zeros(num_experts))
         self.register_buffer("active_E", torch.ones(num_experts, dtype=torch.bool))
@@ -204,36 +172,12 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter_eps > 0:
             # Switch-style multiplicative input jitter, training only.
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        kernel = expert_kernel(self.expert_impl, x_TD.device, x_TD.dtype)
-        logits_TE = kernel.linear(x_TD, self.weight_ED.float())
-        # a pruned layer masks its removed experts; with every expert active the (T, E) mask fills are skipped
+        logits_TE = F.linear(x_TD, self.weight_ED.float())
+        # a pruned layer masks its removed experts: -inf logits (softmax 0, sigmoid 0, out of the z-loss's sum)
         masked_E = ~self.active_E if self.num_active < self.num_experts else None
-        if kernel.softmax_route is not None and self.score_func == "softmax" and self.n_group == 1:
-            routing = self._route_one_pass(kernel.softmax_route, logits_TE, masked_E)
-            if routing is not None:
-                return routing
-        return self._route_aten(logits_TE, masked_E)
-
-    def _route_one_pass(self, softmax_route, logits_TE: torch.Tensor, masked_E: torch.Tensor | None) -> Routing | None:
-        """The softmax router after the logits in the implementation's one pass; None where it does not apply."""
-        renormalize = renormalizes(self.renormalize, self.renormalize_top1, self.top_k)
-        out = softmax_route(
-            logits_TE, self.bias_E, self.active_E, self.top_k, renormalize, float(self.routed_scaling_factor)
-        )
-        if out is None:
-            return None
-        probs_TE, idx_TK, gates_TK, lse_T, psum_E, entropy_sum = out
-        mean_dist_E = psum_E / logits_TE.shape[0]
-        # a copy of the bias: selection_TE, computed later on demand, ranks with the bias of this call
-        bias_E = self.bias_E.detach().clone()
-        return Routing(logits_TE, probs_TE, idx_TK, gates_TK, lse_T, mean_dist_E, entropy_sum, bias_E, masked_E)
-
-    def _route_aten(self, logits_TE: torch.Tensor, masked_E: torch.Tensor | None) -> Routing:
-        scored_TE = logits_TE if masked_E is None else logits_TE.masked_fill(masked_E, float("-inf"))
-        if self.score_func == "softmax":
-            probs_TE = torch.softmax(scored_TE, dim=-1)
-        else:
-            probs_TE = torch.sigmoid(scored_TE)  # sigmoid(-inf) = 0 for masked experts
+        if masked_E is not None:
+            logits_TE = logits_TE.masked_fill(masked_E, float("-inf"))
+        probs_TE = torch.softmax(logits_TE, dim=-1) if self.score_func == "softmax" else torch.sigmoid(logits_TE)
         selection_TE = selection_scores(probs_TE, self.bias_E, masked_E)
         if self.n_group > 1:
             allowed_TE = group_limited_mask(selection_TE, self.n_group, self.topk_group, self.group_score)
@@ -246,19 +190,4 @@ class TopKRouter(nn.Module):
         dist_TE = probs_TE
         if self.score_func == "sigmoid":
             dist_TE = dist_TE / dist_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-        with torch.no_grad():
-            entropy_sum = router_entropy(dist_TE) * logits_TE.shape[0]
-        # z-loss over the active experts only (masked logits are -inf and drop out of logsumexp)
-        lse_T = torch.logsumexp(scored_TE, dim=-1)
-        return Routing(
-            logits_TE,
-            probs_TE,
-            expert_idx_TK,
-            gates_TK,
-            lse_T,
-            dist_TE.mean(dim=0),
-            entropy_sum,
-            self.bias_E,
-            masked_E,
-            selection_TE,
-        )
+        return Routing(logits_TE, probs_TE, dist_TE, expert_idx_TK, gates_TK, selection_TE)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.runtime import slurm
+from moetrain.runtime.startup import announce_long_wait, build_deepspeed_comm_op
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,11 @@ def init_distributed(env: LaunchEnv | None = None) -> LaunchEnv:
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(device_for(env))
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+    else:  # before DeepSpeed's first init_distributed builds it, with no silent wait on a stale lock
+        build_deepspeed_comm_op()
+    rendezvous = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    with announce_long_wait(f"the {env.world_size} ranks to meet at {rendezvous} (rank {env.rank} is here)"):
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
     atexit.register(release_shm_buffer, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], env.local_rank)
     return env
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from moetrain.config import ConfigError, DataConfig
 from moetrain.runtime.distributed import broadcast_object
+from moetrain.runtime.startup import announce_long_wait
 from moetrain.train.data import default_cache_dir, tokenize_splits
 
 
@@ -19,7 +20,8 @@ def load_splits_rank0_first(cfg_data: DataConfig, is_main: bool):
             splits = tokenize_splits(cfg_data, cache)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             error = e
-    failure = broadcast_object(None if error is None else (type(error) is ConfigError, str(error)))
+    with announce_long_wait(f"rank 0 to tokenize the corpus into {cache}"):
+        failure = broadcast_object(None if error is None else (type(error) is ConfigError, str(error)))
     if error is not None:
         raise error
     if failure is not None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from moetrain import kernels
 from moetrain.config import TrainConfig, plain
+from moetrain.runtime.cpu_process import configure_cpu_process
 from moetrain.runtime.distributed import LaunchEnv, all_reduce_sum, barrier
 from moetrain.train.components import RunComponents
 from moetrain.train.data import DataPipeline
@@ -38,7 +38,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, env: LaunchEnv, parts: RunComponents) -> None:
         self.cfg, self.run_dir, self.env, self.parts = cfg, run_dir, env, parts
         t = cfg.trainer
-        kernels.prepare_process(cfg.moe.expert_impl, t.num_threads, env.local_world_size, env.local_rank, barrier)
+        configure_cpu_process(t.num_threads, env.local_world_size)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.state = ModelState(cfg, env, run_dir, parts.adapters, parts.distiller, parts.init_weights)
         splits = load_splits_rank0_first(cfg.data, env.is_main)

@@ -60,14 +60,6 @@ def test_the_backward_starts_from_the_fixed_output_gradient():
     torch.testing.assert_close(layer.weight.grad, dout.t() @ x)  # dW of y = x W^T is dY^T x
 
 
-@pytest.mark.parametrize(
-    ("asked", "in_use", "label"),
-    [(True, True, "on"), (True, False, "off"), (False, True, "on (Linux THP mode always)"), (False, False, "off")],
-)
-def test_the_machine_line_says_whether_huge_pages_were_in_use_and_why(asked, in_use, label):
-    assert load_bench().huge_pages_label(asked, in_use) == label
-
-
 def test_timing_groups_put_every_e_and_k_of_one_width_in_the_same_rounds():
     bench = load_bench()
     groups = bench.timing_groups([(256, 512, 8), (256, 512, 64), (512, 1024, 32)])
@@ -175,16 +167,13 @@ def test_the_targets_table_judges_every_target_on_this_run():
 
 def test_bench_moe_puts_each_rows_times_in_its_own_row(monkeypatch):
     """bench_moe with labelled fakes for the layers, the bounds and the timing: every table row shows the time of
-    its own (d, f, E, k, implementation), the bounds of its k under every E, and '-' where a width has no own-GEMM
-    bound."""
+    its own (d, f, E, k, implementation) and the bound of its k under every E."""
     bench = load_bench()
     tokens = 2
 
     def ms(d, E, k, name):
         if name == bench.BOUND:
             return 100 * d + k
-        if name == bench.OWN_BOUND:
-            return 100 * d + 10 + k
         return {bench.NATIVE: 10, bench.DS_DROPLESS: 20}[name] * d + E / 10 + k
 
     def entry(d, E, k, name):
@@ -192,9 +181,8 @@ def test_bench_moe_puts_each_rows_times_in_its_own_row(monkeypatch):
         e.ms = ms(d, E, k, name)
         return e
 
-    def fake_bounds(d, f, x_dense):
-        k = x_dense.shape[0] // tokens
-        return entry(d, None, k, bench.BOUND), entry(d, None, k, bench.OWN_BOUND) if d == 4 else None
+    def fake_bound(d, f, x_dense):
+        return entry(d, None, x_dense.shape[0] // tokens, bench.BOUND)
 
     def fake_candidates(d, f, E, k, x):
         return [entry(d, E, k, bench.NATIVE), entry(d, E, k, bench.DS_DROPLESS)]
@@ -204,25 +192,16 @@ def test_bench_moe_puts_each_rows_times_in_its_own_row(monkeypatch):
         return [[e.ms * 1e-3] * iters for e in entries]
 
     monkeypatch.setattr(bench, "SHAPES", [(4, 8, 8), (4, 8, 64), (6, 8, 2)])
-    monkeypatch.setattr(bench, "bounds", fake_bounds)
+    monkeypatch.setattr(bench, "dense_bound", fake_bound)
     monkeypatch.setattr(bench, "candidates", fake_candidates)
     monkeypatch.setattr(bench, "time_in_rounds", fake_time_in_rounds)
     monkeypatch.setattr(bench, "expert_flops", lambda *a: 1.0)
-    args = SimpleNamespace(
-        device="cpu",
-        tokens=tokens,
-        iters=3,
-        threads=1,
-        cpu_malloc="cached",
-        cpu_huge_pages="on",
-        huge_pages_in_use="on",
-    )
+    args = SimpleNamespace(device="cpu", tokens=tokens, iters=3, threads=1, cpu_malloc="cached")
     text = bench.bench_moe(args)
     rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith(("| 4 |", "| 6 |"))]
-    assert len(rows) == 4 * 4 + 2 * 3  # width 4: 4 cells of 2 bounds + 2 layers; width 6: 2 cells of 1 + 2
-    for d, _f, E, k, name, t, frac, own_frac, _ in (tuple(c.strip() for c in r) for r in rows):
+    assert len(rows) == 4 * 3 + 2 * 3  # every cell: its bound + 2 layers (width 4: 4 cells, width 6: 2)
+    for d, _f, E, k, name, t, frac, _ in (tuple(c.strip() for c in r) for r in rows):
         d, E, k = int(d), int(E), int(k)
         expect = ms(d, None if "bound" in name else E, k, name.strip())
         assert float(t) == pytest.approx(expect, abs=0.05), (d, E, k, name)
         assert frac == f"{ms(d, None, k, bench.BOUND) / expect:.2f}"
-        assert own_frac == (f"{ms(d, None, k, bench.OWN_BOUND) / expect:.2f}" if d == 4 else "-")

@@ -106,16 +106,6 @@ def test_ep_size_must_divide_the_world_size():
         validate(cfg, world_size=2)
 
 
-def test_cpu_kernel_on_cuda_is_refused_at_start():
-    cfg = compose_config(["moe.expert_impl=cpu_kernel"])
-    validate(cfg, world_size=1, cuda=False)
-    with pytest.raises(
-        ConfigError, match=r"^moe.expert_impl=cpu_kernel is the CPU expert kernel and this run trains on"
-    ):
-        validate(cfg, world_size=1, cuda=True)
-    validate(compose_config(["moe.expert_impl=grouped_mm"]), world_size=1, cuda=True)
-
-
 def test_cli_bad_value_fails_fast_with_one_line(tmp_path):
     line = cli_config_error(tmp_path, "moe.top_k=9")
     assert line == "config error: moe.top_k=9 must be between 1 and moe.num_experts=8"
@@ -124,7 +114,7 @@ def test_cli_bad_value_fails_fast_with_one_line(tmp_path):
 def test_a_bad_expert_impl_fails_at_composition_with_the_allowed_values():
     with pytest.raises(ConfigCompositionException) as err:
         compose_config(["moe.expert_impl=fused"])
-    assert "expected one of [auto, cpu_kernel, grouped_mm, loop]" in str(err.value.__cause__)
+    assert "expected one of [auto, grouped_mm, loop]" in str(err.value.__cause__)
 
 
 # string choices are Enums: a bad value fails when the recipe is composed, with the allowed values
@@ -149,10 +139,13 @@ def test_a_bad_choice_fails_at_composition_with_the_allowed_values(overrides, al
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("moe.grouped_mm=fused", "moe.grouped_mm=fused is retired; use moe.expert_impl=cpu_kernel; allowed: auto, "),
+        ("moe.grouped_mm=fused", "moe.grouped_mm=fused is retired; use moe.expert_impl=auto; allowed: auto, "),
         ("moe.grouped_mm=grouped", "moe.grouped_mm=grouped is retired; use moe.expert_impl=grouped_mm; allowed: "),
-        ("+trainer.cpu_malloc=default", "trainer.cpu_malloc=default is retired; use MOETRAIN_CPU_MALLOC"),
-        ("trainer.cpu_huge_pages=false", "trainer.cpu_huge_pages=false is retired; use MOETRAIN_CPU_HUGE_PAGES"),
+        (
+            "moe.expert_impl=cpu_kernel",
+            "moe.expert_impl=cpu_kernel is retired (the C++ CPU kernel was removed: ATen is the CPU path); "
+            "use moe.expert_impl=auto; allowed: auto, grouped_mm, loop",
+        ),
     ],
 )
 def test_retired_keys_name_the_new_key(override, message):
@@ -162,17 +155,8 @@ def test_retired_keys_name_the_new_key(override, message):
 
 
 def test_cli_retired_key_fails_with_one_line_naming_the_new_key(tmp_path):
-    line = cli_config_error(tmp_path, "moe.grouped_mm=fused")
+    line = cli_config_error(tmp_path, "moe.expert_impl=cpu_kernel")
     assert line == (
-        "config error: moe.grouped_mm=fused is retired; use moe.expert_impl=cpu_kernel; "
-        "allowed: auto, cpu_kernel, grouped_mm, loop"
+        "config error: moe.expert_impl=cpu_kernel is retired (the C++ CPU kernel was removed: ATen is the CPU "
+        "path); use moe.expert_impl=auto; allowed: auto, grouped_mm, loop"
     )
-
-
-@pytest.mark.parametrize(
-    ("variable", "value", "allowed"),
-    [("MOETRAIN_CPU_MALLOC", "jemalloc", "cached, default"), ("MOETRAIN_CPU_HUGE_PAGES", "yes", "on, off")],
-)
-def test_bad_cpu_process_settings_name_the_variable(monkeypatch, variable, value, allowed):
-    monkeypatch.setenv(variable, value)
-    assert_config_error([], f"{variable}={value} is not supported", f"allowed: {allowed}")
