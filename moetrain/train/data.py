@@ -205,6 +205,8 @@ def load_documents(cfg: DataConfig, cache_dir: Path):
     """The source's documents as a ``datasets.Dataset`` with one column, ``text``."""
     import datasets
 
+    # its bars say "Downloading data" even for local files, and redraw as one line each in a log
+    datasets.disable_progress_bars()
     hf_cache = str(cache_dir / "hf")
     if cfg.hf_name:
         ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split="train", cache_dir=hf_cache)

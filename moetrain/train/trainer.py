@@ -25,6 +25,7 @@ from moetrain.train.data import DataPipeline
 from moetrain.train.engine import grad_norm_before_clipping
 from moetrain.train.losses import training_loss
 from moetrain.train.model_state import ModelState
+from moetrain.train.progress import Progress
 from moetrain.train.reference import Validation
 from moetrain.train.run_summary import finish_run, hook_records
 from moetrain.train.splits import load_splits_rank0_first
@@ -184,8 +185,8 @@ class Trainer:
             if self.step % t.log_every == 0 or "val/loss" in metrics:
                 self.logger.log(metrics, step=self.step)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
+                bar.update(
+                    self.step,
                     stage=stage.name,
                     loss=f"{metrics['train/loss']:.3f}",
                     val=f"{self.last_val_loss or float('nan'):.3f}",
@@ -246,12 +247,10 @@ class Trainer:
                 step=self.step,
             )
 
-    def _progress_bar(self):
+    def _progress_bar(self) -> Progress | None:
         if not (self.env.is_main and self.cfg.logging.progress_bar):
             return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.cfg.trainer.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        return Progress(self.cfg.trainer.max_steps, self.step)
 
     def _finish(self) -> dict:
         fields = {
