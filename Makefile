@@ -28,12 +28,13 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/python launch/demo.py
 
+# Two pytest-xdist workers: a launcher test's ranks leave a core idle much of the time (start-up, rank 0 first).
 test: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup tests
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup -m "not slow" tests
 
 # A real two-node SLURM cluster on this host for tests/test_slurm.py and docs/slurm.md (apt-installs it if missing).
 slurm-up:

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from moetrain.runtime.distributed import free_port, shm_buffer_paths
+from moetrain.runtime.distributed import free_port as any_free_port
+from moetrain.runtime.distributed import shm_buffer_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 BIN = Path(sys.executable).parent
-# JIT-built C++ ops (DeepSpeed's CPU comm op, moetrain's CPU expert kernel) go to one folder per checkout,
-# used by the tests in this process and by every launched rank: two checkouts (venvs) never rebuild each
-# other's ops or wait on each other's build lock.
+# JIT-built C++ ops (DeepSpeed's CPU comm op) go to one folder per checkout, used by the tests in this process
+# and by every launched rank: two checkouts (venvs) never rebuild each other's ops or wait on each other's build
+# lock.
 EXTENSIONS_DIR = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".pytest_cache" / "torch_extensions")))
 
 __all__ = [
@@ -33,6 +34,17 @@ __all__ = [
     "run_launcher",
     "torchrun_cmd",
 ]
+
+
+def free_port() -> int:
+    """A free port for a launch's rendezvous, from this pytest-xdist worker's share of the ports (``port %
+    workers == worker index``): two workers' launches, which start seconds after picking their port, never pick
+    the same one."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    while (port := any_free_port()) % workers != index:
+        pass
+    return port
 
 
 def launcher_env(tmp_path: Path) -> dict[str, str]:

@@ -16,7 +16,8 @@ from helpers.launch import FAST, ROOT, launcher_env, read_metrics, run_launcher
 
 from moetrain.runtime import slurm
 
-pytestmark = pytest.mark.slow
+# one cluster per module (slurm_env): its tests share a pytest-xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 TRAIN = str(ROOT / "launch" / "train.py")
 SLURM = ROOT / "launch" / "slurm"
 NODES = "node[1-2]"  # local_cluster.sh's two node names

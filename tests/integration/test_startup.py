@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import time
 from contextlib import redirect_stderr
@@ -20,8 +21,9 @@ WORKER = str(ROOT / "tests" / "helpers" / "fatal_worker.py")
 LINE = "config error: data.path=/nowhere matches no file (found by rank"
 
 
-def launch(cmd: list[str], tmp_path: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=launcher_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+def launch(cmd: list[str], tmp_path: Path, timeout: int = 120, **env: str) -> subprocess.CompletedProcess:
+    env = {**launcher_env(tmp_path), **env}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def torchrun(*args: str) -> list[str]:
@@ -91,14 +93,21 @@ def test_a_long_wait_says_what_it_waits_for():
 @pytest.mark.slow
 def test_a_stale_build_lock_is_reported_and_the_launch_goes_on(tmp_path):
     """A lock left by a killed build of DeepSpeed's CPU comm op: the 2-rank deepspeed launch removes it, says so
-    in one line naming it, and starts within a minute (torch alone would wait on it forever, silently)."""
-    lock = EXTENSIONS_DIR / "deepspeed_shm_comm" / "lock"
+    in one line naming it, and starts within a minute (torch alone would wait on it forever, silently). In an
+    extensions folder of its own (a copy of the built op where there is one), so that no other launch's build
+    holds the lock meanwhile."""
+    extensions = tmp_path / "torch_extensions"
+    built = EXTENSIONS_DIR / "deepspeed_shm_comm"
+    if built.is_dir():  # ninja finds the copy up to date: its outputs are relative to the folder
+        shutil.copytree(built, extensions / built.name, ignore=shutil.ignore_patterns("lock", "*.flock"))
+    lock = extensions / built.name / "lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
     worker = str(ROOT / "tests" / "helpers" / "startup_worker.py")
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), worker]
     start = time.monotonic()
-    proc = launch(cmd, tmp_path, timeout=300)  # a first build on a fresh machine takes about a minute
+    # a first build on a fresh machine takes about a minute
+    proc = launch(cmd, tmp_path, timeout=300, TORCH_EXTENSIONS_DIR=str(extensions))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count(f"removed a stale build lock {lock}") == 1, proc.stderr[-3000:]
     assert "rank 0 started" in proc.stdout and "rank 1 started" in proc.stdout

@@ -31,6 +31,9 @@ TINY_MIXTRAL = {
     "max_position_embeddings": 256,
 }
 
+# the saved_run fixture (a real run, module scope) is made once: the module runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("file_errors")
+
 
 # ---------------------------------------------------------------------------------------------- data
 def test_a_data_file_with_an_unknown_suffix(tmp_path):
