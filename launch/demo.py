@@ -6,10 +6,14 @@ from, in numbers.
    (moetrain/interop/base_model.py): built on the first run, reused afterwards. The demo's base trains for
    fewer steps than the benchmark's (``DEMO_OVERRIDES`` of moetrain/interop/base_model.py; docs/compression.md
    has the longer one).
-2. ``+recipe=compress model.init_from=hf:BASE`` on 2 CPU ranks through the deepspeed launcher: top-1, two
-   pruning rounds (8 -> 6 -> 4 experts per layer), recovery distilled from the base.
+2. ``+recipe=compress model.init_from=hf:BASE`` on 2 CPU ranks through the deepspeed launcher: top-1, one
+   pruning round (8 -> 6 experts per layer), recovery distilled from the base.
 3. The compressed model exported back to the Mixtral layout (launch/export_hf.py), then one screen: base vs
-   compressed (NLL and the gap, expert FLOPs/token, experts, parameters, tokens/s measured in one run).
+   compressed (NLL and the gap, KL, agreement, expert FLOPs/token, experts, parameters, tokens/s measured in one
+   run), where the export is and the two lines of Python that load it.
+
+Exit status: 1 when the compressed model's NLL gap to the base is over the recipe's tolerance
+(``recover.max_nll_gap_pct``), else 0 (or the failing step's own status).
 
 Extra arguments are Hydra overrides of the compress run (e.g. ``prune.criterion=frequency prune.mode=merge``).
 """
@@ -47,7 +51,8 @@ def main(extra: list[str]) -> int:
     run([sys.executable, str(ROOT / "launch" / "export_hf.py"), str(run_dir), str(exported)], env)
     s = json.loads((run_dir / "summary.json").read_text())
     print(screen(s, base.meta, base.path, exported, time.time() - t0))
-    return 0
+    tolerance = s.get("tolerance")
+    return 1 if tolerance and not tolerance["met"] else 0
 
 
 def screen(s: dict, base_meta: dict, base_path: Path, exported: Path, seconds: float) -> str:
@@ -65,7 +70,21 @@ def screen(s: dict, base_meta: dict, base_path: Path, exported: Path, seconds: f
         ("parameters", f"{b['params']:,}", f"{s['params']:,}", f"{s['params'] / b['params']:.2f}x"),
         ("training tokens/s (one run, fwd+bwd)", f"{tp['base_tokens_per_s']:.0f}", f"{tp['model_tokens_per_s']:.0f}",
          f"{tp['speedup']:.2f}x"),
+        ("training tokens spent", "-", f"{last['tokens_spent']:,}",
+         f"{last['tokens_spent'] / tokens:.1%} of the base's"),
     ]  # fmt: skip
+    recovery, tolerance = s.get("recovery") or {}, s.get("tolerance")
+    verdicts = []
+    if recovery:
+        verdicts.append(
+            f"  recovery          gap {recovery['cut_gap']:+.4f} right after the cut -> {recovery['final_gap']:+.4f}: "
+            f"{recovery['fraction']:.0%} of it taken back"
+        )
+    if tolerance:
+        verdicts.append(
+            f"  tolerance         gap {tolerance['nll_gap_pct']:+.2f} % of the base's NLL, allowed "
+            f"{tolerance['max_nll_gap_pct']:g} % (recover.max_nll_gap_pct): {'met' if tolerance['met'] else 'NOT met'}"
+        )
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':{width}}  {'base':>14}  {'compressed':>18}  change"]
     lines += [f"{a:{width}}  {x:>14}  {y:>18}  {c}" for a, x, y, c in rows]
@@ -76,9 +95,15 @@ def screen(s: dict, base_meta: dict, base_path: Path, exported: Path, seconds: f
             f"  base model        {base_path}  ({base_meta['steps']} steps, {tokens:,} pretraining tokens; "
             f"built in {base_meta['build_seconds'] / 60:.1f} min, cached)",
             f"  compress run      {s['run_dir']}  (report.md, metrics.jsonl, checkpoints/, W&B {s['wandb'] or 'off'})",
-            f"  exported model    {exported}  (AutoModelForCausalLM.from_pretrained)",
+            f"  exported model    {exported}",
             "",
             *lines,
+            "",
+            *verdicts,
+            "",
+            "Load the exported model with transformers:",
+            "  from transformers import AutoModelForCausalLM",
+            f'  model = AutoModelForCausalLM.from_pretrained("{exported}")',
             "",
         ]
     )

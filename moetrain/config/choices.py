@@ -161,6 +161,14 @@ class DistillTeacher(Choice):
     base = "base"
 
 
+class RecoverTrainable(Choice):
+    """``recover.trainable``: what a recovery stage (``schedule.stages[i].recover: true``) trains."""
+
+    router = "router"  # the routers only (the stage's trainable=router)
+    lora = "lora"  # LoRA adapters on lora.targets, merged at the stage's end (the stage's lora=true)
+    full = "full"  # every weight (the stage's trainable=all)
+
+
 class LoRATarget(Choice):
     """An entry of ``lora.targets``: the modules that get adapters."""
 

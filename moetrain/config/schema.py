@@ -30,6 +30,7 @@ from moetrain.config.choices import (
     PruneRanking,
     QKNorm,
     RampShape,
+    RecoverTrainable,
     RopeScaling,
     ScoreFunc,
     Trainable,
@@ -257,6 +258,7 @@ class StageConfig:
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns (fnmatch) that do not train
     prune: bool = False  # the stage starts with a pruning round (profile, prune, validate, maybe roll back)
     lora: bool = False  # only LoRA adapters (lora.*) train in this stage; merged into the weights at its end
+    recover: bool = False  # a recovery stage: it trains what recover.trainable names (sets trainable / lora)
 
     def __post_init__(self) -> None:
         # StageConfig(moe={"top_k": 1}) and StageConfig(**asdict(stage)) (unset keys are "???") build the tree
@@ -324,6 +326,17 @@ class DistillConfig:
 
 
 @dataclass
+class RecoverConfig:
+    """Recovery after a structure change (``+recipe=compress``): what the stages with ``recover: true`` train, with
+    or without distillation (``distill.enabled``), and the quality the run must end with."""
+
+    trainable: RecoverTrainable = RecoverTrainable.full  # router | lora | full
+    # the largest NLL gap to the base model (distill.teacher=base) the final model may have, in % of the base's
+    # NLL on the same validation tokens; summary.json says whether it was met (null: no tolerance)
+    max_nll_gap_pct: float | None = None
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 200
     micro_batch_size: int = 8
@@ -375,6 +388,7 @@ class TrainConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
 
 
 def register_configs() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moetrain.config.choices import RecoverTrainable, Trainable
 from moetrain.config.errors import ConfigError
 from moetrain.config.schema import StageMoEConfig, TrainConfig
 
@@ -28,6 +29,24 @@ def _check_stage_moe(key: str, moe: StageMoEConfig, num_experts: int) -> None:
         v = values.get(cf_key)
         if v is not None and not (isinstance(v, int | float) and not isinstance(v, bool) and v > 0):
             raise ConfigError(f"{key}.moe.{cf_key}={v} must be a number > 0, or null for dropless")
+
+
+def apply_recovery(cfg: TrainConfig) -> None:
+    """Stages with ``recover: true`` train what ``recover.trainable`` names: ``router`` sets the stage's
+    ``trainable=router``, ``lora`` its ``lora=true`` (adapters on ``lora.targets``), ``full`` its ``trainable=all``.
+    A recovery stage that sets ``trainable`` or ``lora`` itself is refused: one key says what recovery trains."""
+    for i, st in enumerate(cfg.schedule.stages):
+        if not st.recover:
+            continue
+        if st.trainable != Trainable.all or st.lora:
+            own = f"trainable={st.trainable}" if st.trainable != Trainable.all else "lora=true"
+            raise ConfigError(
+                f"schedule.stages[{i}].{own} in a recovery stage (recover: true): what it trains is "
+                f"recover.trainable={cfg.recover.trainable}; allowed: set recover.trainable (router, lora, full)"
+            )
+        choice = RecoverTrainable(cfg.recover.trainable)
+        st.trainable = Trainable.router if choice is RecoverTrainable.router else Trainable.all
+        st.lora = choice is RecoverTrainable.lora
 
 
 def validate_stages(cfg: TrainConfig) -> None:

@@ -247,6 +247,14 @@ def validate(cfg: TrainConfig, world_size: int | None = None, cuda: bool | None 
     if t.num_threads is not None:
         _positive("trainer.num_threads", t.num_threads)
     _require(t.throughput_rounds >= 0, "trainer.throughput_rounds", t.throughput_rounds, "must be >= 0 (0: off)")
+    gap = cfg.recover.max_nll_gap_pct
+    _require(gap is None or gap >= 0, "recover.max_nll_gap_pct", gap, "must be >= 0 (% of the base's NLL), or null")
+    _require(
+        gap is None or cfg.distill.teacher == "base",
+        "recover.max_nll_gap_pct",
+        gap,
+        "needs a base model to compare with; allowed: distill.teacher=base (as +recipe=compress sets), or null",
+    )
 
     _require(
         d.hf_config is None or d.hf_name is not None,

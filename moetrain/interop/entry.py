@@ -2,7 +2,8 @@
 
 :func:`resolve_config` is the only place that turns a recipe into a :class:`TrainConfig`:
 
-1. ``to_typed``: the composed tree into the dataclasses (types and Enum choices were checked at composition);
+1. ``to_typed``: the composed tree into the dataclasses (types and Enum choices were checked at composition),
+   and ``recover.trainable`` into the recovery stages (:func:`moetrain.config.stages.apply_recovery`);
 2. ``model.init_from=hf:DIR``: that directory's architecture replaces the model and MoE architecture keys;
 3. ``data.tokenizer``: ``auto`` / ``hf`` become a concrete ``byte`` or ``hf:DIR``;
 4. ``validate``: every value, with the launch's world size and device when known;
@@ -19,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from moetrain.config import ConfigError, TrainConfig, to_typed, validate
+from moetrain.config.stages import apply_recovery
 from moetrain.interop.hf import apply_hf_architecture
 from moetrain.interop.inputs import check_inputs
 from moetrain.runtime.cpu_process import cpu_malloc_setting
@@ -30,6 +32,7 @@ def resolve_config(
 ) -> TrainConfig:
     """The typed config of a run (see the module docstring); raises ``ConfigError`` with one line."""
     cfg = to_typed(composed)
+    apply_recovery(cfg)  # recover.trainable into the recovery stages' trainable / lora
     if cfg.model.init_from:
         apply_hf_architecture(cfg)
     # a concrete data.tokenizer (byte or hf:DIR) from here on: the data pipeline sees only cfg.data

@@ -72,6 +72,7 @@ COLUMNS = [
     "experts/layer",
     "params",
     "tokens/s",
+    "tokens spent",
 ]
 
 
@@ -79,33 +80,58 @@ def _num(v: Any, fmt: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
 
-def comparison_rows(base: dict[str, Any], summaries: list[dict[str, Any]]) -> list[list[str]]:
+def _gap_cells(loss: float | None, ref: float | None) -> list[str]:
+    known = loss is not None and ref is not None and not math.isnan(loss)
+    return [f"{loss - ref:+.4f}" if known else "-", f"{100 * (loss - ref) / ref:+.2f} %" if known else "-"]
+
+
+def comparison_rows(
+    base: dict[str, Any], summaries: list[dict[str, Any]], rounds: list[dict[str, Any]] = ()
+) -> list[list[str]]:
     """The base row, then one row per stage (at its end): NLL, gap to the base's NLL (absolute and in % of it),
     KL(base || model), top-1 agreement, expert FLOPs/token, experts per layer, parameters, the stage's training
-    tokens/s. The base row's comparisons are with itself (0 gap, 0 KL, agreement 1) and shown as ``-``; its
-    tokens/s are the one-run throughput's (:func:`throughput_line`)."""
+    tokens/s, the run's training tokens so far. Before the row of a stage that began with a pruning round, the
+    round's row right after the cut (NLL and gap; the rest ``-``). The base row's comparisons are with itself
+    (0 gap, 0 KL, agreement 1) and shown as ``-``; its tokens/s are the one-run throughput's
+    (:func:`throughput_line`)."""
+    ref = base["val_loss"]
     rows = [
-        ["base", _num(base["val_loss"], "{:.4f}"), "-", "-", "-", "-", _num(base["expert_flops_per_token"], "{:.4g}"),
-         str(base["experts_per_layer"]), _num(base["params"], "{:,}"), "-"],
+        ["base", _num(ref, "{:.4f}"), "-", "-", "-", "-", _num(base["expert_flops_per_token"], "{:.4g}"),
+         str(base["experts_per_layer"]), _num(base["params"], "{:,}"), "-", "0"],
     ]  # fmt: skip
+    cuts = {r["stage"]: r for r in rounds if r.get("outcome") == "kept"}
     for s in summaries:
-        loss, ref = s.get("val_loss"), s.get("base_val_loss")
-        known = loss is not None and ref is not None and not math.isnan(loss)
+        if (cut := cuts.get(s["stage"])) is not None:
+            rows.append(
+                [f"{s['stage']}, right after the cut", _num(cut["val_loss_after"], "{:.4f}"),
+                 *_gap_cells(cut["val_loss_after"], ref), "-", "-", "-", str(cut["experts_after"]), "-", "-", "-"]
+            )  # fmt: skip
+        loss = s.get("val_loss")
         rows.append(
             [
                 s["stage"],
                 _num(loss, "{:.4f}"),
-                f"{loss - ref:+.4f}" if known else "-",
-                f"{100 * (loss - ref) / ref:+.2f} %" if known else "-",
+                *_gap_cells(loss, s.get("base_val_loss")),
                 _num(s.get("kl_base"), "{:.4f}"),
                 _num(None if s.get("agree_base") is None else 100 * s["agree_base"], "{:.2f} %"),
                 _num(s.get("expert_flops_per_token"), "{:.4g}"),
                 str(s.get("experts_per_layer", "-")),
                 _num(s.get("params"), "{:,}"),
                 _num(s.get("tokens_per_s"), "{:.0f}"),
+                _num(s.get("tokens_spent"), "{:,}"),
             ]
         )
     return rows
+
+
+def recovered_line(recovered: dict[str, Any]) -> str:
+    if not recovered:
+        return "Recovery: no pruning round was kept."
+    r = recovered
+    return (
+        f"Recovery: the gap to the base was {r['cut_gap']:+.4f} right after the last cut and is {r['final_gap']:+.4f} "
+        f"at the end: recovery took back {100 * r['fraction']:.1f} % of it."
+    )
 
 
 def throughput_line(throughput: dict[str, Any] | None) -> str:

@@ -198,7 +198,18 @@ def quality_rows(
     return rows
 
 
-def comparison_section(comparison: dict[str, Any] | None, summaries: list[dict[str, Any]]) -> list[str]:
+def tolerance_line(tolerance: dict[str, Any] | None) -> str:
+    if not tolerance:
+        return "Tolerance: none set (recover.max_nll_gap_pct)."
+    t = tolerance
+    verdict = "met" if t["met"] else "NOT met"
+    gap, allowed = t["nll_gap_pct"], t["max_nll_gap_pct"]
+    return f"Tolerance: final NLL gap {gap:+.2f} % of the base's, allowed {allowed:g} %: {verdict}."
+
+
+def comparison_section(
+    comparison: dict[str, Any] | None, summaries: list[dict[str, Any]], rounds: list[dict[str, Any]] = ()
+) -> list[str]:
     """report.md's lines comparing every stage with the base model (none without a base measurement)."""
     if not comparison or not comparison.get("base"):
         return []
@@ -208,11 +219,18 @@ def comparison_section(comparison: dict[str, Any] | None, summaries: list[dict[s
         "NLL = mean next-token cross-entropy (nats/token) on the validation batches, at the end of each stage; gap =",
         "NLL - the base's NLL (and in % of it); KL(base||model) = mean over tokens of the KL divergence from the",
         "base's next-token distribution to the model's (temperature 1); top-1 agreement = share of tokens whose",
-        "most likely next token is the base's; tokens/s = the stage's training throughput.",
+        "most likely next token is the base's; tokens/s = the stage's training throughput; tokens spent = training",
+        "tokens of the run so far, over all ranks.",
         "",
-        *markdown_table(base_comparison.COLUMNS, base_comparison.comparison_rows(comparison["base"], summaries)),
+        *markdown_table(
+            base_comparison.COLUMNS, base_comparison.comparison_rows(comparison["base"], summaries, rounds)
+        ),
         "",
         base_comparison.throughput_line(comparison.get("throughput")),
+        "",
+        base_comparison.recovered_line(comparison.get("recovery") or {}),
+        "",
+        tolerance_line(comparison.get("tolerance")),
         "",
     ]
 
@@ -259,7 +277,7 @@ def write_report(
         "",
         *markdown_table([c for c, _, _ in COLUMNS], table_rows(summaries)),
         "",
-        *comparison_section(comparison, summaries),
+        *comparison_section(comparison, summaries, rounds),
         *quality,
         "![loss](loss.png)",
         "",
@@ -290,5 +308,8 @@ def report_run(
     logger.log_report(
         {k: v for k, v in files.items() if v.suffix == ".png"}, [c for c, _, _ in COLUMNS], table_rows(summaries)
     )
+    if comparison and comparison.get("base"):  # the same rows as report.md's comparison table
+        rows = base_comparison.comparison_rows(comparison["base"], summaries, rounds)
+        logger.log_report({}, base_comparison.COLUMNS, rows, table="compared_with_base")
     log.info("report: %s", files["report"])
     return files

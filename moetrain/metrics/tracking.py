@@ -22,7 +22,9 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 class Sink(Protocol):
     def log(self, metrics: Metrics, step: int) -> None: ...
 
-    def log_report(self, images: dict[str, Path], columns: list[str], rows: list[list[str]]) -> None: ...
+    def log_report(
+        self, images: dict[str, Path], columns: list[str], rows: list[list[str]], table: str = "stages"
+    ) -> None: ...
 
     def finish(self) -> None: ...
 
@@ -37,7 +39,9 @@ class JsonlSink:
     def log(self, metrics: Metrics, step: int) -> None:
         self._f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def log_report(self, images: dict[str, Path], columns: list[str], rows: list[list[str]]) -> None:
+    def log_report(
+        self, images: dict[str, Path], columns: list[str], rows: list[list[str]], table: str = "stages"
+    ) -> None:
         """The report's files already sit in the run folder beside metrics.jsonl."""
 
     def finish(self) -> None:
@@ -108,11 +112,13 @@ class WandbSink:
                 out[k] = v
         self.run.log(out, step=step)
 
-    def log_report(self, images: dict[str, Path], columns: list[str], rows: list[list[str]]) -> None:
+    def log_report(
+        self, images: dict[str, Path], columns: list[str], rows: list[list[str]], table: str = "stages"
+    ) -> None:
         self.run.log(
             {
                 **{f"report/{name}": self._wandb.Image(str(path)) for name, path in images.items()},
-                "report/stages": self._wandb.Table(columns=columns, data=rows),
+                f"report/{table}": self._wandb.Table(columns=columns, data=rows),
             }
         )
 
@@ -130,9 +136,11 @@ class MetricsLogger:
         for s in self.sinks:
             s.log(metrics, step)
 
-    def log_report(self, images: dict[str, Path], columns: list[str], rows: list[list[str]]) -> None:
+    def log_report(
+        self, images: dict[str, Path], columns: list[str], rows: list[list[str]], table: str = "stages"
+    ) -> None:
         for s in self.sinks:
-            s.log_report(images, columns, rows)
+            s.log_report(images, columns, rows, table)
 
     def finish(self) -> None:
         for s in self.sinks:

@@ -15,6 +15,7 @@ final model in the same rounds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -142,3 +143,24 @@ class Validation:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.base = state.get("measurement")
+
+
+def gap_recovered(base: dict[str, Any], rounds: list[dict[str, Any]], final_loss: float | None) -> dict[str, Any]:
+    """How much of the gap the last kept cut opened recovery took back: ``(L_cut - L_final) / (L_cut - L_base)``
+    with ``L_cut`` the NLL right after that cut (1: back at the base, 0: no better than right after the cut);
+    empty without a kept cut or a final loss."""
+    cuts = [r for r in rounds if r.get("outcome") == "kept"]
+    if not cuts or final_loss is None or math.isnan(final_loss):
+        return {}
+    cut, ref = cuts[-1]["val_loss_after"], base["val_loss"]
+    fraction = (cut - final_loss) / (cut - ref) if cut != ref else math.nan
+    return {"cut_gap": cut - ref, "final_gap": final_loss - ref, "fraction": fraction}
+
+
+def tolerance_check(base_loss: float, final_loss: float | None, max_gap_pct: float | None) -> dict[str, Any] | None:
+    """``recover.max_nll_gap_pct`` judged on the final model: its NLL gap to the base in % of the base's NLL;
+    None without a tolerance."""
+    if max_gap_pct is None:
+        return None
+    gap_pct = math.nan if final_loss is None else 100 * (final_loss - base_loss) / base_loss
+    return {"max_nll_gap_pct": max_gap_pct, "nll_gap_pct": gap_pct, "met": bool(gap_pct <= max_gap_pct)}

@@ -12,7 +12,7 @@ from moetrain.config import TrainConfig
 from moetrain.runtime.distributed import LaunchEnv
 from moetrain.train.components import RunComponents
 from moetrain.train.model_state import ModelState
-from moetrain.train.reference import Validation
+from moetrain.train.reference import Validation, gap_recovered, tolerance_check
 from moetrain.train.stage_runner import StageRunner
 
 log = logging.getLogger("moetrain")
@@ -37,6 +37,7 @@ def finish_run(
     """Collective (the throughput is timed on every rank): the run's summary, written with the report on rank 0.
     ``fields``: what the loop knows (run folder, step, val loss, unigram baseline, checkpoint, export)."""
     records = hook_records(parts)
+    rounds = [r for rs in records.values() for r in rs]
     summary = {
         **fields,
         "experts_per_layer": state.experts_per_layer(),
@@ -46,8 +47,18 @@ def finish_run(
     }
     comparison = None
     if validation.base is not None:  # a reference: the base measurement and the one-run throughput
-        comparison = {"base": validation.base, "throughput": validation.throughput()}
+        base = validation.base
+        comparison = {
+            "base": base,
+            "throughput": validation.throughput(),
+            "recovery": gap_recovered(base, rounds, fields["val_loss"]),
+            "tolerance": tolerance_check(base["val_loss"], fields["val_loss"], cfg.recover.max_nll_gap_pct),
+        }
         summary.update(comparison)
+        for s in stages.summaries:  # the gap of every stage's end, as report.md shows it
+            if s.get("val_loss") is not None and s.get("base_val_loss"):
+                s["nll_gap"] = s["val_loss"] - s["base_val_loss"]
+                s["nll_gap_pct"] = 100 * s["nll_gap"] / s["base_val_loss"]
     if env.is_main:
         summary["stages"] = stages.summaries
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -59,8 +70,7 @@ def finish_run(
                 "ranks": env.world_size,
                 "ep_size": cfg.parallel.ep_size,
             }
-            rows = [r for rs in records.values() for r in rs]
-            parts.reporter(run_dir, stages.summaries, extra, rows, cfg.logging, parts.logger, comparison)
+            parts.reporter(run_dir, stages.summaries, extra, rounds, cfg.logging, parts.logger, comparison)
         tp = summary.get("throughput")
         log.info(
             "done: val loss %s (unigram baseline %.4f%s) | checkpoint %s | W&B %s",
@@ -73,5 +83,8 @@ def finish_run(
         if tp:
             log.info("one-run throughput: base %.0f, final %.0f tokens/s (%.2fx)", tp["base_tokens_per_s"],
                      tp["model_tokens_per_s"], tp["speedup"])  # fmt: skip
+        if tol := summary.get("tolerance"):
+            log.info("final NLL gap %+.2f %% of the base's (recover.max_nll_gap_pct=%g): %s", tol["nll_gap_pct"],
+                     tol["max_nll_gap_pct"], "met" if tol["met"] else "NOT met")  # fmt: skip
     parts.logger.finish()
     return summary

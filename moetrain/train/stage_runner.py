@@ -57,6 +57,7 @@ class StageRunner:
         self.stage_routing = routing_table(len(moe_layers), self.E)
         self.seconds = 0.0
         self.tokens = 0
+        self.tokens_spent = 0  # training tokens of the whole run so far (over all ranks)
         self.summaries: list[dict[str, Any]] = []  # closed stages, in order
 
     def attach(self, schedule: StageSchedule, moe_layers: list[RoutingCore]) -> None:
@@ -82,6 +83,7 @@ class StageRunner:
             self.stage_routing.update(stats)
         self.seconds += seconds
         self.tokens += tokens
+        self.tokens_spent += tokens
 
     # ------------------------------------------------------------------ boundaries
     def is_stage_end(self, step: int) -> bool:
@@ -109,6 +111,7 @@ class StageRunner:
             "end_step": step,
             "val_loss": val_loss,
             "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else math.nan,
+            "tokens_spent": self.tokens_spent,
             "expert_flops_per_token": expert_ffn_flops_per_token(sums, self.E, self.d_model, self.d_ff),
             "dropped_frac": routing.get("moe/dropped_frac", 0.0),
             "entropy": sum(routing.get(f"moe/layer{i}/entropy", 0.0) for i in range(L)) / max(L, 1),
@@ -158,6 +161,7 @@ class StageRunner:
             "routing_sums": sums.tolist(),
             "seconds": self.seconds,
             "tokens": self.tokens,
+            "tokens_spent": self.tokens_spent,
             "summaries": self.summaries,
         }
 
@@ -165,4 +169,5 @@ class StageRunner:
         sums = torch.tensor(state["routing_sums"], dtype=torch.float64)
         self.stage_routing.sums_LX = sums if self.is_main else torch.zeros_like(sums)
         self.seconds, self.tokens = float(state["seconds"]), int(state["tokens"])
+        self.tokens_spent = int(state.get("tokens_spent", 0))
         self.summaries = list(state["summaries"])

@@ -75,10 +75,10 @@ def test_formula_equals_flop_counter(case, top_k):
 
 
 def test_parts_by_hand_on_the_base_shape():
-    """The base preset's parts, written out: D 128, 4 layers, 4 heads of 32, 2 KV heads, 8 experts of 512, S 128."""
+    """The base preset's parts, written out: D 128, 4 layers, 4 heads of 32, 2 KV heads, 8 experts of 512, S 256."""
     cfg = compose_config(["+recipe=pretrain"])
     f = forward_flops_per_token(cfg.model, cfg.moe)
-    D, L, F, S, V = 128, 4, 512, 128, 257
+    D, L, F, S, V = 128, 4, 512, 256, 257
     assert f.attn_proj == L * (2 * D * 128 + 2 * 2 * D * 64 + 2 * 128 * D)
     assert f.attn_scores == L * 2 * 2 * S * 128
     assert f.router == L * 2 * D * 8

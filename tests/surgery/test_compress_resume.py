@@ -18,8 +18,10 @@ COMPRESS = [
     "trainer.eval_every=3",
     "trainer.save_every=3",
     "trainer.keep_checkpoints=20",
-    *(f"schedule.stages.{i}.steps=6" for i in range(4)),
-    "schedule.stages.3.lora=true",  # recovery on adapters: resume must re-attach them
+    "schedule.stages=[{name:top1,steps:6,moe:{top_k:1}},{name:prune1,steps:6,prune:true},"
+    "{name:prune2,steps:6,prune:true},{name:recover,steps:6,recover:true}]",
+    "prune.keep=[6,4]",
+    "recover.trainable=lora",  # recovery on adapters: resume must re-attach them
     "lora.targets=[router,experts,attention]",
     "prune.mode=merge",
     "prune.merge_tokens=256",

@@ -10,15 +10,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers.configs import cli_config_error
+from helpers.configs import cli_config_error, compose_config
 from helpers.launch import BIN, FAST, ROOT, free_port, read_metrics, run_launcher
 from omegaconf import OmegaConf
 
-from moetrain.config import TrainConfig
+from moetrain.config import ConfigError, TrainConfig
 from moetrain.metrics.comparison import comparison_rows
 from moetrain.model import build_model
 from moetrain.train.evaluation import COMPARISON, comparison_sums
-from moetrain.train.reference import comparison_metrics
+from moetrain.train.reference import comparison_metrics, gap_recovered, tolerance_check
 from moetrain.train.stages import StageSchedule
 
 
@@ -60,14 +60,59 @@ def test_report_rows_against_the_base():
     base = {"val_loss": 2.0, "expert_flops_per_token": 1000.0, "experts_per_layer": [8, 8], "params": 12345}
     stages = [
         {"stage": "top1", "val_loss": 2.1, "base_val_loss": 2.0, "kl_base": 0.125, "agree_base": 0.875,
-         "expert_flops_per_token": 500.0, "experts_per_layer": [8, 8], "params": 12345, "tokens_per_s": 1500.4},
+         "expert_flops_per_token": 500.0, "experts_per_layer": [8, 8], "params": 12345, "tokens_per_s": 1500.4,
+         "tokens_spent": 4096},
         {"stage": "prune", "val_loss": float("nan"), "base_val_loss": 2.0, "experts_per_layer": [6, 6],
-         "params": 9000, "tokens_per_s": float("nan")},
+         "params": 9000, "tokens_per_s": float("nan"), "tokens_spent": 8192},
     ]  # fmt: skip
-    rows = comparison_rows(base, stages)
-    assert rows[0] == ["base", "2.0000", "-", "-", "-", "-", "1000", "[8, 8]", "12,345", "-"]
-    assert rows[1] == ["top1", "2.1000", "+0.1000", "+5.00 %", "0.1250", "87.50 %", "500", "[8, 8]", "12,345", "1500"]
-    assert rows[2][1:6] == ["-", "-", "-", "-", "-"]  # a stage without numbers shows none, not nan
+    rounds = [{"stage": "prune", "outcome": "kept", "val_loss_after": 2.5, "experts_after": [6, 6]}]
+    rows = comparison_rows(base, stages, rounds)
+    assert rows[0] == ["base", "2.0000", "-", "-", "-", "-", "1000", "[8, 8]", "12,345", "-", "0"]
+    assert rows[1] == [
+        "top1", "2.1000", "+0.1000", "+5.00 %", "0.1250", "87.50 %", "500", "[8, 8]", "12,345", "1500", "4,096"
+    ]  # fmt: skip
+    assert rows[2] == [
+        "prune, right after the cut",
+        "2.5000",
+        "+0.5000",
+        "+25.00 %",
+        *["-"] * 3,
+        "[6, 6]",
+        "-",
+        "-",
+        "-",
+    ]
+    assert rows[3][1:6] == ["-", "-", "-", "-", "-"]  # a stage without numbers shows none, not nan
+    assert rows[3][-1] == "8,192"
+
+
+def test_recovery_fraction_and_tolerance():
+    base = {"val_loss": 2.0}
+    rounds = [
+        {"stage": "p1", "outcome": "kept", "val_loss_after": 2.4},
+        {"stage": "p2", "outcome": "rolled back (...)", "val_loss_after": 3.0},
+    ]
+    got = gap_recovered(base, rounds, 2.1)  # the last kept cut opened +0.4; recovery ends at +0.1
+    assert got == pytest.approx({"cut_gap": 0.4, "final_gap": 0.1, "fraction": 0.75})
+    assert gap_recovered(base, rounds[1:], 2.1) == {}  # nothing was cut
+    assert tolerance_check(2.0, 2.05, 5.0) == {"max_nll_gap_pct": 5.0, "nll_gap_pct": pytest.approx(2.5), "met": True}
+    assert tolerance_check(2.0, 2.2, 5.0)["met"] is False
+    assert tolerance_check(2.0, 2.2, None) is None
+
+
+@pytest.mark.parametrize(("choice", "trainable", "lora"), [("router", "router", False), ("lora", "all", True),
+                                                          ("full", "all", False)])  # fmt: skip
+def test_recover_trainable_sets_the_recovery_stage(choice, trainable, lora):
+    cfg = compose_config(["+recipe=compress", f"recover.trainable={choice}"])  # the entry applies it
+    recover = [st for st in cfg.schedule.stages if st.recover]
+    assert [st.name for st in recover] == ["recover"]
+    assert (recover[0].trainable, recover[0].lora) == (trainable, lora)
+    assert all(st.trainable == "all" and not st.lora for st in cfg.schedule.stages if not st.recover)
+
+
+def test_a_recovery_stage_that_says_what_it_trains_itself_is_refused():
+    with pytest.raises(ConfigError, match=r"^schedule.stages\[2\].lora=true in a recovery stage"):
+        compose_config(["+recipe=compress", "schedule.stages.2.lora=true"])
 
 
 STEPS = {"top2": 4, "top1": 4, "prune": 4, "recover": 4}
