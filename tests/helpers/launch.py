@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from moetrain.runtime.distributed import free_port as any_free_port
 from moetrain.runtime.distributed import shm_buffer_paths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,18 +34,26 @@ __all__ = [
     "read_metrics",
     "run_launcher",
     "torchrun_cmd",
+    "val_batches",
 ]
 
 
 def free_port() -> int:
-    """A free port for a launch's rendezvous, from this pytest-xdist worker's share of the ports (``port %
-    workers == worker index``): two workers' launches, which start seconds after picking their port, never pick
-    the same one."""
+    """A free port for a launch's rendezvous, from this pytest-xdist worker's own range below Linux's ephemeral
+    ports (15000-31999, split evenly between the workers): two workers' launches, which bind their port seconds
+    after picking it, never pick the same one, and no outgoing connection is handed it meanwhile."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
-    while (port := any_free_port()) % workers != index:
-        pass
-    return port
+    width = (32000 - 15000) // workers
+    first = 15000 + index * width
+    while True:
+        port = random.randrange(first, first + width)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken
+                continue
+        return port
 
 
 def launcher_env(tmp_path: Path) -> dict[str, str]:
@@ -121,3 +130,15 @@ FAST = [
     "logging.progress_bar=false",
     "data.stdlib_glob='[a-f]*.py'",
 ]
+
+
+def val_batches(cfg, ranks: int):
+    """The validation batches of every rank of a ``ranks``-rank run, as the trainer reads them."""
+    from moetrain.train.data import DataPipeline, tokenize_splits
+
+    splits = tokenize_splits(cfg.data, ROOT / ".pytest_cache" / "moetrain-data")
+    t = cfg.trainer
+    for rank in range(ranks):
+        yield from DataPipeline(splits, cfg.model.seq_len, t.micro_batch_size, rank, ranks, t.seed).val_batches(
+            t.eval_batches
+        )

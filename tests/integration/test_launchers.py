@@ -133,14 +133,14 @@ EP_RUN = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ep1_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ep1")
     run_launcher([*DEEPSPEED_2, TRAIN, *EP_RUN, f"hydra.run.dir={tmp}/run"], tmp)
     return read_metrics(tmp / "run")
 
 
-@pytest.mark.xdist_group("ep1_reference")  # one reference run (a module fixture) on one pytest-xdist worker
+@pytest.mark.xdist_group("ep1_reference")  # one reference run (a session fixture) on one pytest-xdist worker
 @pytest.mark.parametrize("zero", [0, 2])
 def test_deepspeed_expert_parallel_equals_ep1_and_resumes(tmp_path, ep1_reference, zero):
     """ep_size=2 shards each MoE layer's 8 experts over the 2 ranks (all-to-all dispatch, a2a_chunks=2):

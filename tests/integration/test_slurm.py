@@ -16,7 +16,7 @@ from helpers.launch import FAST, ROOT, launcher_env, read_metrics, run_launcher
 
 from moetrain.runtime import slurm
 
-# one cluster per module (slurm_env): its tests share a pytest-xdist worker
+# one cluster (slurm_env, a session fixture): the module's tests share a pytest-xdist worker
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 TRAIN = str(ROOT / "launch" / "train.py")
 SLURM = ROOT / "launch" / "slurm"
@@ -35,7 +35,7 @@ def run_args(steps: int) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm_env(tmp_path_factory):
     """The environment that reaches the local cluster (started here if .ci/run did not already)."""
     up = subprocess.run(

@@ -12,7 +12,7 @@ from helpers.launch import BIN, FAST, ROOT, run_launcher
 from test_hf_families import FAMILIES, assert_logits_close, tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
-from moetrain.interop.hf.from_run import load_run_model
+from moetrain.interop.hf.from_run import export_run, load_run_model
 
 VOCAB = 320  # the byte tokenizer's 257 ids fit
 # one checkpoint per family; DeepSeek without group-limited routing (pruning needs ungrouped routers: a group
@@ -57,7 +57,7 @@ def test_compress_from_each_family_exports_what_transformers_loads_with_our_logi
     assert s["stages"][-1]["base_val_loss"] == pytest.approx(s["base"]["val_loss"], rel=1e-9)
 
     out = tmp_path / "out"
-    run_launcher([str(BIN / "python"), str(ROOT / "launch" / "export_hf.py"), str(run), str(out)], tmp_path)
+    export_run(run, out)  # launch/export_hf.py's function, in this process (the CLI: test_hf_pipeline.py)
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["model_type"] == CASES[name][0] and hf_cfg["num_experts_per_tok"] == 1
     ours, _ = load_run_model(run)

@@ -9,8 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.launch import BIN, FAST, ROOT, read_metrics, run_launcher
-from test_base_comparison import val_batches
+from helpers.launch import BIN, FAST, ROOT, read_metrics, run_launcher, val_batches
 from test_compress_families import CASES, VOCAB
 from test_hf_families import tiny_checkpoint
 from transformers import AutoModelForCausalLM

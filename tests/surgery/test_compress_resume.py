@@ -9,17 +9,17 @@ import json
 import pytest
 from helpers.launch import BIN, FAST, ROOT, assert_same_losses, free_port, read_metrics, run_launcher
 
-STEPS = 24
+STEPS = 16
 COMPRESS = [
     *FAST,
     "+recipe=compress",
     "logging.wandb.mode=disabled",
     f"trainer.max_steps={STEPS}",
-    "trainer.eval_every=3",
-    "trainer.save_every=3",
+    "trainer.eval_every=2",
+    "trainer.save_every=2",
     "trainer.keep_checkpoints=20",
-    "schedule.stages=[{name:top1,steps:6,moe:{top_k:1}},{name:prune1,steps:6,prune:true},"
-    "{name:prune2,steps:6,prune:true},{name:recover,steps:6,recover:true}]",
+    "schedule.stages=[{name:top1,steps:4,moe:{top_k:1}},{name:prune1,steps:4,prune:true},"
+    "{name:prune2,steps:4,prune:true},{name:recover,steps:4,recover:true}]",
     "prune.keep=[6,4]",
     "recover.trainable=lora",  # recovery on adapters: resume must re-attach them
     "lora.targets=[router,experts,attention]",
@@ -44,7 +44,7 @@ def test_resume_inside_a_merge_stage_and_inside_recovery_equals_the_uninterrupte
     assert [r["outcome"] for r in s["prune_rounds"]] == ["kept", "kept"]
     assert all(r["merged"] for r in s["prune_rounds"]) and s["experts_per_layer"] == [4, 4]
     expected = read_metrics(full)
-    for name, step in (("merge", 15), ("recover", 21)):  # after merge round 2 (step 12); inside LoRA (from 18)
+    for name, step in (("merge", 10), ("recover", 14)):  # after merge round 2 (step 8); inside LoRA (from 12)
         resumed = tmp_path / name
         launch(resumed, tmp_path, f"trainer.resume={full}/checkpoints/step_{step:08d}")
         actual = read_metrics(resumed)

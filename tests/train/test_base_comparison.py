@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 from helpers.configs import cli_config_error, compose_config
-from helpers.launch import BIN, FAST, ROOT, free_port, read_metrics, run_launcher
+from helpers.launch import BIN, FAST, ROOT, free_port, read_metrics, run_launcher, val_batches
 from omegaconf import OmegaConf
 
 from moetrain.config import ConfigError, TrainConfig
@@ -155,18 +155,6 @@ def checkpoint_models(folder) -> tuple[torch.nn.Module, torch.nn.Module, TrainCo
     teacher = build_model(cfg.model, base_moe)
     teacher.load_state_dict(load_file(str(folder / "teacher_rank00000.safetensors")))
     return model.eval(), teacher.eval(), cfg
-
-
-def val_batches(cfg: TrainConfig, ranks: int):
-    """The validation batches of every rank of a ``ranks``-rank run, as the trainer reads them."""
-    from moetrain.train.data import DataPipeline, tokenize_splits
-
-    splits = tokenize_splits(cfg.data, ROOT / ".pytest_cache" / "moetrain-data")
-    t = cfg.trainer
-    for rank in range(ranks):
-        yield from DataPipeline(splits, cfg.model.seq_len, t.micro_batch_size, rank, ranks, t.seed).val_batches(
-            t.eval_batches
-        )
 
 
 @pytest.mark.slow

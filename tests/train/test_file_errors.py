@@ -31,7 +31,7 @@ TINY_MIXTRAL = {
     "max_position_embeddings": 256,
 }
 
-# the saved_run fixture (a real run, module scope) is made once: the module runs on one pytest-xdist worker
+# the saved_run fixture (a real run, session scope) is made once: the module runs on one pytest-xdist worker
 pytestmark = pytest.mark.xdist_group("file_errors")
 
 
@@ -111,7 +111,7 @@ def test_an_empty_split_names_the_data_source(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def saved_run(tmp_path_factory) -> Path:
     """A real 2-step run (the FAST model, d_model=128, 8 experts) with its checkpoint at step 2."""
     tmp = tmp_path_factory.mktemp("saved")
