@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sys
 import threading
@@ -102,6 +103,8 @@ def build_deepspeed_comm_op() -> None:
     from torch.utils.cpp_extension import _get_build_directory
 
     builder = get_accelerator().create_op_builder(COMM_OP_BUILDER)
+    # DeepSpeed probes every op by compiling test programs; setuptools logs each compiler command at INFO
+    logging.getLogger("compilers").setLevel(logging.WARNING)
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return
     folder = Path(_get_build_directory(builder.NAME, verbose=False))
