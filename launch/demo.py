@@ -42,7 +42,7 @@ def main(extra: list[str]) -> int:
 
     t0 = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    base = ensure_base_model(list(DEMO_OVERRIDES), ranks=2)
+    base = ensure_base_model(list(DEMO_OVERRIDES), ranks=2, flat_expected=False)
     run_dir = ROOT / "outputs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     deepspeed = Path(sys.executable).parent / "deepspeed"
     train = [str(deepspeed), "--num_gpus", "2", str(ROOT / "launch" / "train.py"), "+recipe=compress"]
