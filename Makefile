@@ -31,7 +31,7 @@ demo: setup
 # Two pytest-xdist workers: a launcher test's ranks leave a core idle much of the time (start-up, rank 0 first).
 test: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup --durations=25 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup -m "not slow" tests
