@@ -45,10 +45,11 @@ def assert_composition_error(overrides: list[str], allowed: str) -> None:
     assert f"expected one of [{allowed}]" in str(err.value.__cause__)
 
 
-def cli_config_error(tmp_path: Path, *overrides: str) -> str:
-    """``launch/train.py`` with ``overrides`` exits 2; returns its last stderr line (the one-line error)."""
+def cli_error_lines(tmp_path: Path, script: str, *args: str) -> list[str]:
+    """``script`` (a path under the repository) with ``args`` exits 2 without a traceback; returns its non-empty
+    stderr lines."""
     proc = subprocess.run(
-        [sys.executable, "launch/train.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+        [sys.executable, script, *args],
         cwd=ROOT,
         env=launcher_env(tmp_path),
         capture_output=True,
@@ -56,6 +57,10 @@ def cli_config_error(tmp_path: Path, *overrides: str) -> str:
         timeout=180,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return lines[-1]
+    return [ln for ln in proc.stderr.splitlines() if ln.strip()]
+
+
+def cli_config_error(tmp_path: Path, *overrides: str) -> str:
+    """``launch/train.py`` with ``overrides`` exits 2; returns its last stderr line (the one-line error)."""
+    return cli_error_lines(tmp_path, "launch/train.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}")[-1]

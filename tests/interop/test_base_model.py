@@ -4,12 +4,11 @@ deepspeed launcher on 2 CPU ranks (exported as Mixtral, loaded by transformers w
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers.launch import ROOT, launcher_env
+from helpers.configs import cli_error_lines
+from helpers.launch import launcher_env
 from hydra.errors import ConfigCompositionException
 
 from moetrain.config import ConfigError
@@ -202,16 +201,7 @@ def test_a_failed_build_leaves_no_entry_and_names_the_problem(tmp_path, launch_e
 
 
 def test_cli_names_a_bad_override_in_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "launch/pretrain.py", "--cache-root", str(tmp_path), "moe.score_func=bad"],
-        cwd=ROOT,
-        env=launcher_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = cli_error_lines(tmp_path, "launch/pretrain.py", "--cache-root", str(tmp_path), "moe.score_func=bad")
     assert len(lines) == 1 and lines[0].startswith("config error: Error merging override moe.score_func=bad")
     assert "expected one of [softmax, sigmoid]" in lines[0]
     assert not (tmp_path / "base").exists()
