@@ -82,7 +82,9 @@ def test_a_lock_that_a_process_holds_is_kept_and_one_nobody_holds_is_removed(tmp
 def test_a_long_wait_says_what_it_waits_for():
     err = io.StringIO()
     with redirect_stderr(err), startup.announce_long_wait("the other ranks", every=0.05):
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30  # a loaded machine may schedule the announcing thread late
+        while "still waiting" not in err.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert "still waiting" in err.getvalue() and "for the other ranks" in err.getvalue()
     quiet = io.StringIO()
     with redirect_stderr(quiet), startup.announce_long_wait("nothing", every=5):
@@ -98,8 +100,9 @@ def test_a_stale_build_lock_is_reported_and_the_launch_goes_on(tmp_path):
     holds the lock meanwhile."""
     extensions = tmp_path / "torch_extensions"
     built = EXTENSIONS_DIR / "deepspeed_shm_comm"
-    if built.is_dir():  # ninja finds the copy up to date: its outputs are relative to the folder
-        shutil.copytree(built, extensions / built.name, ignore=shutil.ignore_patterns("lock", "*.flock"))
+    if (built / f"{built.name}.so").is_file():  # ninja finds the copy up to date: its outputs are relative
+        with startup.exclusive_build(built, "the copy's source"):  # no build of ours is writing it meanwhile
+            shutil.copytree(built, extensions / built.name, ignore=shutil.ignore_patterns("lock", "*.flock"))
     lock = extensions / built.name / "lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
