@@ -29,12 +29,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import LoRATarget, StageConfig, StageMoEConfig, Trainable, TrainConfig
 from moetrain.interop.assemble import build_trainer
 from moetrain.interop.hf.api import save_hf
+from moetrain.metrics.comparison import training_loss
 from moetrain.metrics.compression_results import (
     ONE_SHOT,
     STAGED,
@@ -109,17 +109,6 @@ class MeasuringOps:
     def merge_adapters(self) -> None:
         self.forget()
         self._ops.merge_adapters()
-
-
-def training_loss(model: nn.Module, labels_BS: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The training loss of ``model`` on ``labels_BS`` (cross-entropy + the aux and z terms; the coefficients
-    change no cost)."""
-
-    def loss(inputs_BS: torch.Tensor) -> torch.Tensor:
-        out = model(inputs_BS)
-        return F.cross_entropy(out.logits_BSV.float().flatten(0, 1), labels_BS.flatten()) + out.aux_loss + out.z_loss
-
-    return loss
 
 
 class CompressBench:

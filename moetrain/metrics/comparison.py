@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +31,10 @@ def _max_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _training_loss(model: nn.Module, labels_BS: torch.Tensor):
+def training_loss(model: nn.Module, labels_BS: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training loss of ``model`` on ``labels_BS`` as a function of the inputs, for timing (cross-entropy +
+    the aux and z terms; the coefficients change no cost)."""
+
     def loss(inputs_BS: torch.Tensor) -> torch.Tensor:
         out = model(inputs_BS)
         ce = F.cross_entropy(out.logits_BSV.float().flatten(0, 1), labels_BS.flatten())
@@ -49,7 +53,7 @@ def measure_throughput(
 ) -> dict[str, Any]:
     """Collective. ``models``: [base, final]; ``tokens``: one run's tokens over all ranks. Returns
     ``base_tokens_per_s``, ``model_tokens_per_s``, ``speedup`` (median of the per-round ratios) and ``rounds``."""
-    entries = [Entry(name, _training_loss(m, labels_BS), inputs_BS, m) for name, m in zip(("base", "final"), models)]
+    entries = [Entry(name, training_loss(m, labels_BS), inputs_BS, m) for name, m in zip(("base", "final"), models)]
     times = time_in_rounds(entries, iters=rounds, warmup=1, alternate=True, run=_run_together)
     slowest = _max_over_ranks(torch.tensor(times, dtype=torch.float64)).tolist()
     base, final = slowest

@@ -3,7 +3,6 @@ timed in rounds so that the ratios between rows measured in the same rounds hold
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import statistics
 import time
@@ -76,13 +75,12 @@ def time_fwd_bwd(module_fn, x: torch.Tensor, iters: int, module: nn.Module, warm
 
 @dataclass
 class Entry:
-    """One row of the table: what runs (x_TD -> y_TD), on which input, whose gradients reset, inside what."""
+    """One row of the table: what runs (x_TD -> y_TD), on which input, whose gradients reset."""
 
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     x: torch.Tensor
     module: nn.Module
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def one_loss_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, module: nn.Module) -> float:
@@ -117,8 +115,7 @@ def time_in_rounds(
         order = range(len(entries) - 1, -1, -1) if alternate and r % 2 else range(len(entries))
         for i in order:
             e = entries[i]
-            with e.context():
-                run(e.fn, e.x, e.module)
-                if r >= warmup:
-                    times[i].append(run(e.fn, e.x, e.module))
+            run(e.fn, e.x, e.module)
+            if r >= warmup:
+                times[i].append(run(e.fn, e.x, e.module))
     return times
