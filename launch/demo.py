@@ -8,9 +8,10 @@ from, in numbers.
    has the longer one).
 2. ``+recipe=compress model.init_from=hf:BASE`` on 2 CPU ranks through the deepspeed launcher: top-1, one
    pruning round (8 -> 6 experts per layer), recovery distilled from the base.
-3. The compressed model exported back to the Mixtral layout (launch/export_hf.py), then one screen: base vs
-   compressed (NLL and the gap, KL, agreement, expert FLOPs/token, experts, parameters, tokens/s measured in one
-   run), where the export is and the two lines of Python that load it.
+3. The run exports the compressed model back to the Mixtral layout (``hf/`` of its folder) and measures that
+   directory again as transformers loads it. Then one screen: base vs compressed (NLL and the gap, KL,
+   agreement, expert FLOPs/token, experts, parameters, tokens/s measured in one run), the export's own
+   numbers, where it is and the two lines of Python that load it.
 
 Exit status: 1 when the compressed model's NLL gap to the base is over the recipe's tolerance
 (``recover.max_nll_gap_pct``), else 0 (or the failing step's own status).
@@ -47,10 +48,8 @@ def main(extra: list[str]) -> int:
     deepspeed = Path(sys.executable).parent / "deepspeed"
     train = [str(deepspeed), "--num_gpus", "2", str(ROOT / "launch" / "train.py"), "+recipe=compress"]
     run([*train, f"model.init_from=hf:{base.path}", f"hydra.run.dir={run_dir}", *extra], env)
-    exported = run_dir / "hf"
-    run([sys.executable, str(ROOT / "launch" / "export_hf.py"), str(run_dir), str(exported)], env)
     s = json.loads((run_dir / "summary.json").read_text())
-    print(screen(s, base.meta, base.path, exported, time.time() - t0))
+    print(screen(s, base.meta, base.path, Path(s["family_export"]["dir"]), time.time() - t0))
     tolerance = s.get("tolerance")
     return 1 if tolerance and not tolerance["met"] else 0
 
@@ -73,8 +72,13 @@ def screen(s: dict, base_meta: dict, base_path: Path, exported: Path, seconds: f
         ("training tokens spent", "-", f"{last['tokens_spent']:,}",
          f"{last['tokens_spent'] / tokens:.1%} of the base's"),
     ]  # fmt: skip
-    recovery, tolerance = s.get("recovery") or {}, s.get("tolerance")
+    recovery, tolerance, export = s.get("recovery") or {}, s.get("tolerance"), s.get("family_export") or {}
     verdicts = []
+    if export:
+        verdicts.append(
+            f"  export            {export['family']} directory as transformers loads it: NLL {export['val_loss']:.4f} "
+            f"({export['nll_gap_pct']:+.2f} %), KL {export['kl_base']:.4f}, agreement {export['agree_base']:.1%}"
+        )
     if recovery:
         verdicts.append(
             f"  recovery          gap {recovery['cut_gap']:+.4f} right after the cut -> {recovery['final_gap']:+.4f}: "

@@ -29,8 +29,12 @@ class DeepSpeedBackend:
         return None  # DeepSpeed's layer tags its experts and checkpoints them per expert
 
     def join_groups(self, model: nn.Module) -> None:
+        import deepspeed
         from deepspeed.moe.layer import MoE
 
+        # a copy made before the engine starts (the base kept as teacher) needs DeepSpeed's comm layer up: it
+        # wraps the process group the run already has, which the engine would otherwise do at its start
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
         for m in model.modules():
             if isinstance(m, MoE):
                 m.set_deepspeed_parallelism()

@@ -337,6 +337,16 @@ class RecoverConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What the run writes at its end besides ``export/`` (the native layout, always written)."""
+
+    # the final model as a Hugging Face directory ``hf/`` in the run folder, in the layout of ``family`` (default:
+    # the family of ``model.init_from=hf:DIR``), measured against the base after transformers loads it back
+    hf: bool = False
+    family: str | None = None
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 200
     micro_batch_size: int = 8
@@ -389,6 +399,7 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register_configs() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from moetrain.config import TrainConfig
 from moetrain.interop.export import export_model
 from moetrain.interop.hf import load_hf_weights
+from moetrain.interop.hf.run_export import HFRunExport
 from moetrain.metrics.comparison import measure_throughput
 from moetrain.metrics.report import report_run
 from moetrain.metrics.routing import RoutingMetrics
@@ -35,5 +36,6 @@ def build_trainer(cfg: TrainConfig, run_dir: Path) -> Trainer:
         hooks=[PruneHook(cfg.prune), LoRAStageHook()],
         init_weights=load_hf_weights if cfg.model.init_from else None,
         throughput=measure_throughput,
+        family_export=HFRunExport(cfg) if cfg.export.hf else None,
     )
     return Trainer(cfg, run_dir, env, parts)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from moetrain.config import ConfigError, TrainConfig, to_typed, validate
 from moetrain.config.stages import apply_recovery
 from moetrain.interop.hf import apply_hf_architecture
+from moetrain.interop.hf.run_export import export_family
 from moetrain.interop.inputs import check_inputs
 from moetrain.runtime.cpu_process import cpu_malloc_setting
 from moetrain.train.data import check_tokenizer_vocab, resolve_tokenizer
@@ -40,6 +41,7 @@ def resolve_config(
     validate(cfg, world_size=world_size, cuda=cuda)
     check_tokenizer_vocab(cfg.data.tokenizer, cfg.model.vocab_size)
     check_inputs(cfg)
+    export_family(cfg)  # export.hf: a family it can write, named now rather than after training
     check_process_settings()
     return cfg
 

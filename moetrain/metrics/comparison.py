@@ -90,21 +90,25 @@ def _gap_cells(loss: float | None, ref: float | None) -> list[str]:
 
 
 def comparison_rows(
-    base: dict[str, Any], summaries: list[dict[str, Any]], rounds: list[dict[str, Any]] = ()
+    base: dict[str, Any],
+    summaries: list[dict[str, Any]],
+    rounds: list[dict[str, Any]] = (),
+    export: dict[str, Any] | None = None,
 ) -> list[list[str]]:
     """The base row, then one row per stage (at its end): NLL, gap to the base's NLL (absolute and in % of it),
     KL(base || model), top-1 agreement, expert FLOPs/token, experts per layer, parameters, the stage's training
     tokens/s, the run's training tokens so far. Before the row of a stage that began with a pruning round, the
     round's row right after the cut (NLL and gap; the rest ``-``). The base row's comparisons are with itself
     (0 gap, 0 KL, agreement 1) and shown as ``-``; its tokens/s are the one-run throughput's
-    (:func:`throughput_line`)."""
+    (:func:`throughput_line`). Last, the ``export`` row (``export.hf``): the exported directory as transformers
+    loads it, with the stage summary's keys."""
     ref = base["val_loss"]
     rows = [
         ["base", _num(ref, "{:.4f}"), "-", "-", "-", "-", _num(base["expert_flops_per_token"], "{:.4g}"),
          str(base["experts_per_layer"]), _num(base["params"], "{:,}"), "-", "0"],
     ]  # fmt: skip
     cuts = {r["stage"]: r for r in rounds if r.get("outcome") == "kept"}
-    for s in summaries:
+    for s in [*summaries, *([export] if export else [])]:
         if (cut := cuts.get(s["stage"])) is not None:
             rows.append(
                 [f"{s['stage']}, right after the cut", _num(cut["val_loss_after"], "{:.4f}"),

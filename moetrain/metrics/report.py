@@ -223,7 +223,8 @@ def comparison_section(
         "tokens of the run so far, over all ranks.",
         "",
         *markdown_table(
-            base_comparison.COLUMNS, base_comparison.comparison_rows(comparison["base"], summaries, rounds)
+            base_comparison.COLUMNS,
+            base_comparison.comparison_rows(comparison["base"], summaries, rounds, comparison.get("export")),
         ),
         "",
         base_comparison.throughput_line(comparison.get("throughput")),
@@ -309,7 +310,7 @@ def report_run(
         {k: v for k, v in files.items() if v.suffix == ".png"}, [c for c, _, _ in COLUMNS], table_rows(summaries)
     )
     if comparison and comparison.get("base"):  # the same rows as report.md's comparison table
-        rows = base_comparison.comparison_rows(comparison["base"], summaries, rounds)
+        rows = base_comparison.comparison_rows(comparison["base"], summaries, rounds, comparison.get("export"))
         logger.log_report({}, base_comparison.COLUMNS, rows, table="compared_with_base")
     log.info("report: %s", files["report"])
     return files

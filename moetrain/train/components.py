@@ -105,6 +105,23 @@ class StageHook(Protocol):
 
 
 Exporter = Callable[[nn.Module, ModelConfig, MoEConfig, Path, bool], Path]
+
+
+class FamilyExport(Protocol):
+    """The final model in a model family's own layout (``export.hf``): written from the run's native export,
+    then loaded back the way a user loads it, so the run measures what it hands over."""
+
+    family: str
+
+    def write(self, native_dir: Path, out: Path) -> Path:
+        """``native_dir`` (the trainer's ``export/``) as the family's directory ``out``; one rank calls it."""
+        ...
+
+    def load(self, out: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The directory ``out`` loaded back (every rank): ``inputs_BS -> logits_BSV``."""
+        ...
+
+
 # (run_dir, stage summaries, extra rows, structural records, logging config, logger, comparison with the base:
 # {"base": the base measurement, "throughput": ... or None} or None without a reference) -> report files
 Reporter = Callable[
@@ -121,7 +138,8 @@ Throughput = Callable[[list[nn.Module], torch.Tensor, torch.Tensor, int, int], d
 class RunComponents:
     """Everything the trainer is given. ``structure_ops`` makes the interface the hooks act through from the
     trainer's model state and its validation; ``init_weights`` loads ``model.init_from``; ``throughput`` times
-    the base against the final model at the end of a run with a reference."""
+    the base against the final model at the end of a run with a reference; ``family_export`` writes the final
+    model in its family's layout (``export.hf``)."""
 
     logger: MetricsLogger
     routing_table: Callable[[int, int], RoutingTable]
@@ -133,3 +151,4 @@ class RunComponents:
     hooks: list[StageHook] = field(default_factory=list)
     init_weights: Callable[[nn.Module, Any], None] | None = None
     throughput: Throughput | None = None
+    family_export: FamilyExport | None = None

@@ -77,20 +77,31 @@ class Validation:
         sums the routing statistics of the reference's forwards."""
         engine = self.state.engine
         engine.eval()
-        batches = self.data.val_batches(self.cfg.trainer.eval_batches)
         if self.reference is None:
+            batches = self.data.val_batches(self.cfg.trainer.eval_batches)
             totals = all_reduce_sum(cross_entropy_sums(engine, batches, engine.device))
             self.last = {"val/loss": float(totals[0] / totals[1])}
             return self.last
+        self.last = self._compare(lambda inputs: engine(inputs).logits_BSV, engine.device, reference_routing)
+        return self.last
+
+    @torch.no_grad()
+    def compare(self, logits: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """Collective: the validation comparisons of another model of the run's (``logits``: ``inputs_BS ->
+        logits_BSV``, e.g. its export loaded back) against the reference, on the same validation batches."""
+        return self._compare(logits, self.state.engine.device)
+
+    def _compare(
+        self, logits: Callable[[torch.Tensor], torch.Tensor], device, reference_routing: RoutingTable | None = None
+    ) -> dict[str, float]:
         sums = torch.zeros(len(COMPARISON), dtype=torch.float64)
-        for inputs, labels in batches:
-            inputs = inputs.to(engine.device)
+        for inputs, labels in self.data.val_batches(self.cfg.trainer.eval_batches):
+            inputs = inputs.to(device)
             ref = self.state.distiller.teacher_forward(inputs)
             if reference_routing is not None:
                 reference_routing.update(ref.moe_stats)
-            sums += comparison_sums(engine(inputs).logits_BSV, ref.logits_BSV, labels.to(engine.device))
-        self.last = comparison_metrics(all_reduce_sum(sums))
-        return self.last
+            sums += comparison_sums(logits(inputs), ref.logits_BSV, labels.to(device))
+        return comparison_metrics(all_reduce_sum(sums))
 
     def measure_base(self, step: int) -> dict[str, Any]:
         """Collective. At step 0 of a run with a reference and no base measurement yet: validate, keep the base

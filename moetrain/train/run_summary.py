@@ -12,7 +12,7 @@ from moetrain.config import TrainConfig
 from moetrain.runtime.distributed import LaunchEnv
 from moetrain.train.components import RunComponents
 from moetrain.train.model_state import ModelState
-from moetrain.train.reference import Validation, gap_recovered, tolerance_check
+from moetrain.train.reference import STAGE_KEYS, Validation, gap_recovered, tolerance_check
 from moetrain.train.stage_runner import StageRunner
 
 log = logging.getLogger("moetrain")
@@ -22,6 +22,25 @@ def hook_records(parts: RunComponents) -> dict[str, list[dict[str, Any]]]:
     """Each hook's structural records (pruning rounds), without their bulky profiles."""
     strip = lambda rows: [{k: v for k, v in r.items() if k != "profile"} for r in rows]  # noqa: E731
     return {h.summary_key: strip(h.records()) for h in parts.hooks if h.summary_key}
+
+
+def family_export_row(
+    exported: dict[str, Any] | None, summary: dict[str, Any], summaries: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The export's report row: its directory and family, and its validation comparisons (measured on the
+    directory as transformers loads it) under the stage summary's keys; the structure is the final model's."""
+    if not exported or "val/loss" not in exported:
+        return None
+    return {
+        "stage": f"export ({exported['family']}, loaded by transformers)",
+        "dir": exported["dir"],
+        "family": exported["family"],
+        "val_loss": exported["val/loss"],
+        **{key: exported[name] for name, key in STAGE_KEYS.items()},
+        "experts_per_layer": summary["experts_per_layer"],
+        "params": summary["params"],
+        "tokens_spent": summaries[-1].get("tokens_spent") if summaries else None,
+    }
 
 
 def finish_run(
@@ -54,8 +73,11 @@ def finish_run(
             "recovery": gap_recovered(base, rounds, fields["val_loss"]),
             "tolerance": tolerance_check(base["val_loss"], fields["val_loss"], cfg.recover.max_nll_gap_pct),
         }
+        exported = family_export_row(fields.get("family_export"), summary, stages.summaries)
+        if exported is not None:
+            summary["family_export"] = comparison["export"] = exported
         summary.update(comparison)
-        for s in stages.summaries:  # the gap of every stage's end, as report.md shows it
+        for s in [*stages.summaries, *([exported] if exported else [])]:  # every row's gap, as report.md shows it
             if s.get("val_loss") is not None and s.get("base_val_loss"):
                 s["nll_gap"] = s["val_loss"] - s["base_val_loss"]
                 s["nll_gap_pct"] = 100 * s["nll_gap"] / s["base_val_loss"]

@@ -200,6 +200,7 @@ class Trainer:
             bar.close()
         self.parts.adapters.merge(self.state.model)  # a run that stops inside a LoRA stage exports merged weights
         self.export_dir = self._export()
+        self.family_export = self._export_family()
         return self._finish()
 
     def _export(self) -> Path:
@@ -211,6 +212,22 @@ class Trainer:
         if self.env.is_main:
             log.info("exported the final model to %s (moetrain.interop.export.load_exported)", export)
         return export
+
+    def _export_family(self) -> dict[str, Any] | None:
+        """Collective (``export.hf``): the final model in its family's layout in ``hf/``, loaded back and, with a
+        reference, compared with the base on the validation tokens (the report's export row)."""
+        family = self.parts.family_export
+        if family is None:
+            return None
+        out = self.run_dir / "hf"
+        if self.env.is_main:
+            family.write(self.export_dir, out)
+            log.info("exported the final model as a %s directory to %s", family.family, out)
+        barrier()
+        row: dict[str, Any] = {"dir": str(out), "family": family.family}
+        if self.validation.reference is not None:
+            row.update(self.validation.compare(family.load(out, self.state.engine.device)))
+        return row
 
     def _end_stage(self) -> None:
         """At a stage boundary (and at the end): summarise the stage; if another follows, switch to it and
@@ -260,6 +277,7 @@ class Trainer:
             "unigram_baseline": self.unigram_baseline,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "export": str(self.export_dir),
+            "family_export": self.family_export,
         }
         return finish_run(
             self.cfg, self.run_dir, self.env, self.parts, self.state, self.stages, self.validation, fields

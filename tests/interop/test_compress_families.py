@@ -1,6 +1,7 @@
 """`+recipe=compress model.init_from=hf:DIR` from a tiny checkpoint of each imported family: top-1, a pruning
-round, recovery distilled from the base, export back to the family's layout; transformers loads the smaller
-top-1 model with our logits."""
+round, recovery distilled from the base, the run's own export back to the family's layout (``hf/``);
+transformers loads the smaller top-1 model with our logits. Qwen3-MoE runs on 2 ranks with its experts split
+over them (``parallel.ep_size=2``) on DeepSpeed's MoE layer (``moe.backend=deepspeed``)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import json
 
 import pytest
 import torch
-from helpers.launch import BIN, FAST, ROOT, run_launcher
+from helpers.launch import BIN, FAST, ROOT, free_port, run_launcher
 from test_hf_families import FAMILIES, assert_logits_close, tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
-from moetrain.interop.hf.from_run import export_run, load_run_model
+from moetrain.interop.hf.from_run import load_run_model
 
 VOCAB = 320  # the byte tokenizer's 257 ids fit
 # one checkpoint per family; DeepSeek without group-limited routing (pruning needs ungrouped routers: a group
@@ -28,6 +29,14 @@ CASES = {
     ),
     "deepseek_v3": FAMILIES["deepseek_v3_plain"],
 }
+# Qwen3-MoE (softmax renormalised over the k chosen) on 2 ranks, its experts split over them, on DeepSpeed's layer
+SPREAD = {"qwen3_moe": ["moe.backend=deepspeed", "parallel.ep_size=2"]}
+
+
+def launcher(name: str) -> list[str]:
+    if name not in SPREAD:
+        return [str(BIN / "python")]
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
 
 
 def checkpoint(name: str, path) -> int:
@@ -40,14 +49,15 @@ def checkpoint(name: str, path) -> int:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_compress_from_each_family_exports_what_transformers_loads_with_our_logits(name, tmp_path):
     experts = checkpoint(name, tmp_path / "hf")
-    keep = experts * 3 // 4
+    keep = experts // 2 if name in SPREAD else experts * 3 // 4  # split over 2 ranks: an even count
     run = tmp_path / "run"
     cmd = [
-        str(BIN / "python"), str(ROOT / "launch" / "train.py"), *FAST, "+recipe=compress",
+        *launcher(name), str(ROOT / "launch" / "train.py"), *FAST, "+recipe=compress",
         f"model.init_from=hf:{tmp_path}/hf", "logging.wandb.mode=disabled", f"hydra.run.dir={run}",
         "trainer.max_steps=6", "trainer.eval_every=2", "trainer.save_every=100", "trainer.throughput_rounds=1",
         *(f"schedule.stages.{i}.steps=2" for i in range(3)),
         f"prune.keep=[{keep}]", "prune.profile_tokens=512", "prune.max_loss_increase=100",
+        *SPREAD.get(name, []),
     ]  # fmt: skip
     run_launcher(cmd, tmp_path)
     s = json.loads((run / "summary.json").read_text())
@@ -56,8 +66,8 @@ def test_compress_from_each_family_exports_what_transformers_loads_with_our_logi
     assert s["base"]["experts_per_layer"] == [experts] * len(s["experts_per_layer"])
     assert s["stages"][-1]["base_val_loss"] == pytest.approx(s["base"]["val_loss"], rel=1e-9)
 
-    out = tmp_path / "out"
-    export_run(run, out)  # launch/export_hf.py's function, in this process (the CLI: test_hf_pipeline.py)
+    out = run / "hf"  # written by the run (export.hf=true in the recipe)
+    assert s["family_export"]["family"] == CASES[name][0] and s["family_export"]["dir"] == str(out)
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["model_type"] == CASES[name][0] and hf_cfg["num_experts_per_tok"] == 1
     ours, _ = load_run_model(run)

@@ -1,6 +1,8 @@
 """`+recipe=compress` from a Hugging Face directory, recovering the routers only: at the start of recovery the
 logged KL(base || model) equals the KL between the base directory (read by transformers) and the cut model of
-the checkpoint written there, and recovery changes the router weights and nothing else."""
+the checkpoint written there; recovery changes the router weights and nothing else; the final report rows (the
+last stage's and the export's) equal NLL, KL and agreement recomputed from the exported directory and the base
+directory, both read by transformers."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from test_hf_families import tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 from moetrain.interop.hf.from_run import load_run_model
+from moetrain.train.evaluation import comparison_sums
 
 STAGES = {"top1": 2, "prune1": 2, "recover": 4}
 
@@ -61,3 +64,21 @@ def test_router_recovery_from_a_base_directory(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     routers = {k for k in before if k.endswith("router.weight_ED")}
     assert changed == routers, sorted(changed ^ routers)
+
+    # the final rows against the export and the base directory, both as transformers loads them
+    exported = AutoModelForCausalLM.from_pretrained(str(run / "hf")).eval()
+    assert exported.config.num_local_experts == 3 and exported.config.num_experts_per_tok == 1
+    with torch.no_grad():
+        sums = sum(comparison_sums(exported(x).logits, base(x).logits, y) for x, y in val_batches(cfg, 1))
+    n = float(sums[4])
+    want = {"val_loss": float(sums[0]) / n, "base_val_loss": float(sums[1]) / n, "kl_base": float(sums[2]) / n,
+            "agree_base": float(sums[3]) / n}  # fmt: skip
+    row, last = s["family_export"], s["stages"][-1]
+    assert row["dir"] == str(run / "hf") and row["family"] == "mixtral"
+    for key, value in want.items():
+        assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert last[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key  # our model = its export
+    assert want["base_val_loss"] == pytest.approx(s["base"]["val_loss"], rel=1e-5)
+    assert 0 < want["agree_base"] < 1 and want["kl_base"] > 0
+    report = (run / "report.md").read_text()
+    assert f"| export (mixtral, loaded by transformers) | {row['val_loss']:.4f} |" in report

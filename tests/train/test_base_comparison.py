@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers.configs import cli_config_error, compose_config
+from helpers.configs import assert_config_error, cli_config_error, compose_config
 from helpers.launch import BIN, FAST, ROOT, free_port, read_metrics, run_launcher, val_batches
 from omegaconf import OmegaConf
 
@@ -84,6 +84,20 @@ def test_report_rows_against_the_base():
     ]
     assert rows[3][1:6] == ["-", "-", "-", "-", "-"]  # a stage without numbers shows none, not nan
     assert rows[3][-1] == "8,192"
+    export = {
+        "stage": "export (mixtral, loaded by transformers)",
+        "val_loss": 2.2,
+        "base_val_loss": 2.0,
+        "kl_base": 0.25,
+        "agree_base": 0.75,
+        "experts_per_layer": [6, 6],
+        "params": 9000,
+        "tokens_spent": 8192,
+    }
+    with_export = comparison_rows(base, stages, rounds, export)
+    assert with_export[:-1] == rows  # fmt: skip
+    assert with_export[-1] == ["export (mixtral, loaded by transformers)", "2.2000", "+0.2000", "+10.00 %", "0.2500",
+                               "75.00 %", "-", "[6, 6]", "9,000", "-", "8,192"]  # fmt: skip
 
 
 def test_recovery_fraction_and_tolerance():
@@ -103,7 +117,7 @@ def test_recovery_fraction_and_tolerance():
 @pytest.mark.parametrize(("choice", "trainable", "lora"), [("router", "router", False), ("lora", "all", True),
                                                           ("full", "all", False)])  # fmt: skip
 def test_recover_trainable_sets_the_recovery_stage(choice, trainable, lora):
-    cfg = compose_config(["+recipe=compress", f"recover.trainable={choice}"])  # the entry applies it
+    cfg = compose_config(["+recipe=compress", f"recover.trainable={choice}", "export.hf=false"])  # the entry applies it
     recover = [st for st in cfg.schedule.stages if st.recover]
     assert [st.name for st in recover] == ["recover"]
     assert (recover[0].trainable, recover[0].lora) == (trainable, lora)
@@ -112,7 +126,14 @@ def test_recover_trainable_sets_the_recovery_stage(choice, trainable, lora):
 
 def test_a_recovery_stage_that_says_what_it_trains_itself_is_refused():
     with pytest.raises(ConfigError, match=r"^schedule.stages\[2\].lora=true in a recovery stage"):
-        compose_config(["+recipe=compress", "schedule.stages.2.lora=true"])
+        compose_config(["+recipe=compress", "schedule.stages.2.lora=true", "export.hf=false"])
+
+
+def test_an_export_without_a_family_is_refused_before_training():
+    assert_config_error(["+recipe=compress"], "export.hf=true needs a family: model.init_from=None", "export.family")
+    assert_config_error(["+recipe=compress", "export.family=gpt2"], "export.family=gpt2 is not supported",
+                        "allowed: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3")  # fmt: skip
+    assert compose_config(["+recipe=compress", "export.family=olmoe"]).export.family == "olmoe"
 
 
 STEPS = {"top2": 4, "top1": 4, "prune": 4, "recover": 4}
