@@ -150,6 +150,9 @@ class PruneMode(Choice):
 
     drop = "drop"  # removed
     merge = "merge"  # folded into the survivor whose mean output is closest (moetrain/surgery/merging.py)
+    # REAM: REAP's top experts are the centres; each other expert folds into the centre with the closest mean
+    # output, the members weighted by their gate mass (moetrain/surgery/merging.py)
+    merge_ream = "merge_ream"
 
 
 class DistillTeacher(Choice):

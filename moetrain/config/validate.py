@@ -323,6 +323,12 @@ def _validate_structure(cfg: TrainConfig) -> None:
         "orders experts, it gives no shares for prune.threshold; set prune.keep or prune.remove_fraction",
     )
     _require(
+        not (pr.ranking == "global" and pr.equal_per_layer),
+        "prune.ranking",
+        pr.ranking,
+        "gives layers uneven expert counts; it conflicts with prune.equal_per_layer=true (set it false)",
+    )
+    _require(
         pr.remove_fraction is None or 0 < pr.remove_fraction < 1,
         "prune.remove_fraction",
         pr.remove_fraction,

@@ -113,13 +113,14 @@ def _removals(
     min_experts: int,
     ranked_globally: bool,
     caps: list[int] | None = None,
+    budget: int | None = None,
 ) -> list[list[int]]:
     """Per layer, the ``candidates`` ``(share, layer, expert)`` removed, coldest first: at most ``caps[layer]``
-    of a layer (default ``floor(fraction * experts)``), or, ranked globally, ``floor(fraction * all experts)``
-    anywhere; never below ``min_experts`` in a layer."""
+    of a layer (default ``floor(fraction * experts)``), or, ranked globally, ``budget`` (default
+    ``floor(fraction * all experts)``) anywhere; never below ``min_experts`` in a layer."""
     removed: list[list[int]] = [[] for _ in sizes]
     if ranked_globally and caps is None:
-        budget = math.floor(fraction * sum(sizes))
+        budget = math.floor(fraction * sum(sizes)) if budget is None else budget
         for _, layer, e in candidates:
             if budget > 0 and sizes[layer] - len(removed[layer]) - 1 >= min_experts:
                 removed[layer].append(e)
@@ -134,15 +135,24 @@ def _removals(
 
 
 def select_survivors(
-    shares: list[torch.Tensor], cfg: PruneConfig, ep_size: int, round_index: int = 0
+    shares: list[torch.Tensor], cfg: PruneConfig, ep_size: int, round_index: int = 0, top_k: int = 1
 ) -> list[list[int]]:
     """Per layer, the experts (current indices, ascending) that survive round ``round_index`` (0-based): the
     budget's cut where one is set (down to ``keep[round_index]`` experts, past the last entry the last; or
-    ``remove_fraction`` of them), else the threshold's (cold experts, at most ``max_fraction``)."""
+    ``remove_fraction`` of them), else the threshold's (cold experts, at most ``max_fraction``).
+
+    ``ranking: global`` with ``keep``: the same total (``sum_j (E_j - keep)``) removed by one ranking over every
+    layer, so layers end uneven (the per-layer budget baseline of EvoESAP-style searches); no layer goes below
+    ``max(min_experts, top_k + 1)``, ``top_k`` being the routing in force (a layer of ``top_k`` experts no
+    longer chooses)."""
     sizes = [len(s) for s in shares]
     ranked = sorted((float(s[e]), layer, e) for layer, s in enumerate(shares) for e in range(len(s)))
     globally = cfg.ranking == "global"
-    if cfg.keep:
+    if cfg.keep and globally:
+        target = max(cfg.keep[min(round_index, len(cfg.keep) - 1)], cfg.min_experts)
+        total = sum(max(0, n - target) for n in sizes)
+        removed = _removals(ranked, sizes, 0.0, max(cfg.min_experts, top_k + 1), True, budget=total)
+    elif cfg.keep:
         target = cfg.keep[min(round_index, len(cfg.keep) - 1)]
         caps = [max(0, n - max(target, cfg.min_experts)) for n in sizes]
         removed = _removals(ranked, sizes, 0.0, cfg.min_experts, False, caps)
@@ -203,12 +213,15 @@ class PruneHook:
         v0 = ops.validate()
         snapshot = ops.snapshot(f"pre_prune_round{number}")
         profile = profile_experts(ops.forward, ops.moe_layers(), ops.profile_batches(cfg.profile_tokens))
-        if cfg.criterion == PruneCriterion.reconstruction:
+        if cfg.mode == PruneMode.merge_ream:  # REAM's centres are REAP's top experts, whatever the criterion
+            shares = profile.shares(PruneCriterion.reap)
+        elif cfg.criterion == PruneCriterion.reconstruction:
             orders = ops.reconstruction_orders(cfg.merge_tokens, cfg.min_experts)
             shares = [criteria.shares(removal_scores(o, len(ids))) for o, ids in zip(orders, before_ids)]
         else:
             shares = profile.shares(cfg.criterion, cfg.seed)
-        keep = select_survivors(shares, cfg, ops.ep_size, round_index=number - 1)
+        top_k = int(getattr(ops.moe_layers()[0], "top_k", 1)) if ops.moe_layers() else 1
+        keep = select_survivors(shares, cfg, ops.ep_size, round_index=number - 1, top_k=top_k)
         record: dict[str, Any] = {
             "round": number,
             "stage": state.name,
@@ -227,11 +240,12 @@ class PruneHook:
         if all(len(k) == len(ids) for k, ids in zip(keep, before_ids)):
             record.update(val_loss_after=v0, experts_after=record["experts_before"], outcome="nothing to prune")
         else:
-            if cfg.mode == PruneMode.merge:
+            if cfg.mode in (PruneMode.merge, PruneMode.merge_ream):
                 means = ops.expert_mean_outputs(cfg.merge_tokens)
                 groups = [merge_groups(k, len(ids), m) for k, ids, m in zip(keep, before_ids, means)]
                 record["merged"] = [[[ids[e] for e in g] for g in layer] for ids, layer in zip(before_ids, groups)]
-                ops.merge_experts(groups, profile.routed_E)  # weights: routed-token frequencies
+                # merge: routed-token frequencies (M-SMoE); merge_ream: gate mass, REAM's gate weighting
+                ops.merge_experts(groups, profile.gate_mass_E if cfg.mode == PruneMode.merge_ream else profile.routed_E)
             else:
                 ops.remove_experts(keep)
             if fault_requested("hurt-prune-round", number):  # tests: make this round damage the model

@@ -49,3 +49,22 @@ def test_bad_budgets_name_the_key():
         ["prune.keep=[6]", "prune.remove_fraction=0.5"], "prune.remove_fraction=0.5", "conflicts with prune.keep"
     )
     assert_config_error(["+recipe=top1_prune", "prune.keep=[6]"], "prune.keep=[6]", "1 entries for 2 pruning stages")
+
+
+def test_keep_ranked_globally_removes_the_same_total_unevenly_above_top_k():
+    # layer 0 is cold at its tail, layer 1 is flat: keep=[5] removes 3 + 3 = 6 experts, the coldest anywhere
+    cold = shares([40, 30, 20, 5, 2, 1, 1, 1], [13, 12, 13, 12, 13, 12, 13, 12])
+    ranked = PruneConfig(keep=[5], min_experts=2, ranking="global")
+    # top-2: layer 0 loses its 5 coldest (shares 1, 1, 1, 2, 5 %), layer 1 its first 12 % expert
+    assert select_survivors(cold, ranked, ep_size=1, top_k=2) == [[0, 1, 2], [0, 2, 3, 4, 5, 6, 7]]
+    # top-3: no layer below 4 experts, so layer 0 stops after 4 and layer 1 gives two
+    assert select_survivors(cold, ranked, ep_size=1, top_k=3) == [[0, 1, 2, 3], [0, 2, 4, 5, 6, 7]]
+    # the floor is max(min_experts, top_k + 1)
+    floor5 = PruneConfig(keep=[5], min_experts=5, ranking="global")
+    assert select_survivors(cold, floor5, ep_size=1, top_k=1) == [[0, 1, 2, 3, 4], [0, 2, 4, 6, 7]]
+
+
+def test_global_ranking_conflicts_with_equal_counts():
+    assert_config_error(
+        ["prune.ranking=global", "prune.equal_per_layer=true"], "prune.ranking=global", "prune.equal_per_layer=true"
+    )

@@ -75,6 +75,36 @@ def test_a_merge_round_folds_each_cut_expert_into_its_closest_survivor(tmp_path)
     assert hook.records()[0]["merged"] == groups  # original ids (nothing was pruned before)
 
 
+class ReamOps(MergeOps):
+    """REAP (saliency / routed) differs from frequency: layer 0's REAP ranks expert 3 first although it is the
+    least routed; the gate mass is not proportional to the routed counts."""
+
+    SALIENCY = [[20.0, 30.0, 2.9, 0.9], [1.8, 10.0, 28.0, 4.0]]  # REAP: [.5, 1, .1, .9], [.9, .2, 1, .2]
+    GATE_MASS = [[8.0, 6.0, 3.0, 0.5], [1.0, 20.0, 7.0, 9.0]]
+
+    def forward(self, inputs):
+        out = super().forward(inputs)
+        for st, sal, mass in zip(out.moe_stats, self.SALIENCY, self.GATE_MASS):
+            st.saliency_sum_E, st.gate_mass_E = torch.tensor(sal), torch.tensor(mass)
+        return out
+
+
+def test_merge_ream_centres_are_the_top_reap_experts_merged_by_gate_mass(tmp_path):
+    ops = ReamOps(tmp_path, [2.00, 2.01])
+    # the criterion says frequency; merge_ream ranks by REAP whatever it says
+    hook = PruneHook(prune_config(mode=PruneMode.merge_ream, keep=[3], merge_tokens=64, criterion="frequency"))
+    hook.run_round(ops, state("prune1"))
+    _, groups, weights = next(c for c in ops.calls if c[0] == "merge_experts")
+    # REAP = saliency / routed: layer 0 [.5, 1, .1, .9] drops expert 2; layer 1 [.9, .2, 1, .2] drops 1 (the tie
+    # of experts 1 and 3 at .2 goes to the lower index, as every ranking here). Expert 2 of layer 0 (mean 5.0)
+    # joins centre 3 (1.1); expert 1 of layer 1 (mean 0.0) joins centre 2 (5.0).
+    assert groups == [[[0], [1], [3, 2]], [[0], [2, 1], [3]]]
+    assert weights == ReamOps.GATE_MASS  # the members are weighted by their gate mass
+    # by hand: merged expert 3 of layer 0 = (0.5 * W3 + 3.0 * W2) / 3.5
+    mix = torch.tensor(weights[0], dtype=torch.float64)[[3, 2]]
+    assert (mix / mix.sum()).tolist() == pytest.approx([0.5 / 3.5, 3.0 / 3.5])
+
+
 @pytest.mark.slow
 def test_reconstruction_and_merge_two_ranks_expert_parallel_export_and_reload(tmp_path):
     from moetrain.interop.export import load_exported
