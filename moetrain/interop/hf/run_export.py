@@ -65,5 +65,5 @@ class HFRunExport:
     def load(self, out: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).to(device).eval()
         return lambda inputs_BS: model(inputs_BS).logits
