@@ -58,6 +58,17 @@ MAX_REFERENCE_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
+class Method:
+    """How a cut chooses the experts it removes and what becomes of them: ``prune.criterion``, ``prune.mode``
+    and ``prune.ranking`` (global: uneven per-layer counts, so ``prune.equal_per_layer`` is off)."""
+
+    name: str
+    criterion: str = "frequency"
+    mode: str = "drop"
+    ranking: str = "layer"
+
+
+@dataclass(frozen=True)
 class RecoveryOption:
     """What trains during recovery: a stage's ``trainable`` set, or LoRA adapters on ``lora`` (merged at the end
     of each recovery segment)."""
@@ -163,9 +174,9 @@ class CompressBench:
         self.load.append(os.getloadavg()[0])
         q = run.final
         self.say(
-            f"[{self.minutes():5.1f} min] {recovery_label(run)} ({run.criterion or '-'}, {run.path(self.experts)}, "
-            f"top-{run.top_k}, {run.tokens} tokens): NLL {q.nll:.4f} (gap {q.nll - self.base_nll:+.4f}), "
-            f"KL {q.kl:.4f}, agreement {q.agree:.3f}"
+            f"[{self.minutes():5.1f} min] {run.name} ({run.method or '-'}, {recovery_label(run)}, "
+            f"{run.path(self.experts)}, top-{run.top_k}, {run.tokens} tokens): NLL {q.nll:.4f} "
+            f"(gap {q.nll - self.base_nll:+.4f}), KL {q.kl:.4f}, agreement {q.agree:.3f}"
         )
 
     # ------------------------------------------------------------------ cells
@@ -207,12 +218,18 @@ class CompressBench:
         return self.state.step * self.trainer.tokens_per_step
 
     def current_experts(self) -> int:
-        return min(self.state.experts_per_layer())
+        """Experts per layer (the mean, rounded: a global ranking leaves layers uneven, with the same total)."""
+        counts = self.state.experts_per_layer()
+        return round(sum(counts) / len(counts))
+
+    def expert_flops(self, moe) -> float:
+        """Forward expert-FFN FLOPs per token of the current structure at ``moe``'s top-k."""
+        return forward_flops_per_token(self.cfg.model, moe).experts
 
     def run(
         self,
         name: str,
-        criterion: str | None,
+        method: Method | None,
         path: list[int],
         option: RecoveryOption | None = None,
         distill: bool = False,
@@ -224,8 +241,10 @@ class CompressBench:
         split evenly between the rounds (all after the one round of a one-shot cut)."""
         top_k = top_k or self.top_k
         self.reset(top_k, option, distill, steps)
-        if criterion is not None:
-            self.cfg.prune.criterion = criterion
+        if method is not None:
+            prune = self.cfg.prune
+            prune.criterion, prune.mode, prune.ranking = method.criterion, method.mode, method.ranking
+            prune.equal_per_layer = method.ranking != "global"
         self.cfg.prune.keep = list(path)
         self.cfg.prune.max_loss_increase = math.inf  # the benchmark measures every cut: nothing rolls back
         hook = PruneHook(self.cfg.prune)
@@ -243,8 +262,8 @@ class CompressBench:
             self.train(seg, option, set(marks), points)
         moe = replace(self.cfg.moe, top_k=top_k)
         schedule = "none" if not path else ONE_SHOT if len(path) == 1 else STAGED
-        run = Run(name, criterion, schedule, top_k, distill, points, self.state.param_count(),
-                  forward_flops_per_token(self.cfg.model, moe).experts)  # fmt: skip
+        run = Run(name, method.name if method else None, schedule, top_k, distill, points, self.state.param_count(),
+                  self.expert_flops(moe), option=option.label if option and steps else None)  # fmt: skip
         self.tell(run)
         return run
 

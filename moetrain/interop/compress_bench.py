@@ -1,39 +1,51 @@
-"""The compression benchmark (``python launch/bench.py compress``): what it measures, in which order, on the
-session of :mod:`moetrain.interop.bench_session`; the document is written by :mod:`moetrain.metrics.compression_bench`.
+"""The compression study (``python launch/bench.py compress``): what it measures, in which order, on the session
+of :mod:`moetrain.interop.bench_session`; the document is written by :mod:`moetrain.metrics.compression_bench`.
 
-1. Criteria, at the base's top-k: every criterion cuts one-shot to 7/8 ... 1/4 of the experts (the plot), and
-   in two rounds to 75 % and 50 % (staged: 8 -> 7 -> 6, 8 -> 6 -> 4), before any recovery.
-2. Recovery at 50 % removed, one-shot by the best criterion of (1) at 50 %: every option with and without
-   distillation from the base for the budget (``budget_fraction`` of the base's pretraining tokens), measured at
-   25, 50 and 100 % of it; then the best option once more, staged (8 -> 6 -> 4, the budget split evenly after
-   each cut), against its one-shot run at equal recovery tokens.
-3. Top-2 -> top-1 with the best option: top-1 one-shot, top-1 recovered, and the final models (top-1 with
-   25 % and 50 % fewer experts, recovered), each exported to the base's Hugging Face family and evaluated by
-   transformers; training tokens/s of the base at top-2, at top-1 and of the final models in the same rounds.
+(a) One-shot, before recovery: every method (:data:`METHODS`) cuts to 25 % and 50 % fewer experts (and to the
+    plot's other counts, 7/8 ... 1/4).
+(c) Recovery at 50 % removed, for the best method of (a) and for frequency: router, LoRA and full training, each
+    with and without distillation from the base, measured at 0.5, 1, 2 and 5 % of the base's pretraining tokens.
+(b) Staged (8 -> 6 -> 4) against one-shot (8 -> 4), for frequency and the two best methods, recovered with the
+    best recovery of (c) at 2 % (split evenly after each cut); the same recovery after one-shot 8 -> 6 too (the
+    plot's after-recovery lines).
+(d) Top-2 -> top-1: one-shot, then after each recovery option of (c) at 2 %.
+(e) The full recipe: top-1 with 25 % and 50 % fewer experts by the best method, recovered with the best recovery
+    at 5 %, each exported to the base's family and evaluated by transformers; training tokens/s of the base, of
+    top-1 and of these models timed in the same rounds.
+
+Every cell starts from the base, so cells are independent: each finished cell is appended to ``cells.jsonl`` in
+the run folder and a rerun with the same ``--run-dir`` reads it instead of measuring it again.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moetrain.config import Trainable, TrainConfig, register_configs
-from moetrain.interop.bench_session import CompressBench, RecoveryOption
+from moetrain.interop.bench_session import CompressBench, Method, RecoveryOption
 from moetrain.interop.entry import resolve_config
 from moetrain.metrics.compression_results import (
     BASE_SPEED,
-    TOP1_RECOVERED,
+    FREQUENCY,
+    LONG,
+    RECOVERY_SHARES,
+    SHORT,
     TOP1_SPEED,
     BaseInfo,
     BenchResults,
-    best_criterion,
+    ExportCheck,
+    Run,
     best_recovery,
+    ranked_methods,
     recovery_label,
+    share_tokens,
 )
 from moetrain.metrics.flops import forward_flops_per_token
 from moetrain.train.model_state import count_parameters
@@ -59,26 +71,36 @@ def compose_bench(overrides: list[str]) -> TrainConfig:
     return resolve_config(composed, world_size=1, cuda=torch.cuda.is_available())
 
 
+# the methods of table (a): each criterion dropping the cut experts, then the structure methods
+METHODS = (
+    Method("frequency", "frequency"),
+    Method("gate_mass", "gate_mass"),
+    Method("reap", "reap"),
+    Method("ean", "ean"),
+    Method("random", "random"),
+    Method("reconstruction", "reconstruction"),
+    Method("merge", "frequency", mode="merge"),  # HC-SMoE / M-SMoE: the most routed survive, the rest fold in
+    Method("merge_ream", "reap", mode="merge_ream"),
+    Method("reap, global ranking", "reap", ranking="global"),  # uneven per-layer budgets
+)
 OPTIONS = (
-    RecoveryOption("router only", Trainable.router),
-    RecoveryOption("LoRA: router + experts", lora=("router", "experts")),
-    RecoveryOption("LoRA: attention", lora=("attention",)),
-    RecoveryOption("LoRA: router + experts + attention", lora=("router", "experts", "attention")),
-    RecoveryOption("full training", Trainable.all),
+    RecoveryOption("router", Trainable.router),
+    RecoveryOption("lora", lora=("router", "experts", "attention")),
+    RecoveryOption("full", Trainable.all),
 )
 
 
 @dataclass
 class BenchPlan:
-    """What the benchmark measures. ``pretrain_tokens``: the base's pretraining tokens (the budget is
-    ``budget_fraction`` of them); ``timing_rounds``: rounds of the one-run tokens/s timing."""
+    """What the study measures. ``pretrain_tokens``: the base's pretraining tokens (recovery budgets are shares of
+    them); ``timing_rounds``: rounds of the one-run tokens/s timing."""
 
     pretrain_tokens: int
-    budget_fraction: float = 0.02
-    criteria: tuple[str, ...] = ("frequency", "gate_mass", "reap", "ean", "random", "reconstruction")
+    methods: tuple[Method, ...] = METHODS
     options: tuple[RecoveryOption, ...] = OPTIONS
     distill: tuple[bool, ...] = (False, True)
     timing_rounds: int = 5
+    plot_counts: bool = True  # the plot's extra one-shot counts besides 25 % and 50 %
 
 
 def plot_keeps(experts: int, floor: int) -> list[int]:
@@ -118,57 +140,128 @@ def base_info(bench: CompressBench, plan: BenchPlan, meta: dict[str, Any] | None
     )
 
 
+class CellCache:
+    """Finished cells of a run folder (``cells.jsonl``, one JSON object a line, appended as each cell ends): a
+    rerun of the study with the same folder reads a cell it finds instead of measuring it again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["key"]] = row
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.rows.get(key)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        row = {"key": key, **value}
+        with self.path.open("a") as f:  # one line a cell: a run killed mid-write loses at most that cell
+            f.write(json.dumps(row) + "\n")
+        self.rows[key] = row
+
+
+class Study:
+    """The cells of one study run: measured on ``bench`` or read from ``cache``."""
+
+    def __init__(self, bench: CompressBench, cache: CellCache) -> None:
+        self.bench, self.cache = bench, cache
+        self.runs: list[Run] = []
+        self.exports: list[ExportCheck] = []
+
+    def cell(self, table: str, name: str, method: Method | None, path: list[int], option: RecoveryOption | None = None,
+             distill: bool = False, top_k: int | None = None, steps: int = 0, marks: Iterable[int] = (),
+             export: bool = False) -> Run:  # fmt: skip
+        """One cell of ``table`` (:meth:`CompressBench.run`; ``export``: then exported and checked)."""
+        marks = sorted(set(marks))
+        key = json.dumps([table, name, method and asdict(method), path, option and option.label, distill, top_k,
+                          steps, marks])  # fmt: skip
+        row = self.cache.get(key)
+        if row is None:
+            run = self.bench.run(name, method, path, option, distill, top_k, steps, marks)
+            run.table = table
+            check = self.bench.export_check(name, run.final) if export else None
+            row = {"run": asdict(run), "export": asdict(check) if check else None}
+            self.cache.put(key, row)
+        else:
+            self.bench.say(f"[{self.bench.minutes():5.1f} min] {name}: measured before ({self.cache.path.name})")
+        run = Run.from_dict(row["run"])
+        self.runs.append(run)
+        if row["export"]:
+            self.exports.append(ExportCheck(**row["export"]))
+        return run
+
+
 def run_benchmark(
     cfg: TrainConfig, run_dir: Path, plan: BenchPlan, machine: str, command: str,
-    meta: dict[str, Any] | None = None, say: Callable[[str], None] = print,
+    meta: dict[str, Any] | None = None, say: Callable[[str], None] = print, quick: bool = False,
 ) -> BenchResults:  # fmt: skip
-    """Every table of docs/compression.md, measured (module docstring)."""
+    """Every table of the study, measured (module docstring)."""
     bench = CompressBench(cfg, run_dir, say)
+    study = Study(bench, CellCache(run_dir / "cells.jsonl"))
+    cell = study.cell
     E, k = bench.experts, bench.top_k
     tps = bench.trainer.tokens_per_step
-    steps = max(4, round(plan.budget_fraction * plan.pretrain_tokens / tps))
-    marks = {round(steps / 4), round(steps / 2)}
+    steps = {s: share_tokens(s, plan.pretrain_tokens, tps) // tps for s in RECOVERY_SHARES}
     base = base_info(bench, plan, meta)
-    say(f"base: NLL {base.nll:.4f} on {bench.val_tokens} tokens; recovery budget {steps} steps of {tps} tokens")
+    say(f"base: NLL {base.nll:.4f} on {bench.val_tokens} tokens; recovery at {sorted(steps.values())} steps of "
+        f"{tps} tokens")  # fmt: skip
     half, quarter = E // 2, E - E // 4
     floor = max(k, cfg.prune.min_experts)
-    cuts = []
-    for criterion in plan.criteria:  # 1. criteria: one-shot at every plotted count, staged at 25 % and 50 %
-        for kept in plot_keeps(E, floor):
-            cuts.append(bench.run(criterion, criterion, [kept]))
-        for kept in (quarter, half):
-            if kept >= floor and staged_path(E, kept)[0] < E:
-                cuts.append(bench.run(criterion, criterion, staged_path(E, kept)))
-    best = best_criterion(cuts, half)
-    recoveries = [  # 2. recovery options at 50 % removed, one-shot by the best criterion
-        bench.run(option.label, best, [half], option, distill, steps=steps, marks=marks)
+    keeps = plot_keeps(E, floor) if plan.plot_counts else [kept for kept in (quarter, half) if kept >= floor]
+    for method in plan.methods:  # (a) one-shot, before recovery
+        for kept in keeps:
+            cell("one_shot", method.name, method, [kept])
+    ranked = ranked_methods(study.runs, half)
+    methods = {m.name: m for m in plan.methods}
+    best = methods[ranked[0]]
+    # (c) recovery at 50 % removed: the best method and frequency, every option with and without distillation
+    recovery_methods = list(dict.fromkeys([best.name, FREQUENCY]))
+    recoveries = [
+        cell("recovery", f"{m} {E} -> {half}", methods[m], [half], option, distill, steps=steps[LONG],
+             marks=steps.values())
+        for m in recovery_methods if m in methods
         for option in plan.options
         for distill in plan.distill
-    ]
-    chosen = best_recovery(recoveries, bench.base_nll)
-    option = next(o for o in plan.options if o.label == chosen.name)
-    staged = [chosen, bench.run(chosen.name, best, staged_path(E, half), option, chosen.distill, steps=steps)]
-    # 3. top-2 -> top-1: one-shot, recovered, and the final models (top-1 and fewer experts, recovered)
+    ]  # fmt: skip
+    chosen = best_recovery([r for r in recoveries if r.method == best.name], steps[SHORT] * tps, bench.base_nll)
+    option = next(o for o in plan.options if o.label == chosen.option)
+    # (b) staged vs one-shot at equal recovery tokens, frequency and the two best; one-shot 25 % for the plot
+    for m in dict.fromkeys([FREQUENCY, *ranked[:2]]):
+        if m not in methods:
+            continue
+        for path in ([half], staged_path(E, half), [quarter]):
+            cell("staged", f"{m} {' -> '.join(map(str, [E, *path]))}", methods[m], path, option, chosen.distill,
+                 steps=steps[SHORT])  # fmt: skip
+    # (d) top-2 -> top-1: one-shot, then every recovery option at 2 %
+    top1 = [cell("top1", "top-1", None, [], top_k=1)]
+    for o in plan.options:
+        for distill in plan.distill:
+            top1.append(cell("top1", "top-1 + recovery", None, [], o, distill, 1, steps[SHORT]))
+    # (e) the full recipe: top-1 and 25 % / 50 % fewer experts by the best method, the best recovery at 5 %
+    finals = [
+        cell("final", f"top-1, {' -> '.join(map(str, [E, *path]))} + recovery", best, path, option, chosen.distill,
+             1, steps[LONG], export=True)
+        for path in ([quarter], [half])
+    ]  # fmt: skip
+    # one-run speed: the base at its top-k and at top-1, and each final model's shape (its cut, no training: the
+    # time of a step depends on the shape only)
     ids = bench.state.distiller.teacher_expert_ids
     bench.keep_for_timing(BASE_SPEED, bench.reference, ids, k)
     bench.keep_for_timing(TOP1_SPEED, bench.reference, ids, 1)
-    top1 = [bench.run("top-1", None, [], top_k=1)]
-    top1.append(bench.run(TOP1_RECOVERED, None, [], option, chosen.distill, 1, steps))
     for run in top1:
         run.speed = TOP1_SPEED
-    exports = []
-    for path in ([quarter], staged_path(E, half)):
-        name = f"top-1, {' -> '.join(map(str, [E, *path]))} + recovery"
-        run = bench.run(name, best, path, option, chosen.distill, 1, steps)
-        run.speed = name
-        top1.append(run)
-        bench.keep_for_timing(name, bench.state.model, bench.state.expert_ids(), 1)
-        exports.append(bench.export_check(name, run.final))
+    for run, path in zip(finals, ([quarter], [half])):
+        bench.run(run.name, best, path, top_k=1)
+        bench.keep_for_timing(run.name, bench.state.model, bench.state.expert_ids(), 1)
+        run.speed = run.name
     speeds = bench.time_models(plan.timing_rounds)
     bench.load.append(os.getloadavg()[0])
     return BenchResults(
         machine=machine, command=command, seconds=bench.minutes() * 60, load=bench.load, val_tokens=bench.val_tokens,
-        tokens_per_step=tps, budget_tokens=steps * tps, budget_fraction=plan.budget_fraction, base=base,
-        best_criterion=best, best_option=recovery_label(chosen), cuts=cuts, recoveries=recoveries, staged=staged,
-        top1=top1, speeds=speeds, exports=exports,
+        tokens_per_step=tps, base=base, best_method=best.name,
+        best_option=f"{best.name}'s best at {100 * SHORT:g} %: {recovery_label(chosen)}", runs=study.runs,
+        speeds=speeds, exports=study.exports, quick=quick,
     )  # fmt: skip

@@ -1,6 +1,7 @@
-"""`python launch/bench.py compress`: the document's tables, targets and plot written from fake measurements (every
-rendered number checked against a value worked out by hand), the benchmark's pieces (cut counts, the measuring
-ops), and one run of the whole driver on a tiny imported Mixtral through the real command line."""
+"""`python launch/bench.py compress`: the study's tables, targets and plot written from fake measurements (every
+rendered number checked against a value worked out by hand), the study's pieces (cut counts, the measuring ops, the
+cell cache), and `--quick` through the real command line: every table measured on a tiny imported Mixtral, then a
+rerun in the same folder that reads every cell instead of measuring it."""
 
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ from helpers.launch import BIN, ROOT, run_launcher
 from torch import nn
 
 from moetrain.interop.bench_session import MeasuringOps
-from moetrain.interop.compress_bench import plot_keeps, staged_path
+from moetrain.interop.compress_bench import CellCache, plot_keeps, staged_path
 from moetrain.metrics import compression_bench as doc
 from moetrain.metrics.compression_results import (
     BASE_SPEED,
     ONE_SHOT,
     STAGED,
-    TOP1_RECOVERED,
     TOP1_SPEED,
     BaseInfo,
     BenchResults,
@@ -41,43 +41,47 @@ def q(nll: float) -> Quality:
     return Quality(nll, (nll - BASE) / 2, 1 - (nll - BASE))
 
 
-def run(name: str, points: list[tuple[int, int, float]], schedule: str = ONE_SHOT, **kw) -> Run:
-    return Run(name, kw.pop("criterion", "reap"), schedule, kw.pop("top_k", 2), kw.pop("distill", False),
-               [Point(t, e, q(nll)) for t, e, nll in points], **kw)  # fmt: skip
+def run(table: str, name: str, points: list[tuple[int, int, float]], schedule: str = ONE_SHOT, **kw) -> Run:
+    return Run(name, kw.pop("method", "reap"), schedule, kw.pop("top_k", 2), kw.pop("distill", False),
+               [Point(t, e, q(nll)) for t, e, nll in points], table=table, **kw)  # fmt: skip
 
 
 def fake_results() -> BenchResults:
-    cuts = []
-    for criterion, per_expert in (("frequency", 0.0625), ("reap", 0.03125)):  # gap = per_expert x experts removed
-        for kept in (7, 6, 5, 4, 3, 2):
-            cuts.append(run(criterion, [(0, kept, BASE + per_expert * (8 - kept))], criterion=criterion))
-        for path, gap in (([7, 6], per_expert), ([6, 4], 2 * per_expert)):
-            points = [(0, path[0], BASE + per_expert * (8 - path[0])), (0, path[1], BASE + gap)]
-            cuts.append(run(criterion, points, STAGED, criterion=criterion))
-    full = run("full training", [(0, 4, 2.125), (5000, 4, 2.0625), (10000, 4, 2.03125), (20000, 4, 2.015625)])
-    router = run("router only", [(0, 4, 2.125), (5000, 4, 2.125), (10000, 4, 2.25), (20000, 4, 2.09375)], distill=True)
-    staged = run("full training", [(0, 6, 2.0625), (10000, 6, 2.03), (10000, 4, 2.1), (20000, 4, 2.0078125)], STAGED)
-    top1 = [
-        run("top-1", [(0, 8, 2.25)], "none", top_k=1, criterion=None, speed=TOP1_SPEED, params=1000, expert_flops=2048),
-        run(TOP1_RECOVERED, [(0, 8, 2.25), (20000, 8, 2.015625)], "none", top_k=1, criterion=None, speed=TOP1_SPEED,
-            params=1000, expert_flops=2048),
-        run("top-1, 8 -> 6 + recovery", [(0, 6, 2.5), (20000, 6, 2.015625)], top_k=1, params=800, expert_flops=2048,
-            speed="top-1, 8 -> 6 + recovery"),
-        run("top-1, 8 -> 6 -> 4 + recovery", [(0, 6, 2.5), (10000, 6, 2.1), (10000, 4, 2.3), (20000, 4, 2.0625)],
-            STAGED, top_k=1, params=600, expert_flops=2048),
-    ]  # fmt: skip
+    """1,000,000 pretraining tokens, 1,000 a step: 0.5 / 1 / 2 / 5 % are 5,000 / 10,000 / 20,000 / 50,000 tokens."""
+    runs = []
+    for method, per_expert in (("frequency", 0.0625), ("reap", 0.03125)):  # gap = per_expert x experts removed
+        for kept in (6, 4):
+            runs.append(run("one_shot", method, [(0, kept, BASE + per_expert * (8 - kept))], method=method))
+    marks = (5000, 10000, 20000, 50000)
+    full = [2.0625, 2.03125, 2.015625, 2.0078125]  # cut +0.125: 50, 75, 87.5, 93.75 % recovered
+    router = [2.125, 2.25, 2.09375, 2.0625]  # 0, -100, 25, 50 %
+    runs.append(run("recovery", "reap 8 -> 4", [(0, 4, 2.125), *((t, 4, v) for t, v in zip(marks, full))],
+                    option="full", distill=True))  # fmt: skip
+    runs.append(run("recovery", "reap 8 -> 4", [(0, 4, 2.125), *((t, 4, v) for t, v in zip(marks, router))],
+                    option="router"))  # fmt: skip
+    runs.append(run("staged", "reap 8 -> 4", [(0, 4, 2.125), (20000, 4, 2.015625)], option="full", distill=True))
+    staged = [(0, 6, 2.0625), (10000, 6, 2.03), (10000, 4, 2.1), (20000, 4, 2.0078125)]
+    runs.append(run("staged", "reap 8 -> 6 -> 4", staged, STAGED, option="full", distill=True))
+    runs.append(run("staged", "reap 8 -> 6", [(0, 6, 2.0625), (20000, 6, 2.00390625)], option="full", distill=True))
+    runs.append(run("top1", "top-1", [(0, 8, 2.25)], "none", top_k=1, method=None, speed=TOP1_SPEED))
+    runs.append(run("top1", "top-1 + recovery", [(0, 8, 2.25), (20000, 8, 2.0078125)], "none", top_k=1,
+                    method=None, speed=TOP1_SPEED, option="full", distill=True))  # fmt: skip
+    runs.append(run("final", "top-1, 8 -> 6 + recovery", [(0, 6, 2.5), (50000, 6, 2.03125)], top_k=1, params=800,
+                    expert_flops=2048, speed="top-1, 8 -> 6 + recovery", option="full", distill=True))  # fmt: skip
+    runs.append(run("final", "top-1, 8 -> 4 + recovery", [(0, 4, 2.75), (50000, 4, 2.0625)], top_k=1, params=600,
+                    expert_flops=2048, speed="top-1, 8 -> 4 + recovery", option="full", distill=True))  # fmt: skip
     speeds = [
         Speed(BASE_SPEED, 1000.0, (1.0, 1.0, 1.0)),
         Speed(TOP1_SPEED, 1500.0, (1.5, 1.4, 1.625)),
-        Speed("top-1, 8 -> 6 + recovery", 1600.0, (1.6, 1.5, 1.75)),
+        Speed("top-1, 8 -> 6 + recovery", 1600.0, (1.625, 1.5, 1.75)),
+        Speed("top-1, 8 -> 4 + recovery", 1700.0, (1.75, 1.5, 2.0)),
     ]
     exports = [ExportCheck("a", "/x/a", 2.0, 2.0001), ExportCheck("b", "/x/b", 2.0, 2.0004)]
     base = BaseInfo("/base", BASE, 2, 8, 1000, 4096.0, 1_000_000, 100, 2.0000001, 0.75, "validation loss flat")
     return BenchResults(
         machine="test machine", command="python launch/bench.py compress", seconds=600.0, load=[1.0, 3.0, 2.0],
-        val_tokens=32768, tokens_per_step=1000, budget_tokens=20000, budget_fraction=0.02, base=base,
-        best_criterion="reap", best_option="full training", cuts=cuts, recoveries=[full, router],
-        staged=[full, staged], top1=top1, speeds=speeds, exports=exports,
+        val_tokens=32768, tokens_per_step=1000, base=base, best_method="reap",
+        best_option="reap's best at 2 %: full, distilled", runs=runs, speeds=speeds, exports=exports,
     )  # fmt: skip
 
 
@@ -86,96 +90,102 @@ def rows(lines: list[str]) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
-def test_the_criterion_table_shows_each_cut_as_gap_kl_and_agreement():
-    table = rows(doc.criterion_table(fake_results()))
-    assert [r[:2] for r in table] == [
-        ["frequency", "25 % (8 -> 6)"],
-        ["frequency", "50 % (8 -> 4)"],
-        ["reap", "25 % (8 -> 6)"],
-        ["reap", "50 % (8 -> 4)"],
-    ]
-    # frequency, 50 %: one-shot gap 4 x 0.0625 = 0.25 (12.5 % of 2.0), KL 0.125, agreement 0.75; staged 2 x 0.0625
-    assert table[1][2:] == ["+0.2500 (+12.50 %)", "0.1250", "75.0 %", "+0.1250 (+6.25 %)", "0.0625", "87.5 %",
-                            "8 -> 6 -> 4"]  # fmt: skip
-    # reap, 25 %: one-shot 2 x 0.03125; staged 8 -> 7 -> 6 ends at 0.03125
-    assert table[2][2:] == ["+0.0625 (+3.12 %)", "0.0312", "93.8 %", "+0.0312 (+1.56 %)", "0.0156", "96.9 %",
-                            "8 -> 7 -> 6"]  # fmt: skip
+def test_the_one_shot_table_shows_each_method_at_25_and_50_percent():
+    frequency, reap = rows(doc.one_shot_table(fake_results()))
+    # frequency: 2 x 0.0625 at 8 -> 6 (6.25 % of 2.0), 4 x 0.0625 at 8 -> 4; KL half the gap, agreement 1 - gap
+    assert frequency == ["frequency", "+0.1250 (+6.25 %)", "0.0625", "87.5 %", "+0.2500 (+12.50 %)", "0.1250",
+                         "75.0 %"]  # fmt: skip
+    assert reap[1] == "+0.0625 (+3.12 %)" and reap[4] == "+0.1250 (+6.25 %)"
 
 
-def test_the_recovery_table_shows_the_gap_and_the_fraction_recovered_at_each_share_of_the_budget():
+def test_the_recovery_table_shows_the_gap_and_the_fraction_recovered_at_each_share():
     lines = doc.recovery_table(fake_results())
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[3:6] == ["gap at 5,000 tokens (25 %)", "gap at 10,000 tokens (50 %)", "gap at 20,000 tokens (100 %)"]
-    assert header[-1] == "gap recovered at 25 / 50 / 100 %"
+    assert header[3:7] == [f"gap / recovered at {s} ({t} tokens)" for s, t in
+                           (("0.5 %", "5,000"), ("1 %", "10,000"), ("2 %", "20,000"), ("5 %", "50,000"))]  # fmt: skip
     full, router = rows(lines)
-    # cut +0.125, then +0.0625, +0.03125, +0.015625: (0.125 - gap) / 0.125 = 50, 75, 87.5 %
-    assert full == ["full training", "no", "+0.1250", "+0.0625", "+0.0312", "+0.0156", "0.0078", "98.4 %",
-                    "50 % / 75 % / 88 %"]  # fmt: skip
-    # no better at 25 %, worse at 50 % (the gap doubled), 25 % recovered at the end
-    assert router[1] == "yes" and router[-1] == "0 % / -100 % / 25 %"
-    assert fraction_recovered(2.125, 2.125, 2.125) != fraction_recovered(2.125, 2.125, 2.125)  # NaN: nothing was cut
+    # cut +0.125, then +0.0625, +0.03125, +0.015625, +0.0078125: (0.125 - gap) / 0.125
+    assert full[:7] == ["reap", "full, distilled", "+0.1250", "+0.0625 / 50 %", "+0.0312 / 75 %", "+0.0156 / 88 %",
+                        "+0.0078 / 94 %"]  # fmt: skip
+    # no better at 0.5 %, worse at 1 % (the gap doubled), 25 % and 50 % recovered later
+    assert router[3:7] == ["+0.1250 / 0 %", "+0.2500 / -100 %", "+0.0938 / 25 %", "+0.0625 / 50 %"]
+    assert fraction_recovered(2.125, 2.125, 2.125) != fraction_recovered(2.125, 2.125, 2.125)  # NaN: nothing cut
 
 
-def test_the_staged_table_lists_the_gap_after_every_cut():
-    one, staged = rows(doc.staged_table(fake_results()))
-    assert one == ["one-shot", "8 -> 4", "20,000", "+0.1250", "+0.0156 (+0.78 %)", "0.0078", "98.4 %"]
-    assert staged[:5] == ["staged", "8 -> 6 -> 4", "20,000", "+0.0625, +0.1000", "+0.0078 (+0.39 %)"]
+def test_the_staged_table_compares_the_final_gap_with_one_shots():
+    one, staged = rows(doc.staged_table(fake_results()))  # the one-shot 8 -> 6 cell is the plot's, not a row
+    assert one[:6] == ["reap", "one-shot", "8 -> 4", "full, distilled", "20,000", "+0.1250"]
+    assert staged[:6] == ["reap", "staged", "8 -> 6 -> 4", "full, distilled", "20,000", "+0.0625, +0.1000"]
+    assert staged[6] == "+0.0078 (+0.39 %)" and staged[-1] == "0.50x"  # 0.0078125 / 0.015625
 
 
-def test_the_top1_table_joins_each_model_with_the_speed_timed_for_its_shape():
-    base, top1, recovered, final6, final4 = rows(doc.top1_table(fake_results()))
-    assert base == ["base", "8", "2", "-", "2.0000", "-", "-", "-", "4.1e+03", "1,000", "1,000", "1.00x (1.00-1.00)"]
-    assert top1[:6] == ["top-1", "8", "1", "0", "2.2500", "+0.2500 (+12.50 %)"]
-    assert recovered[-2:] == top1[-2:] == ["1,500", "1.50x (1.40-1.62)"]
-    assert final6[1] == "8 -> 6" and final6[-2:] == ["1,600", "1.60x (1.50-1.75)"]
-    assert final4[1] == "8 -> 6 -> 4" and final4[-2:] == ["-", "-"]  # not timed
-    assert [r[-3] for r in (final6, final4)] == ["800", "600"]
+def test_the_top1_and_final_tables_join_each_model_with_the_speed_timed_for_its_shape():
+    base, top1, recovered = rows(doc.top1_table(fake_results()))
+    assert base[-2:] == ["1,000", "1.00x (1.00-1.00)"]
+    assert top1[:5] == ["top-1", "-", "0", "2.2500", "+0.2500 (+12.50 %)"] and top1[-3] == "-"
+    # 0.25 -> 0.0078125: (0.25 - 0.0078125) / 0.25 = 96.875 % of the top-1 gap taken back
+    assert recovered[1] == "full, distilled" and recovered[-3:] == ["96.9 %", "1,500", "1.50x (1.40-1.62)"]
+    base, six, four = rows(doc.final_table(fake_results()))
+    assert base[:2] == ["base (top-2)", "8"] and base[-4:-2] == ["4.1e+03", "1,000"]
+    assert six[:6] == ["top-1, 8 -> 6 + recovery", "8 -> 6", "full, distilled", "50,000", "2.0312", "+0.0312 (+1.56 %)"]
+    assert six[-4:] == ["2.05e+03", "800", "1,600", "1.62x (1.50-1.75)"]
+    assert four[-4:] == ["2.05e+03", "600", "1,700", "1.75x (1.50-2.00)"]
+
+
+def judged(res: BenchResults) -> dict[str, object]:
+    return {t.target.split(":")[0]: t for t in targets(res)}
 
 
 def test_every_target_is_judged_with_what_it_missed_by():
-    res = fake_results()
-    got = {t.target.split(":")[0].split(" at ")[0]: t for t in targets(res)}
-    assert len(got) == 7
-    one_shot = got["one-shot 8 -> 4"]  # reap 0.125 vs frequency 0.25: 0.5x, on the line
-    assert (one_shot.met, one_shot.missed_by) == (True, "-")
-    assert one_shot.measured == "reap +0.1250 vs frequency +0.2500: 0.50x"
-    recovery = got["recovery"]  # the best option recovered 87.5 % (router only: 25 %)
-    assert recovery.met and recovery.measured == "full training: 87.5 % at 2.00 % of pretraining"
-    final = got["the final model (top-1, >= 25 % fewer experts) within 1 % of the base's NLL"]
-    assert final.met and final.measured.startswith("top-1, 8 -> 6 + recovery: +0.0156 (+0.78 %)")
-    assert got["top-1 after recovery"].met  # +0.015625 <= 0.02
-    staged = got["staged pruning ends with a >= 15 % smaller gap than one-shot"]
-    assert staged.met and staged.measured == "staged +0.0078 vs one-shot +0.0156: 0.50x"
-    speed = got["speed"]  # 1.5x against 1.6x
-    assert (speed.met, speed.missed_by) == (False, "0.1x")
+    got = judged(fake_results())
+    assert len(got) == 10
+    six = got["one-shot 8 -> 6"]  # reap 0.0625 vs frequency 0.125: 0.5x <= 0.6x
+    assert six.met and six.measured == "reap +0.0625 vs frequency +0.1250: 0.50x"
+    short = got["recovery at 50 % removed takes back >= 80 % of the gap with <= 2 % of the pretraining tokens"]
+    assert short.met and short.measured == "reap, full, distilled: 87.5 % at 20,000 tokens"
+    long = got["recovery at 50 % removed takes back >= 90 % of the gap with <= 5 % of the pretraining tokens"]
+    assert long.met and long.measured == "reap, full, distilled: 93.8 % at 50,000 tokens"
+    assert got["top-1 after recovery with <= 2 % of the pretraining tokens"].met  # +0.0078 <= 0.01
+    staged = got["staged pruning ends with a >= 15 % smaller gap than one-shot at equal recovery tokens (best method)"]
+    assert staged.met and staged.measured == "reap: staged +0.0078 vs one-shot +0.0156: 0.50x"
+    quarter = got["top-1 with 25 % fewer experts, <= 5 % of the pretraining tokens"]
+    half = got["top-1 with 50 % fewer experts, <= 5 % of the pretraining tokens"]
+    assert quarter.met and half.met  # 1.5625 % <= 2 %, 3.125 % <= 5 %
+    speed = got["the final models' training tokens/s >= 1.6x the base's, in one run"]
+    assert speed.met and speed.measured.startswith("slowest top-1, 8 -> 6 + recovery: 1.62x")
     export = got["export"]  # the worst of the two: 2e-4 relative
     assert (export.met, export.missed_by, export.measured) == (False, "0.0001", "2.00e-04 (worst: b)")
 
     # just over each line the other way
-    res.cuts = [r for r in res.cuts if not (r.criterion == "reap" and r.schedule == ONE_SHOT and r.experts == 4)]
-    res.cuts.append(run("reap", [(0, 4, 2.1875)], criterion="reap"))  # 0.1875 / 0.25 = 0.75x
-    res.recoveries = [res.recoveries[1]]  # only router only: 25 %
-    res.top1[1] = run(TOP1_RECOVERED, [(0, 8, 2.25), (20000, 8, 2.03125)], "none", top_k=1, criterion=None)
-    res.top1 = [r for r in res.top1 if "8 -> 6 +" not in r.name]  # the final left is 3.125 % worse
-    res.staged[1] = run("full training", [(0, 6, 2.0625), (20000, 4, 2.015625)], STAGED)  # equal: 1.0x
-    res.speeds[1] = Speed(TOP1_SPEED, 1700.0, (1.75, 1.5, 2.0))
-    res.exports = res.exports[:1]
-    got = {t.target.split(":")[0].split(" at ")[0]: t for t in targets(res)}
-    assert (got["one-shot 8 -> 4"].met, got["one-shot 8 -> 4"].missed_by) == (False, "0.25x")
-    assert (got["recovery"].met, got["recovery"].missed_by) == (False, "55 %-points")
-    final = got["the final model (top-1, >= 25 % fewer experts) within 1 % of the base's NLL"]
-    assert (final.met, final.missed_by) == (False, "2.12 %-points")
-    assert (got["top-1 after recovery"].met, got["top-1 after recovery"].missed_by) == (False, "0.0112 nats/token")
-    staged = got["staged pruning ends with a >= 15 % smaller gap than one-shot"]
-    assert (staged.met, staged.missed_by) == (False, "0.15x")
-    assert got["speed"].met and got["export"].met  # 1.75x; 5e-5 relative
+    res = fake_results()
+    cut = next(r for r in res.runs if r.table == "one_shot" and r.method == "reap" and r.experts == 6)
+    cut.points = [Point(0, 6, q(2.09375))]  # 0.09375 / 0.125 = 0.75x
+    router = next(r for r in res.runs if r.table == "recovery" and r.option == "router")
+    res.runs = [r for r in res.runs if not (r.table == "recovery" and r.option == "full")]
+    for r in res.runs:
+        if r.table == "final" and r.experts == 6:
+            r.points[-1] = Point(50000, 6, q(2.0625))  # 3.125 % > 2 %
+        if r.table == "top1" and r.option:
+            r.points[-1] = Point(20000, 8, q(2.015625))
+    res.speeds[2] = Speed("top-1, 8 -> 6 + recovery", 1500.0, (1.5, 1.4, 1.6))
+    got = judged(res)
+    assert (got["one-shot 8 -> 6"].met, got["one-shot 8 -> 6"].missed_by) == (False, "0.15x")
+    short = got["recovery at 50 % removed takes back >= 80 % of the gap with <= 2 % of the pretraining tokens"]
+    assert (short.met, short.missed_by) == (False, "55 %-points") and router.option == "router"
+    quarter = got["top-1 with 25 % fewer experts, <= 5 % of the pretraining tokens"]
+    assert (quarter.met, quarter.missed_by) == (False, "1.12 %-points")
+    top1 = got["top-1 after recovery with <= 2 % of the pretraining tokens"]
+    assert (top1.met, top1.missed_by) == (False, "0.00562 nats/token")
+    speed = got["the final models' training tokens/s >= 1.6x the base's, in one run"]
+    assert (speed.met, speed.missed_by) == (False, "0.1x")
 
 
 def test_a_target_with_nothing_to_judge_it_by_is_a_miss_that_says_so():
     res = fake_results()
-    res.recoveries, res.staged, res.speeds, res.exports = [], [], [], []
+    res.runs = [r for r in res.runs if r.table == "one_shot"]
+    res.speeds, res.exports = [], []
     missed = [t for t in targets(res) if not t.met]
-    assert len(missed) == 4 and {t.missed_by for t in missed} == {"not measured"}
+    assert len(missed) == 8 and {t.missed_by for t in missed} == {"not measured"}
 
 
 def test_the_document_puts_machine_command_and_base_first_and_every_table_after():
@@ -185,15 +195,12 @@ def test_the_document_puts_machine_command_and_base_first_and_every_table_after(
     assert lines[2] == "Command: `python launch/bench.py compress`"
     assert lines[4].startswith("Base model: `/base` (100 steps, 1,000,000 pretraining tokens, validation loss flat)")
     assert "validation NLL **2.0000** nats/token on 32,768 validation tokens" in lines[4]
-    assert "its pretraining run's final validation loss 2.0000; 8 experts per layer, top-2" in lines[4]
     assert "1,000 parameters, 4.1e+03 expert FLOPs/token, 75 % of the forward FLOPs." in lines[4]
-    assert lines[6] == ("Recovery budget: 20,000 tokens (20 steps of 1,000) = 2.00 % of the pretraining tokens "
-                        "(asked: 2 %).")  # fmt: skip
     headings = [line for line in lines if line.startswith("###")]
-    assert [h.split(".")[0] for h in headings[:3]] == ["### 1", "### 2", "### 3"]
-    assert headings[3:] == ["### Export", "### Targets"]
+    assert [h.split(" ")[1] for h in headings] == ["(a)", "(b)", "(c)", "(d)", "(e)", "Export", "Targets"]
     assert "![NLL gap against experts kept](compression_quality.png)" in lines
-    assert sum(line.startswith("| ") for line in lines) == 4 + 1 + 2 + 1 + 2 + 1 + 5 + 1 + 2 + 1 + 7 + 1  # + headers
+    # 7 header rows, then the body rows: (a) 2, (b) 2, (c) 2, (d) 3, (e) 3, export 2, targets 10
+    assert sum(line.startswith("| ") for line in lines) == 7 + (2 + 2 + 2 + 3 + 3 + 2 + 10)
 
 
 def test_the_measurements_round_trip_through_json():
@@ -203,17 +210,26 @@ def test_the_measurements_round_trip_through_json():
     assert doc.render(again, "p.png") == doc.render(res, "p.png")
 
 
-def test_the_plot_draws_each_criterion_against_the_experts_kept(tmp_path):
+def test_the_plot_draws_each_method_before_and_after_recovery(tmp_path):
     series = doc.plot_series(fake_results())
     assert list(series) == ["frequency", "reap"]
-    xs, ys = series["frequency"][ONE_SHOT]
-    assert xs == [2, 3, 4, 5, 6, 7] and ys == pytest.approx([0.375, 0.3125, 0.25, 0.1875, 0.125, 0.0625])
-    assert series["reap"][STAGED] == ([4, 6], [0.0625, 0.03125])
+    assert series["frequency"]["before"] == ([4, 6], [0.25, 0.125])
+    assert series["frequency"]["after"] == ([], [])
+    assert series["reap"]["after"] == ([4, 6], [0.015625, 0.00390625])  # the one-shot cells of table (b)
     path = doc.plot_quality(fake_results(), tmp_path / "docs" / "plot.png")
     import matplotlib.image
 
     image = matplotlib.image.imread(path)
-    assert image.shape[:2] == (462, 770)  # 7 x 4.2 inches at 110 dpi
+    assert image.shape[:2] == (495, 825)  # 7.5 x 4.5 inches at 110 dpi
+
+
+def test_the_cell_cache_gives_back_what_a_run_wrote(tmp_path):
+    cache = CellCache(tmp_path / "cells.jsonl")
+    assert cache.get("a") is None
+    cache.put("a", {"run": {"x": 1}, "export": None})
+    cache.put("b", {"run": {"x": 2}, "export": None})
+    again = CellCache(tmp_path / "cells.jsonl")  # a rerun reads the file
+    assert again.get("a") == {"key": "a", "run": {"x": 1}, "export": None} and again.get("b")["run"] == {"x": 2}
 
 
 def test_the_cut_counts_follow_the_expert_count():
@@ -255,50 +271,50 @@ class HFForward(nn.Module):
         return SimpleNamespace(logits_BSV=self.hf(inputs_BS).logits)
 
 
-def test_the_benchmark_runs_end_to_end_on_a_tiny_imported_mixtral(tmp_path):
-    """The real command line on a 2-layer, 4-expert Mixtral: the base's NLL is transformers' NLL of the directory on
-    the same validation batches, the recovery table's cut is the criterion table's cut, the budget and its marks
-    are the asked share of the pretraining tokens, and the document and the plot are written."""
-    from transformers import AutoModelForCausalLM, MixtralConfig
+def test_quick_runs_every_table_end_to_end_and_a_rerun_reads_every_cell(tmp_path):
+    """`--quick` on a tiny random Mixtral: the base's NLL is transformers' NLL of its directory on the same
+    validation batches; every table is measured (recovery at the four shares); the recovery cells start from the
+    one-shot cell's cut; the exports load in transformers with our NLL; a rerun in the same folder reads every
+    cell and writes the same document."""
+    from transformers import AutoModelForCausalLM
 
     from moetrain.config import DataConfig
     from moetrain.interop.export import validation_loss
 
-    cfg = MixtralConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=64)  # fmt: skip
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # larger than the default init so routing matters
-        for p in hf.parameters():
-            p.normal_(0, 0.3)
-    hf.save_pretrained(str(tmp_path / "hf"))
-    out, run_dir = tmp_path / "docs" / "compression.md", tmp_path / "run"
-    glob = "[a-c]*.py"
-    # 4 steps of 2 x 32 tokens = 2 % of 12,800
-    cmd = [str(BIN / "python"), str(ROOT / "launch" / "bench.py"), "compress", f"model.init_from=hf:{tmp_path}/hf",
-           "--pretrain-tokens", "12800", "--criteria", "frequency,reap", "--options", "full training", "--distill",
-           "off", "--timing-rounds", "1", "--run-dir", str(run_dir), "--doc", str(out), "model.seq_len=32",
-           "trainer.micro_batch_size=2", "trainer.eval_batches=2", "prune.profile_tokens=128", "prune.merge_tokens=128",
-           f"data.stdlib_glob='{glob}'"]  # fmt: skip
-    run_launcher(cmd, tmp_path, timeout=300)
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "python"), str(ROOT / "launch" / "bench.py"), "compress", "--quick", "--run-dir", str(run_dir)]
+    first = run_launcher(cmd, tmp_path, timeout=300)
     res = BenchResults.from_json((run_dir / "results.json").read_text())
+    assert res.quick and res.tokens_per_step == 64 and res.val_tokens == 2 * 2 * 32
 
-    data = DataConfig(stdlib_glob=glob, tokenizer="byte", cache_dir=str(ROOT / ".pytest_cache" / "moetrain-data"))
-    ours = validation_loss(HFForward(hf), data, 32, 2, 1, 2, seed=1234)
-    assert res.base.nll == pytest.approx(ours, rel=1e-5)
-    assert res.val_tokens == 2 * 2 * 32
-    assert (res.budget_tokens, res.tokens_per_step) == (256, 64)
-    cut = next(r for r in res.cuts if r.criterion == res.best_criterion and r.schedule == ONE_SHOT and r.experts == 2)
-    (recovery,) = res.recoveries
-    assert recovery.cut == cut.final  # the same cut through the same round, measured again
-    assert [p.tokens for p in recovery.points] == [0, 64, 128, 256]  # after the cut, 25 %, 50 %, 100 % of the budget
-    assert [r.schedule for r in res.staged] == [ONE_SHOT, STAGED] and res.staged[1].path(4) == "4 -> 3 -> 2"
-    assert [r.experts for r in res.top1] == [4, 4, 3, 2] and all(r.top_k == 1 for r in res.top1)
-    assert [s.name for s in res.speeds] == [BASE_SPEED, TOP1_SPEED, *(r.name for r in res.top1[2:])]
+    hf = AutoModelForCausalLM.from_pretrained(str(run_dir / "tiny-base")).eval()
+    data = DataConfig(
+        stdlib_glob="[a-c]*.py", tokenizer="byte", cache_dir=str(ROOT / ".pytest_cache" / "moetrain-data")
+    )
+    assert res.base.nll == pytest.approx(validation_loss(HFForward(hf), data, 32, 2, 1, 2, seed=1234), rel=1e-5)
+
+    tables = {t: res.table(t) for t in ("one_shot", "staged", "recovery", "top1", "final")}
+    assert len(tables["one_shot"]) == 9 * 2  # every method at 8 -> 6 and 8 -> 4
+    assert {r.method for r in tables["one_shot"]} >= {"merge", "merge_ream", "reap, global ranking"}
+    assert len(tables["recovery"]) == 2 * 3 * 2  # best method and frequency x router/lora/full x distillation
+    for r in tables["recovery"]:
+        cut = next(c for c in tables["one_shot"] if c.method == r.method and c.experts == 4)
+        assert r.cut == cut.final  # the same cut through the same round, measured again
+        assert [p.tokens for p in r.points] == [0, 64, 128, 256, 640]  # 0.5, 1, 2, 5 % of 12,800
+    assert len(tables["staged"]) % 3 == 0 and {r.schedule for r in tables["staged"]} == {ONE_SHOT, STAGED}
+    assert [r.option for r in tables["top1"]] == [None, "router", "router", "lora", "lora", "full", "full"]
+    assert [r.experts for r in tables["final"]] == [6, 4] and all(r.top_k == 1 for r in tables["final"])
+    assert [s.name for s in res.speeds] == [BASE_SPEED, TOP1_SPEED, *(r.name for r in tables["final"])]
     for export in res.exports:  # transformers loads the smaller top-1 Mixtral with our validation NLL
         assert export.rel < 1e-4
         assert json.loads((Path(export.path) / "config.json").read_text())["num_experts_per_tok"] == 1
-    text = out.read_text()
-    assert text.count("<!-- compress:start -->") == 1 and "### Targets" in text
-    assert (out.parent / "compression_quality.png").is_file()
+    text = (run_dir / "compression.md").read_text()
+    assert text.count("<!-- compress:start -->") == 1 and "### (e)" in text and "### Targets" in text
+    assert (run_dir / "compression_quality.png").is_file()
+    cells = len((run_dir / "cells.jsonl").read_text().splitlines())
+    assert cells == len(res.runs) and first.stdout.count("measured before") == 0
+
+    again = run_launcher(cmd, tmp_path, timeout=300)  # the same folder: every cell is read, none measured
+    assert again.stdout.count("measured before") == cells
+    rerun = BenchResults.from_json((run_dir / "results.json").read_text())
+    assert rerun.runs == res.runs and rerun.exports == res.exports
