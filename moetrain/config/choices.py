@@ -153,6 +153,9 @@ class PruneMode(Choice):
     # REAM: REAP's top experts are the centres; each other expert folds into the centre with the closest mean
     # output, the members weighted by their gate mass (moetrain/surgery/merging.py)
     merge_ream = "merge_ream"
+    # MoNE (arXiv 2507.00390): each cut expert becomes a constant, its mean output on the calibration tokens,
+    # still routed to and scaled by its gate (moetrain/surgery/experts.py constant_model)
+    mone = "mone"
 
 
 class DistillTeacher(Choice):

@@ -161,12 +161,17 @@ class MoEConfig:
     a2a_chunks: int = 1  # expert-parallel dispatch split into chunks to overlap all-to-all with compute
     # Structure after expert pruning (written by the pruner, read when a pruned model is rebuilt): per MoE
     # layer the experts it keeps, as ids of the original num_experts experts, in their new order. Empty: every
-    # layer has all num_experts experts.
+    # layer has all num_experts experts. A MoNE constant (prune.mode=mone: the router still picks it, its output
+    # is a fixed vector) of original expert e is written -(e + 1); constants come after the layer's experts.
     expert_ids: list[list[int]] = field(default_factory=list)
 
     def experts_in_layer(self, moe_index: int) -> int:
-        """Experts of the ``moe_index``-th MoE layer (pruned layers may have fewer than ``num_experts``)."""
+        """Router slots of the ``moe_index``-th MoE layer (pruned layers may have fewer than ``num_experts``)."""
         return len(self.expert_ids[moe_index]) if self.expert_ids else self.num_experts
+
+    def constants_in_layer(self, moe_index: int) -> int:
+        """MoNE constants among the ``moe_index``-th MoE layer's router slots (the last ones)."""
+        return sum(1 for e in self.expert_ids[moe_index] if e < 0) if self.expert_ids else 0
 
 
 @dataclass

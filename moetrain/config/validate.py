@@ -322,6 +322,29 @@ def _validate_structure(cfg: TrainConfig) -> None:
         pr.criterion,
         "orders experts, it gives no shares for prune.threshold; set prune.keep or prune.remove_fraction",
     )
+    if pr.mode == "mone" and any(st.prune for st in cfg.schedule.stages):
+        _require(
+            moe.backend == "native", "prune.mode", pr.mode, "needs moe.backend=native (its constants live in our layer)"
+        )
+        _require(
+            cfg.parallel.ep_size == 1,
+            "prune.mode",
+            pr.mode,
+            "needs parallel.ep_size=1 (constants are not laid out over ranks)",
+        )
+        _require(
+            moe.capacity_factor is None and moe.eval_capacity_factor is None and not moe.padded,
+            "prune.mode",
+            pr.mode,
+            "needs dropless routing (moe.capacity_factor=null, moe.eval_capacity_factor=null, moe.padded=false)",
+        )
+        _require(
+            sum(1 for st in cfg.schedule.stages if st.prune) == 1,
+            "prune.mode",
+            pr.mode,
+            "supports one pruning stage (a later round would have to cut constants); allowed: one stage with "
+            "prune: true",
+        )
     _require(
         not (pr.ranking == "global" and pr.equal_per_layer),
         "prune.ranking",

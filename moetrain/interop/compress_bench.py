@@ -2,7 +2,8 @@
 of :mod:`moetrain.interop.bench_session`; the document is written by :mod:`moetrain.metrics.compression_bench`.
 
 (a) One-shot, before recovery: every method (:data:`METHODS`) cuts to 25 % and 50 % fewer experts (and to the
-    plot's other counts, 7/8 ... 1/4).
+    plot's other counts, 7/8 ... 1/4). MoNE's constants have no Hugging Face form: it is measured here only, and
+    "the best method" of the later tables is the best of the others.
 (c) Recovery at 50 % removed, for the best method of (a) and for frequency: router, LoRA and full training, each
     with and without distillation from the base, measured at 0.5, 1, 2 and 5 % of the base's pretraining tokens.
 (b) Staged (8 -> 6 -> 4) against one-shot (8 -> 4), for frequency and the two best methods, recovered with the
@@ -82,7 +83,10 @@ METHODS = (
     Method("merge", "frequency", mode="merge"),  # HC-SMoE / M-SMoE: the most routed survive, the rest fold in
     Method("merge_ream", "reap", mode="merge_ream"),
     Method("reap, global ranking", "reap", ranking="global"),  # uneven per-layer budgets
+    Method("mone", "reap", mode="mone"),  # REAP's cut experts become constants (no Hugging Face export)
 )
+# methods whose models only the native export holds: table (a) only (the other tables recover and export)
+NATIVE_ONLY = {"mone"}
 OPTIONS = (
     RecoveryOption("router", Trainable.router),
     RecoveryOption("lora", lora=("router", "experts", "attention")),
@@ -214,7 +218,7 @@ def run_benchmark(
     for method in plan.methods:  # (a) one-shot, before recovery
         for kept in keeps:
             cell("one_shot", method.name, method, [kept])
-    ranked = ranked_methods(study.runs, half)
+    ranked = [m for m in ranked_methods(study.runs, half) if m not in NATIVE_ONLY]
     methods = {m.name: m for m in plan.methods}
     best = methods[ranked[0]]
     # (c) recovery at 50 % removed: the best method and frequency, every option with and without distillation

@@ -35,6 +35,8 @@ def native_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
         out[f"{prefix}.router.active_E"] = router.active_E
         for name, full in full_expert_stacks(core).items():
             out[f"{prefix}.experts.{name}"] = full
+        if getattr(core, "constant_out_ND", None) is not None:  # MoNE constants
+            out[f"{prefix}.constant_out_ND"] = core.constant_out_ND.detach()
     for name, t in model.state_dict().items():
         if not any(name.startswith(p) for p in moe_prefixes) and not name.startswith("ds_expert_parallel"):
             out[name] = t

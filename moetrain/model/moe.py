@@ -160,10 +160,11 @@ class RoutingCore(nn.Module):
         tokens_per_expert_E: torch.Tensor,
         saliency_sum_E: torch.Tensor,
         output_norm_sum_E: torch.Tensor,
+        constants: int = 0,
     ) -> MoEStats:
         """Losses (differentiable) and metrics of one call. ``saliency_sum_E`` / ``output_norm_sum_E``: sums over
         computed assignments of gate * ||expert output|| and of ||expert output||, which only the code that ran
-        the experts can measure."""
+        the experts can measure; ``constants``: assignments a MoNE constant answered (contributing, not dropped)."""
         routing, E = routed.routing, self.num_experts
         T, K = routing.expert_idx_TK.shape
         aux_loss = load_balancing_loss(routing.dist_TE, routing.expert_idx_TK, self.base_router.num_active)
@@ -183,7 +184,7 @@ class RoutingCore(nn.Module):
                 output_norm_sum_E=output_norm_sum_E,
                 entropy_sum=router_entropy(routing.dist_TE) * T,
                 num_tokens=T,
-                dropped=T * K - computed,
+                dropped=T * K - computed - constants,
                 rerouted=int(routed.plan.rerouted_TK.sum()) if routed.plan is not None else 0,
             )
 
@@ -215,8 +216,11 @@ class MoELayer(RoutingCore):
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
         self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
         self.a2a_chunks = cfg.a2a_chunks
-        self.num_local_experts = cfg.num_experts // self.ep_size
+        # MoNE constants (prune.mode=mone): the last router slots output a fixed vector each, scaled by its gate
+        self.num_constants = cfg.constants_in_layer(0)
+        self.num_local_experts = (cfg.num_experts - self.num_constants) // self.ep_size
         self.experts = GroupedExperts(self.num_local_experts, d_model, d_ff, cfg.expert_impl)
+        self.constant_out_ND = nn.Parameter(torch.zeros(self.num_constants, d_model)) if self.num_constants else None
 
     @torch.no_grad()
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -233,24 +237,42 @@ class MoELayer(RoutingCore):
         T, E = B * S, self.num_experts
         x_TD = x_BSD.reshape(T, D)
         routed = self.route(x_TD)
-        perm = permute(routed.expert_idx_TK, E, routed.keep_TK)
+        keep_TK, constant_TK = routed.keep_TK, None
+        if self.constant_out_ND is not None:  # constants run no FFN: only the experts' assignments are permuted
+            constant_TK = routed.expert_idx_TK >= E - self.num_constants
+            keep_TK = ~constant_TK if keep_TK is None else keep_TK & ~constant_TK
+        perm = permute(routed.expert_idx_TK, E, keep_TK)
         gates_TK = routed.routing.gates_TK
         if routed.plan is not None and self.padded and self.ep_size == 1:
             y_AD = self._padded_experts(x_TD, perm, routed.plan, routed.capacity)
         elif self.ep_size == 1:
-            y_AD = self.experts(x_TD.index_select(0, perm.token_A), perm.tokens_per_expert_E)
+            tokens_E = perm.tokens_per_expert_E[: E - self.num_constants]  # the constants' counts are 0
+            y_AD = self.experts(x_TD.index_select(0, perm.token_A), tokens_E)
         else:
             from moetrain.model.expert_parallel import expert_parallel_ffn
 
             x_AD = x_TD.index_select(0, perm.token_A)
             y_AD = expert_parallel_ffn(x_AD, perm.tokens_per_expert_E, self.experts, self.ep_group, self.a2a_chunks)
         out_TD = combine(y_AD, perm, gates_TK, T)
+        constants = 0
+        if constant_TK is not None:
+            out_TD = out_TD + self._constant_outputs(routed.expert_idx_TK, gates_TK, constant_TK)
+            constants = int(constant_TK.sum())
         with torch.no_grad():
             gate_A = gates_TK.reshape(-1)[perm.assignment_A]
             norm_A = y_AD.float().norm(dim=-1)
             saliency_E = torch.zeros(E, device=x_TD.device).index_add(0, perm.expert_A, gate_A * norm_A)
             norm_E = torch.zeros(E, device=x_TD.device).index_add(0, perm.expert_A, norm_A)
-        return out_TD.view(B, S, D), self.stats(routed, perm.tokens_per_expert_E, saliency_E, norm_E)
+        return out_TD.view(B, S, D), self.stats(routed, perm.tokens_per_expert_E, saliency_E, norm_E, constants)
+
+    def _constant_outputs(
+        self, expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor, constant_TK: torch.Tensor
+    ) -> torch.Tensor:
+        """MoNE: ``sum_k [e_k is a constant] g_k c_{e_k}`` per token (T, D), ``c`` the constants' vectors."""
+        first = self.num_experts - self.num_constants
+        slot_TK = (expert_idx_TK - first).clamp_min(0)
+        c_TKD = self.constant_out_ND[slot_TK].to(gates_TK.dtype)
+        return ((gates_TK * constant_TK).unsqueeze(-1) * c_TKD).sum(1)
 
     def _padded_experts(self, x_TD: torch.Tensor, perm, plan, capacity: int) -> torch.Tensor:
         """Fixed-shape path: tokens laid out in an (E, C, D) buffer, one batched GEMM per weight."""

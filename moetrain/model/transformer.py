@@ -89,10 +89,12 @@ class Block(nn.Module):
 
 
 def moe_layer_config(moe: MoEConfig, moe_index: int) -> MoEConfig:
-    """The MoE config of the ``moe_index``-th MoE layer: a pruned layer has its own expert count."""
+    """The MoE config of the ``moe_index``-th MoE layer: a pruned layer has its own expert count; a layer with
+    MoNE constants keeps its own structure as a one-layer ``expert_ids`` (the layer reads its constants there)."""
     if moe_index < 0 or not moe.expert_ids:
         return moe
-    return replace(moe, num_experts=moe.experts_in_layer(moe_index), expert_ids=[])
+    own = [moe.expert_ids[moe_index]] if moe.constants_in_layer(moe_index) else []
+    return replace(moe, num_experts=moe.experts_in_layer(moe_index), expert_ids=own)
 
 
 MoEFFN = Callable[[ModelConfig, MoEConfig, "dist.ProcessGroup | None", int], nn.Module]

@@ -174,13 +174,51 @@ def merge_model(
     return per_param
 
 
+def constant_model(
+    model: MoETransformer,
+    moe: MoEConfig,
+    keep: list[list[int]],
+    means: list[torch.Tensor],
+    layer_ids: list[list[int]],
+    ep_group: dist.ProcessGroup | None,
+    per_param: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """MoNE in place: MoE layer j keeps its experts ``keep[j]`` and turns every other expert e into a constant,
+    ``means[j][e]`` (D,): its router row and bias stay (the router still picks it), its FFN goes. The rebuilt
+    layer's router slots are the kept experts, then the constants; ``layer_ids[j]``: their ids as
+    ``moe.expert_ids`` writes them (constants negative). Expert parallelism is not supported. Collective."""
+    per_param = dict(per_param or {})
+    blocks = [block for block in model.layers if routing_core(block.ffn) is not None]
+    for block, k, mean_ED, ids in zip(blocks, keep, means, layer_ids):
+        E = routing_core(block.ffn).num_experts
+        cut = [e for e in range(E) if e not in set(k)]
+        if not cut:
+            continue
+        layer_moe = replace(moe, num_experts=len(ids), expert_ids=[list(ids)])
+        _prune_layer(model, block, list(k), layer_moe, 1, ep_group, per_param, router_ids=[*k, *cut])
+        with torch.no_grad():
+            core = routing_core(block.ffn)
+            core.constant_out_ND.copy_(mean_ED[cut].to(core.constant_out_ND))
+    return per_param
+
+
 def _prune_layer(
-    model, block, ids: list[int], moe: MoEConfig, ep_size: int, ep_group, per_param, mix: torch.Tensor | None = None
+    model,
+    block,
+    ids: list[int],
+    moe: MoEConfig,
+    ep_size: int,
+    ep_group,
+    per_param,
+    mix: torch.Tensor | None = None,
+    router_ids: list[int] | None = None,
 ) -> None:
     """Rebuild one layer with ``len(ids)`` experts: expert n gets the router row and bias of old expert
-    ``ids[n]`` and its weights (``mix``: an (E_new, E_old) matrix, the weights ``mix @ old`` instead)."""
+    ``ids[n]`` and its weights (``mix``: an (E_new, E_old) matrix, the weights ``mix @ old`` instead);
+    ``router_ids``: the router's rows and biases another way than the experts (MoNE keeps the cut ones')."""
     core = routing_core(block.ffn)
     idx = torch.as_tensor(ids, dtype=torch.long)
+    router_idx = torch.as_tensor(router_ids if router_ids is not None else ids, dtype=torch.long)
 
     def pick(full_E: torch.Tensor) -> torch.Tensor:
         if mix is None:
@@ -197,14 +235,14 @@ def _prune_layer(
         stacks = {
             n: local_slice(pick(gather_experts(read_local_stack(pc, fetch), group)), group) for n, pc in pieces.items()
         }
-        return stacks, fetch(router_w).detach()[idx]
+        return stacks, fetch(router_w).detach()[router_idx]
 
     weights, router_rows = select(lambda p: p.data)
     keys = sorted(per_param.get(names[id(router_w)], {}))
     moments = {k: select(lambda p, k=k: per_param[names[id(p)]][k]) for k in keys}
     for p, _ in [pc for pcs in pieces.values() for pc in pcs] + [(router_w, False)]:
         per_param.pop(names[id(p)], None)
-    bias = core.router.bias_E[idx].clone()
+    bias = core.router.bias_E[router_idx].clone()
 
     with torch.random.fork_rng():  # building modules must not move the training RNG
         block.ffn = model.moe_ffn(model.cfg, moe, ep_group, ep_size)  # the model's backend

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from moetrain.model.moe import RoutingCore
-from moetrain.surgery.experts import ep_group_of, merge_model, prune_model
+from moetrain.surgery.experts import constant_model, ep_group_of, merge_model, prune_model
 from moetrain.surgery.merging import expert_mean_outputs
 from moetrain.surgery.reconstruction import reconstruction_orders
 from moetrain.train.components import MetricsLogger
@@ -62,6 +62,11 @@ class StructureOps(Protocol):
     def merge_experts(self, groups: list[list[list[int]]], weights: list[torch.Tensor]) -> None:
         """MoE layer j becomes one expert per group of ``groups[j]`` (current indices, dominant first), its
         weights the ``weights[j]``-weighted mean of the members'; optimizer moments mixed alike."""
+        ...
+
+    def make_constants(self, keep: list[list[int]], means: list[torch.Tensor]) -> None:
+        """MoNE: MoE layer j keeps ``keep[j]`` (current indices) and every other expert e becomes the constant
+        ``means[j][e]``, still routed to (surgery/experts.py ``constant_model``)."""
         ...
 
     def expert_mean_outputs(self, tokens: int) -> list[torch.Tensor]:
@@ -135,7 +140,21 @@ class ModelStructureOps:
             firsts, lambda model, moe, ep, group, moments: merge_model(model, moe, groups, weights, ep, group, moments)
         )
 
-    def _change_experts(self, firsts: list[list[int]], change: Callable[..., dict]) -> None:
+    def make_constants(self, keep: list[list[int]], means: list[torch.Tensor]) -> None:
+        old_ids = self.state.expert_ids()
+        order = [[*k, *(e for e in range(len(ids)) if e not in set(k))] for k, ids in zip(keep, old_ids)]
+        # the constants' original ids are written -(e + 1) (moe.expert_ids)
+        new_ids = [[ids[e] if n < len(k) else -(ids[e] + 1) for n, e in enumerate(o)]
+                   for ids, k, o in zip(old_ids, keep, order)]  # fmt: skip
+
+        def change(model, moe, ep, group, moments):
+            return constant_model(model, moe, keep, means, new_ids, group, moments)
+
+        self._change_experts(order, change, new_ids)
+
+    def _change_experts(
+        self, firsts: list[list[int]], change: Callable[..., dict], new_ids: list[list[int]] | None = None
+    ) -> None:
         """Teacher first (pre_prune distillation), then the change with the optimizer moments carried, the new
         structure recorded (``moe.expert_ids``: per layer the original id of each new expert) and the engine
         rebuilt."""
@@ -148,7 +167,7 @@ class ModelStructureOps:
         layers = state.moe_layers
         ep_group = ep_group_of(layers[0]) if layers else None
         moments = change(state.model, cfg.moe, cfg.parallel.ep_size, ep_group, moments)
-        cfg.moe.expert_ids = [[ids[e] for e in k] for ids, k in zip(old_ids, firsts)]
+        cfg.moe.expert_ids = new_ids or [[ids[e] for e in k] for ids, k in zip(old_ids, firsts)]
         state.rebuild()
         write_moments(state.engine, state.model, moments, opt_step)
 

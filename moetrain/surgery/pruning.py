@@ -246,6 +246,12 @@ class PruneHook:
                 record["merged"] = [[[ids[e] for e in g] for g in layer] for ids, layer in zip(before_ids, groups)]
                 # merge: routed-token frequencies (M-SMoE); merge_ream: gate mass, REAM's gate weighting
                 ops.merge_experts(groups, profile.gate_mass_E if cfg.mode == PruneMode.merge_ream else profile.routed_E)
+            elif cfg.mode == PruneMode.mone:
+                # MoNE: every cut expert becomes its mean output on the calibration tokens, still routed to
+                means = ops.expert_mean_outputs(cfg.merge_tokens)
+                ops.make_constants(keep, means)
+                record["constants"] = [[ids[e] for e in range(len(ids)) if e not in set(k)]
+                                       for ids, k in zip(before_ids, keep)]  # fmt: skip
             else:
                 ops.remove_experts(keep)
             if fault_requested("hurt-prune-round", number):  # tests: make this round damage the model

@@ -118,11 +118,13 @@ class ModelState:
             listener(self)
 
     def experts_per_layer(self) -> list[int]:
-        return [self.cfg.moe.experts_in_layer(j) for j in range(len(self.model.moe_layers()))]
+        """Per MoE layer, its experts (FFNs; MoNE constants are router slots, not experts)."""
+        moe = self.cfg.moe
+        return [moe.experts_in_layer(j) - moe.constants_in_layer(j) for j in range(len(self.model.moe_layers()))]
 
     def expert_ids(self) -> list[list[int]]:
         """Per MoE layer, the original ids of its current experts."""
-        return self.cfg.moe.expert_ids or [list(range(n)) for n in self.experts_per_layer()]
+        return self.cfg.moe.expert_ids or [list(range(n)) for n in self.experts_per_layer()]  # no constants
 
     def param_count(self) -> int:
         return count_parameters(self.model, self.cfg.parallel.ep_size)

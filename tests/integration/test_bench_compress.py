@@ -294,8 +294,8 @@ def test_quick_runs_every_table_end_to_end_and_a_rerun_reads_every_cell(tmp_path
     assert res.base.nll == pytest.approx(validation_loss(HFForward(hf), data, 32, 2, 1, 2, seed=1234), rel=1e-5)
 
     tables = {t: res.table(t) for t in ("one_shot", "staged", "recovery", "top1", "final")}
-    assert len(tables["one_shot"]) == 9 * 2  # every method at 8 -> 6 and 8 -> 4
-    assert {r.method for r in tables["one_shot"]} >= {"merge", "merge_ream", "reap, global ranking"}
+    assert len(tables["one_shot"]) == 10 * 2  # every method at 8 -> 6 and 8 -> 4
+    assert {r.method for r in tables["one_shot"]} >= {"merge", "merge_ream", "reap, global ranking", "mone"}
     assert len(tables["recovery"]) == 2 * 3 * 2  # best method and frequency x router/lora/full x distillation
     for r in tables["recovery"]:
         cut = next(c for c in tables["one_shot"] if c.method == r.method and c.experts == 4)

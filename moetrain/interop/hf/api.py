@@ -202,6 +202,13 @@ def routing_now(model: MoETransformer, moe_cfg: MoEConfig) -> tuple[MoEConfig, d
     """The MoE config as the model routes *now* (runtime top-k, experts left unmasked, the routers' gating)
     and each MoE layer's kept-expert mask. Fails when layers disagree: a family's config has one value."""
     blocks = [(i, core) for i, core, _ in moe_parts(model)]
+    constants = {i: layer.num_constants for i, layer in blocks if getattr(layer, "num_constants", 0)}
+    if constants:
+        raise ConfigError(
+            f"prune.mode=mone: MoNE constants (layer: count {constants}) cannot be exported to a Hugging Face "
+            "family (an expert there is an FFN, not a fixed vector); allowed: prune.mode=drop, merge or merge_ream, "
+            "or the run's native export/"
+        )
     keep = {i: layer.base_router.active_E.detach().cpu().clone() for i, layer in blocks}
     counts = {i: int(k.sum()) for i, k in keep.items()}
     top_ks = {i: layer.top_k for i, layer in blocks}

@@ -28,6 +28,11 @@ def export_family(cfg: TrainConfig) -> str | None:
     if not e.hf:
         return None
     allowed = ", ".join(FAMILIES)
+    if cfg.prune.mode == "mone" and any(st.prune for st in cfg.schedule.stages):
+        raise ConfigError(
+            "export.hf=true cannot write prune.mode=mone's constants: no Hugging Face family has an expert that is a "
+            "fixed vector; allowed: export.hf=false (the run's native export/ keeps them) or another prune.mode"
+        )
     if e.family is not None:
         if e.family not in FAMILIES:
             raise ConfigError(f"export.family={e.family} is not supported; allowed: {allowed}")
