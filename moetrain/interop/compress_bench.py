@@ -217,7 +217,8 @@ def run_benchmark(
     keeps = plot_keeps(E, floor) if plan.plot_counts else [kept for kept in (quarter, half) if kept >= floor]
     for method in plan.methods:  # (a) one-shot, before recovery
         for kept in keeps:
-            cell("one_shot", method.name, method, [kept])
+            if method.ranking != "global" or kept > k:  # a global ranking keeps top_k + 1 in every layer
+                cell("one_shot", method.name, method, [kept])
     ranked = [m for m in ranked_methods(study.runs, half) if m not in NATIVE_ONLY]
     methods = {m.name: m for m in plan.methods}
     best = methods[ranked[0]]

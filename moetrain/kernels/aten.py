@@ -33,32 +33,47 @@ def _aligned(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     return (x_SD.shape[-1] * x_SD.element_size()) % 16 == 0 and (w_EDF.shape[-1] * w_EDF.element_size()) % 16 == 0
 
 
-def grouped_gemm(x_SD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """``out[s] = x[s] @ w[e(s)]`` on ``torch._grouped_mm``; rows grouped by expert, ``tokens_per_expert`` each."""
-    offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+class GroupSizes:
+    """Rows per expert of a grouped product: on the device for ``torch._grouped_mm``, read on the host (one sync)
+    only when a per-expert loop needs them, and then once for all three products of a SwiGLU."""
+
+    def __init__(self, tokens_per_expert_E: torch.Tensor) -> None:
+        self.device_E = tokens_per_expert_E
+        self._host: list[int] | None = None
+
+    @property
+    def host(self) -> list[int]:
+        if self._host is None:
+            self._host = self.device_E.tolist()
+        return self._host
+
+
+def grouped_gemm(x_SD: torch.Tensor, w_EDF: torch.Tensor, sizes: GroupSizes) -> torch.Tensor:
+    """``out[s] = x[s] @ w[e(s)]`` on ``torch._grouped_mm``; rows grouped by expert, ``sizes`` each."""
+    offs_E = torch.cumsum(sizes.device_E, 0, dtype=torch.int32)
     return torch._grouped_mm(x_SD.contiguous(), w_EDF, offs=offs_E)
 
 
-def loop_gemm(x_SD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+def loop_gemm(x_SD: torch.Tensor, w_EDF: torch.Tensor, sizes: GroupSizes) -> torch.Tensor:
     """The same product with one GEMM per expert that has rows."""
-    counts = tokens_per_expert_E.tolist()
-    chunks = [x_e @ w_e for x_e, w_e in zip(torch.split(x_SD, counts), w_EDF.unbind(0)) if x_e.shape[0]]
+    chunks = [x_e @ w_e for x_e, w_e in zip(torch.split(x_SD, sizes.host), w_EDF.unbind(0)) if x_e.shape[0]]
     if not chunks:
         return x_SD.new_zeros(0, w_EDF.shape[-1])
     return torch.cat(chunks)
 
 
-def aligned_gemm(x_SD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+def aligned_gemm(x_SD: torch.Tensor, w_EDF: torch.Tensor, sizes: GroupSizes) -> torch.Tensor:
     """``grouped_gemm`` where both operands' rows are 16-byte aligned, else ``loop_gemm`` (what auto runs)."""
     gemm = grouped_gemm if _aligned(x_SD, w_EDF) else loop_gemm
-    return gemm(x_SD, w_EDF, tokens_per_expert_E)
+    return gemm(x_SD, w_EDF, sizes)
 
 
 def swiglu_with(gemm):
     """SwiGLU experts ``w2(silu(x w1) * (x w3))`` on the grouped product ``gemm``."""
 
     def swiglu(x_SD, w1_EDF, w3_EDF, w2_EFD, tokens_per_expert_E):
-        h_SF = F.silu(gemm(x_SD, w1_EDF, tokens_per_expert_E)) * gemm(x_SD, w3_EDF, tokens_per_expert_E)
-        return gemm(h_SF, w2_EFD, tokens_per_expert_E)
+        sizes = GroupSizes(tokens_per_expert_E)
+        h_SF = F.silu(gemm(x_SD, w1_EDF, sizes)) * gemm(x_SD, w3_EDF, sizes)
+        return gemm(h_SF, w2_EFD, sizes)
 
     return swiglu

@@ -28,26 +28,30 @@ class RoutingMetrics:
         self.sums_LX = torch.zeros(num_layers, 4 * num_experts + _SCALARS, dtype=torch.float64)
 
     def update(self, stats: list[MoEStats]) -> None:
+        """Add one forward's statistics, on their device: no host sync until the interval's reduction."""
         for i, s in enumerate(stats):
+            if self.sums_LX.device != s.routed_per_expert_E.device:
+                self.sums_LX = self.sums_LX.to(s.routed_per_expert_E.device)
+            scalars = [s.entropy_sum, s.num_tokens, s.dropped, s.rerouted]
             row = torch.cat(
                 [
                     self._pad(s.routed_per_expert_E),
                     self._pad(s.tokens_per_expert_E),
                     self._pad(s.gate_mass_E),
                     self._pad(s.saliency_sum_E),
-                    torch.tensor([float(s.entropy_sum), s.num_tokens, s.dropped, s.rerouted], dtype=torch.float64),
+                    torch.stack([torch.as_tensor(x, device=self.sums_LX.device).double().reshape(()) for x in scalars]),
                 ]
             )
             self.sums_LX[i] += row
 
     def _pad(self, v_E: torch.Tensor) -> torch.Tensor:
         """A pruned layer has fewer experts than the table's width: its columns past them stay zero."""
-        v = v_E.detach().double().cpu()
+        v = v_E.detach().double()
         return torch.nn.functional.pad(v, (0, self.E - v.shape[0])) if v.shape[0] < self.E else v
 
     def reduce_and_reset_sums(self) -> torch.Tensor:
-        """Collective: every rank must call it at the same step. Returns the summed (L, X) table."""
-        sums = all_reduce_sum(self.sums_LX.clone())
+        """Collective: every rank must call it at the same step. Returns the summed (L, X) table, on the host."""
+        sums = all_reduce_sum(self.sums_LX.to("cpu", copy=True))
         self.sums_LX.zero_()
         return sums
 

@@ -30,6 +30,13 @@ def expert_capacity(
     return max(min_capacity, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
+def expert_counts(expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many entries of ``expert_N`` name each expert, (E,) int64, without a device->host sync: a scatter-add
+    into a buffer of fixed size (``torch.bincount`` sizes its output from the data, which syncs on CUDA)."""
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=expert_N.device)
+    return counts_E.index_add_(0, expert_N.reshape(-1), torch.ones_like(expert_N.reshape(-1)))
+
+
 def _accept(
     expert_N: torch.Tensor, priority_N: torch.Tensor, room_E: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +47,7 @@ def _accept(
     """
     n, E = expert_N.numel(), room_E.numel()
     by_expert = priority_N[torch.sort(expert_N[priority_N], stable=True).indices]
-    counts_E = torch.bincount(expert_N, minlength=E)
+    counts_E = expert_counts(expert_N, E)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_sorted = torch.arange(n, device=expert_N.device) - starts_E[expert_N[by_expert]]
     rank = torch.empty_like(rank_sorted)
@@ -100,7 +107,7 @@ def apply_capacity(
     keep_A, slot_A = _accept(expert_A, _priority(policy, gates_TK), room_E)
     rerouted_A = torch.zeros_like(keep_A)
     if policy == "reroute":
-        load_E = torch.bincount(expert_A[keep_A], minlength=E)
+        load_E = expert_counts(expert_A[keep_A], E)
         # each token's experts outside its top-k, best first (masked experts rank last with -inf)
         outside_topk_TE = selection_TE.scatter(1, expert_idx_TK, float("-inf"))
         alternatives_TR = torch.sort(outside_topk_TE, dim=1, descending=True).indices[:, : E - K]
@@ -133,7 +140,7 @@ def apply_capacity(
             keep_A[placed] = True
             rerouted_A[placed] = True
             pending_A[placed] = False
-            load_E += torch.bincount(target[ok], minlength=E)
+            load_E += expert_counts(target[ok], E)
     return CapacityPlan(expert_A.view(T, K), keep_A.view(T, K), slot_A.view(T, K), rerouted_A.view(T, K))
 
 
@@ -146,7 +153,8 @@ class Permutation:
 
 
 def permute(expert_idx_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None = None) -> Permutation:
-    """Sort the (kept) assignments by expert, stable in token order."""
+    """Sort the (kept) assignments by expert, stable in token order. Dropless, nothing here waits for the host;
+    with ``keep_TK`` the number of kept assignments sizes the result (one sync)."""
     K = expert_idx_TK.shape[1]
     flat_expert = expert_idx_TK.reshape(-1)
     if keep_TK is None:
@@ -155,7 +163,7 @@ def permute(expert_idx_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor
         kept = torch.nonzero(keep_TK.reshape(-1)).squeeze(1)
         assignment_A = kept[torch.sort(flat_expert[kept], stable=True).indices]
     expert_A = flat_expert[assignment_A]
-    tokens_per_expert_E = torch.bincount(expert_A, minlength=num_experts)
+    tokens_per_expert_E = expert_counts(expert_A, num_experts)
     return Permutation(assignment_A, assignment_A // K, expert_A, tokens_per_expert_E)
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moetrain.config import MoEConfig
-from moetrain.model.dispatch import CapacityPlan, apply_capacity, combine, expert_capacity, permute
+from moetrain.model.dispatch import CapacityPlan, apply_capacity, combine, expert_capacity, expert_counts, permute
 from moetrain.model.experts import GroupedExperts
 from moetrain.model.router import (
     Routing,
@@ -42,8 +42,8 @@ class MoEStats:
     output_norm_sum_E: torch.Tensor  # sum over computed assignments of ||expert output|| (no gate)
     entropy_sum: torch.Tensor  # sum over tokens of the routing distribution's entropy (nats)
     num_tokens: int
-    dropped: int  # assignments that contribute nothing
-    rerouted: int  # assignments computed by another expert than the router chose
+    dropped: torch.Tensor  # 0-dim: assignments that contribute nothing
+    rerouted: torch.Tensor  # 0-dim: assignments computed by another expert than the router chose
 
 
 @dataclass
@@ -142,7 +142,7 @@ class RoutingCore(nn.Module):
         T, E = x_TD.shape[0], self.num_experts
         routing = self.router(x_TD)
         K = routing.expert_idx_TK.shape[1]
-        routed_E = torch.bincount(routing.expert_idx_TK.reshape(-1), minlength=E)
+        routed_E = expert_counts(routing.expert_idx_TK, E)
         if self.training:
             self._load_since_step_E += routed_E
         # capacity shares the assignments among the experts that can be selected (pruned ones cannot)
@@ -160,17 +160,21 @@ class RoutingCore(nn.Module):
         tokens_per_expert_E: torch.Tensor,
         saliency_sum_E: torch.Tensor,
         output_norm_sum_E: torch.Tensor,
-        constants: int = 0,
+        constants: torch.Tensor | None = None,
     ) -> MoEStats:
         """Losses (differentiable) and metrics of one call. ``saliency_sum_E`` / ``output_norm_sum_E``: sums over
         computed assignments of gate * ||expert output|| and of ||expert output||, which only the code that ran
-        the experts can measure; ``constants``: assignments a MoNE constant answered (contributing, not dropped)."""
+        the experts can measure; ``constants``: assignments a MoNE constant answered (contributing, not dropped).
+        Everything stays on the device (no host sync): :class:`~moetrain.metrics.routing.RoutingMetrics` reduces
+        it at the metrics interval."""
         routing, E = routed.routing, self.num_experts
         T, K = routing.expert_idx_TK.shape
         aux_loss = load_balancing_loss(routing.dist_TE, routing.expert_idx_TK, self.base_router.num_active)
         z_loss = router_z_loss(routing.logits_TE)
-        with torch.no_grad():
-            computed = int(tokens_per_expert_E.sum())
+        with torch.no_grad():  # device tensors only: the metrics reduce them at their interval, not here
+            computed = tokens_per_expert_E.sum()
+            if constants is not None:
+                computed = computed + constants
             gate_mass_E = torch.zeros(E, device=routing.gates_TK.device).index_add(
                 0, routing.expert_idx_TK.reshape(-1), routing.gates_TK.reshape(-1)
             )
@@ -184,8 +188,8 @@ class RoutingCore(nn.Module):
                 output_norm_sum_E=output_norm_sum_E,
                 entropy_sum=router_entropy(routing.dist_TE) * T,
                 num_tokens=T,
-                dropped=T * K - computed - constants,
-                rerouted=int(routed.plan.rerouted_TK.sum()) if routed.plan is not None else 0,
+                dropped=T * K - computed,
+                rerouted=routed.plan.rerouted_TK.sum() if routed.plan is not None else torch.zeros_like(computed),
             )
 
 
@@ -254,10 +258,10 @@ class MoELayer(RoutingCore):
             x_AD = x_TD.index_select(0, perm.token_A)
             y_AD = expert_parallel_ffn(x_AD, perm.tokens_per_expert_E, self.experts, self.ep_group, self.a2a_chunks)
         out_TD = combine(y_AD, perm, gates_TK, T)
-        constants = 0
+        constants = None
         if constant_TK is not None:
             out_TD = out_TD + self._constant_outputs(routed.expert_idx_TK, gates_TK, constant_TK)
-            constants = int(constant_TK.sum())
+            constants = constant_TK.sum()
         with torch.no_grad():
             gate_A = gates_TK.reshape(-1)[perm.assignment_A]
             norm_A = y_AD.float().norm(dim=-1)

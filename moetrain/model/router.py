@@ -165,7 +165,13 @@ class TopKRouter(nn.Module):
 
     @property
     def num_active(self) -> int:
-        return int(self.active_E.sum())
+        """Experts that can be selected. A host-side count, recounted only when ``active_E`` changed (its
+        version counter moves on every in-place write: a mask set, a checkpoint loaded; a move to another device
+        makes a new tensor), so a forward reads it without a device->host sync."""
+        key = (self.active_E.data_ptr(), self.active_E._version)
+        if getattr(self, "_num_active_key", None) != key:
+            self._num_active, self._num_active_key = int(self.active_E.sum()), key
+        return self._num_active
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         x_TD = x_TD.float()
