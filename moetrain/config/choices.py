@@ -45,8 +45,11 @@ def plain(obj: Any) -> Any:
 class ExpertImpl(Choice):
     """``moe.expert_impl``: how the expert FFN runs (moetrain/kernels)."""
 
-    auto = "auto"  # grouped_mm where device and dtype support it (ATen on CPU; bf16 on sm90+ CUDA), else loop
+    # grouped_mm where device and dtype support it (ATen on CPU; bf16 on sm90+ CUDA), triton on other CUDA GPUs and
+    # dtypes, else loop (with a one-time warning)
+    auto = "auto"
     grouped_mm = "grouped_mm"  # torch._grouped_mm
+    triton = "triton"  # DeepSpeed's Triton grouped GEMM (CUDA)
     loop = "loop"  # one GEMM per expert
 
 

@@ -198,6 +198,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None, cuda: bool | None 
             moe.expert_impl,
             "is not supported by moe.backend=deepspeed (its experts are nn.Linear modules); allowed: auto",
         )
+    _require(
+        cuda is not False or moe.expert_impl != ExpertImpl.triton,
+        "moe.expert_impl",
+        moe.expert_impl,
+        "needs a CUDA GPU (DeepSpeed's Triton grouped GEMM); allowed here: auto, grouped_mm, loop",
+    )
     for key in ("aux_loss_coef", "z_loss_coef"):
         _require(getattr(moe, key) >= 0, f"moe.{key}", getattr(moe, key), "must be >= 0")
 

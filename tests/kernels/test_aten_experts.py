@@ -6,11 +6,13 @@ Counts include empty experts and one expert holding most rows; 1 and 2 threads.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from helpers.moe_reference import swiglu
 
-from moetrain.kernels import expert_kernel
+from moetrain.kernels import aten, expert_kernel, registry, triton
 from moetrain.model.experts import GroupedExperts
 
 D, FF = 16, 24
@@ -41,13 +43,59 @@ def test_expert_paths_equal_naive_loop(counts, impl, threads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
-def test_auto_picks_grouped_mm_where_it_runs_else_the_loop():
+def test_auto_picks_grouped_mm_where_it_runs_else_the_loop_and_says_why_once(caplog):
     cpu = torch.device("cpu")
     assert expert_kernel("auto", cpu, torch.float32).name == "grouped_mm"
     assert expert_kernel("auto", cpu, torch.bfloat16).name == "grouped_mm"
-    assert expert_kernel("auto", cpu, torch.float16).name == "loop"  # not a _grouped_mm dtype on CPU
+    registry._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="moetrain"):
+        assert expert_kernel("auto", cpu, torch.float16).name == "loop"  # not a _grouped_mm dtype on CPU
+        assert expert_kernel("auto", cpu, torch.float16).name == "loop"
+    assert [r.getMessage() for r in caplog.records] == [
+        "moe.expert_impl=auto: one GEMM per expert on cpu torch.float16 (torch._grouped_mm has no kernel for it)"
+    ]
     assert expert_kernel("auto", cpu, torch.float64).name == "loop"
     assert expert_kernel("loop", cpu, torch.float32).name == "loop"
+    assert expert_kernel("triton", cpu, torch.float32).name == "triton"  # forced (the config refuses it on CPU)
+
+
+def test_auto_on_a_cuda_gpu_without_grouped_mm_takes_the_triton_gemm_else_the_loop(monkeypatch, caplog):
+    """An sm80 GPU or fp16/fp32 (no fused torch._grouped_mm): DeepSpeed's Triton grouped GEMM when it can run,
+    else the loop with the reason; the devices are made up here, nothing runs on them."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(aten, "grouped_mm_runs_on", lambda device, dtype: False)
+    monkeypatch.setattr(triton, "triton_unavailable", lambda: None)
+    assert expert_kernel("auto", cuda, torch.float16).name == "triton"
+    monkeypatch.setattr(triton, "triton_unavailable", lambda: "no Triton driver")
+    registry._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="moetrain"):
+        assert expert_kernel("auto", cuda, torch.float32).name == "loop"
+    assert caplog.records[0].getMessage().endswith("DeepSpeed's Triton grouped GEMM cannot run: no Triton driver)")
+
+
+def test_the_triton_path_hands_deepspeed_the_offsets_torch_grouped_mm_takes(monkeypatch):
+    """The Triton kernel's wiring with its GEMM replaced by torch._grouped_mm (same contract: 2D x 3D, int32
+    cumulative offsets): the experts equal the naive loop. The kernel itself runs only on a GPU (test_cuda_moe)."""
+    import importlib
+
+    ds = importlib.import_module("deepspeed.ops.triton_ops.group_gemm_triton")  # the package's name is a function
+
+    seen = []
+    monkeypatch.setattr(
+        ds, "group_gemm_triton", lambda a, b, offs: seen.append(offs) or torch._grouped_mm(a, b, offs=offs)
+    )
+    counts = COUNTS[0]
+    torch.manual_seed(0)
+    experts = GroupedExperts(len(counts), D, FF, "triton")
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(sum(counts), D)
+    y = experts(x, torch.tensor(counts))
+    assert (
+        len(seen) == 3 and seen[0].dtype == torch.int32 and seen[0].tolist() == torch.tensor(counts).cumsum(0).tolist()
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(y, naive_experts(x, *experts.parameters(), counts), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("d", "ff", "grouped"), [(D, FF, True), (6, 10, False)], ids=["aligned", "unaligned"])

@@ -1,7 +1,8 @@
 """The native MoE layer on a CUDA GPU against the per-token float64 loop on CPU (marked gpu: skipped without CUDA).
 
 What runs there: fp32 experts on ``moe.expert_impl=loop`` (one GEMM per expert), bfloat16 experts on
-``torch._grouped_mm`` (``grouped_mm``, and ``auto``, which picks it on sm90+), the router in fp32 either way. The
+``torch._grouped_mm`` (``grouped_mm``, and ``auto``, which picks it on sm90+), DeepSpeed's Triton grouped GEMM
+(``triton``) in fp32, bf16 and fp16, the router in fp32 either way. The
 same cases run on CPU as well (``auto`` excepted: on CPU it is the CPU kernel, tested in test_cpu_experts.py), so
 that the test itself is checked where CI runs.
 """
@@ -26,6 +27,10 @@ PATHS = [
     pytest.param("cuda", torch.float32, "loop", 1e-4, marks=GPU),
     pytest.param("cuda", torch.bfloat16, "grouped_mm", 3e-2, marks=GPU),
     pytest.param("cuda", torch.bfloat16, "auto", 3e-2, marks=GPU),
+    # DeepSpeed's Triton grouped GEMM (what auto runs where torch._grouped_mm has no fused kernel)
+    pytest.param("cuda", torch.float32, "triton", 1e-3, marks=GPU),
+    pytest.param("cuda", torch.bfloat16, "triton", 3e-2, marks=GPU),
+    pytest.param("cuda", torch.float16, "triton", 3e-2, marks=GPU),
 ]
 CASES = [(1, None, "probs"), (2, None, "probs"), (2, 0.5, "position"), (2, 1.0, "reroute"), (4, 0.5, "probs")]
 
@@ -35,7 +40,7 @@ CASES = [(1, None, "probs"), (2, None, "probs"), (2, 0.5, "position"), (2, 1.0, 
 def test_layer_on_device_matches_per_token_reference(
     device, dtype, grouped_mm, tol, top_k, capacity_factor, policy, monkeypatch
 ):
-    if device == "cuda" and grouped_mm != "loop" and torch.cuda.get_device_capability()[0] < 9:
+    if device == "cuda" and grouped_mm in ("grouped_mm", "auto") and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("torch._grouped_mm on CUDA needs sm90 or newer")
     calls = []
     real_grouped_mm = torch._grouped_mm
@@ -57,7 +62,7 @@ def test_layer_on_device_matches_per_token_reference(
     upstream = torch.randn(2, T // 2, D).to(device, dtype)
     y, stats = layer(x)
     (y.float() * upstream.float()).sum().backward()
-    assert (len(calls) > 0) == (grouped_mm != "loop"), "the expert path asked for ran"
+    assert (len(calls) > 0) == (grouped_mm in ("grouped_mm", "auto")), "the expert path asked for ran"
 
     # the reference: the same (rounded) weights and tokens in float64, one token at a time
     p64 = params64(layer)
