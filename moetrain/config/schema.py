@@ -366,6 +366,9 @@ class TrainerConfig:
     expert_stats_every: int = 25
     num_threads: int | None = None  # torch intra-op threads per rank; default: cores / local ranks
     throughput_rounds: int = 5  # with a reference: rounds timing base vs final model at the end (0: off)
+    # one device's peak dense TFLOP/s in the run's dtype, for train/mfu; null: read from the device's name where
+    # known (metrics/flops.py PEAK_TFLOPS), else no MFU
+    peak_tflops: float | None = None
 
 
 @dataclass

@@ -24,6 +24,7 @@ that.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 from moetrain.config import ModelConfig, MoEConfig, is_moe_layer
@@ -101,3 +102,33 @@ def forward_flops_per_token(model: ModelConfig, moe: MoEConfig, top_k: int | Non
         dense_ffn=float(dense),
         lm_head=float(2 * D * model.vocab_size),
     )
+
+
+# dense bf16 / fp16 tensor-core peak TFLOP/s of one device (vendor datasheets, without sparsity), matched against
+# torch.cuda.get_device_name() in this order: the first name contained in it
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("A6000", 155.0),
+    ("A10G", 70.0),
+)
+HALF_DTYPES = ("bf16", "fp16")
+
+
+def device_peak_tflops(device_name: str | None, dtype: str) -> float | None:
+    """One device's dense peak TFLOP/s in ``dtype`` (``parallel.dtype``), when its name is in
+    :data:`PEAK_TFLOPS` and the dtype runs on tensor cores at that rate (bf16, fp16); else None."""
+    if device_name is None or dtype not in HALF_DTYPES:
+        return None
+    return next((peak for name, peak in PEAK_TFLOPS if name in device_name), None)
+
+
+def training_flops_per_token(model: ModelConfig, moe: MoEConfig) -> Callable[[int], float]:
+    """Model FLOPs of one training token at a top-k (forward + backward = 3 x the forward's matrix products),
+    for MFU: ``tokens/s x this / (peak FLOP/s x devices)``."""
+    return lambda top_k: 3 * forward_flops_per_token(model, moe, top_k).total

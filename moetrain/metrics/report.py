@@ -24,6 +24,7 @@ COLUMNS = [
     ("aux coef", "aux_loss_coef", "{:.3g}"),
     ("val loss", "val_loss", "{:.4f}"),
     ("tokens/s", "tokens_per_s", "{:.0f}"),
+    ("MFU", "mfu", "{:.1%}"),
     ("expert FLOPs/token", "expert_flops_per_token", "{:.4g}"),
     ("dropped", "dropped_frac", "{:.4f}"),
     ("entropy (nats)", "entropy", "{:.3f}"),

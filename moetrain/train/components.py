@@ -152,3 +152,6 @@ class RunComponents:
     init_weights: Callable[[nn.Module, Any], None] | None = None
     throughput: Throughput | None = None
     family_export: FamilyExport | None = None
+    # MFU: model FLOPs of one training token at a top-k, and the peak FLOP/s of all the run's devices (None: unknown)
+    train_flops_per_token: Callable[[int], float] | None = None
+    peak_flops: float | None = None

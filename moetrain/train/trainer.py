@@ -145,6 +145,7 @@ class Trainer:
             "train/lr": float(engine.get_lr()[0]),
             "train/grad_norm": grad_norm,
             "train/tokens_per_s": self.tokens_per_step / dt,
+            **self._mfu(self.tokens_per_step / dt, stage.moe.get("top_k", self.cfg.moe.top_k), "train/mfu"),
             "train/epoch": self.data.epoch,
             "train/aux_loss_coef": stage.aux_loss_coef,
             "train/z_loss_coef": stage.z_loss_coef,
@@ -213,6 +214,14 @@ class Trainer:
             log.info("exported the final model to %s (moetrain.interop.export.load_exported)", export)
         return export
 
+    def _mfu(self, tokens_per_s: float, top_k: int, key: str) -> dict[str, float]:
+        """Model FLOPs utilisation: ``tokens/s x training FLOPs per token at top_k / peak FLOP/s of all devices``
+        (``{key: mfu}``; nothing when the peak is unknown)."""
+        parts = self.parts
+        if not parts.peak_flops or parts.train_flops_per_token is None:
+            return {}
+        return {key: tokens_per_s * parts.train_flops_per_token(int(top_k)) / parts.peak_flops}
+
     def _export_family(self) -> dict[str, Any] | None:
         """Collective (``export.hf``): the final model in its family's layout in ``hf/``, loaded back and, with a
         reference, compared with the base on the validation tokens (the report's export row)."""
@@ -234,6 +243,7 @@ class Trainer:
         record what changed (log line, ``metrics.jsonl`` and W&B event)."""
         summary = self.stages.close_stage(self.step, self.last_val_loss, self.validation.stage_summary())
         self.stages.end_stage(self.ops, self.step)  # hooks: e.g. LoRA adapters merged
+        summary.update(self._mfu(summary["tokens_per_s"], summary.get("moe.top_k", self.cfg.moe.top_k), "mfu"))
         summary["experts_per_layer"] = self.state.experts_per_layer()
         summary["params"] = self.state.param_count()
         for key, rows in hook_records(self.parts).items():

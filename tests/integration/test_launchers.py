@@ -212,6 +212,7 @@ STAGED = [
     "{name:top1,steps:3,moe:{top_k:1,capacity_factor:1.25,drop_policy:reroute},"
     "aux_loss_coef:{start:0.01,end:0.05,steps:3}},"
     "{name:router_only,steps:3,trainable:router}]",
+    "trainer.peak_tflops=0.001",  # a made-up device of 1 GFLOP/s: the MFU is logged and reported
 ]
 
 
@@ -240,6 +241,19 @@ def test_staged_run_two_ranks_resumes_exactly_and_reports(tmp_path):
     assert stages[1]["expert_flops_per_token"] == pytest.approx(stages[0]["expert_flops_per_token"] / 2)
     for s in stages:
         assert all(sum(row) == pytest.approx(1.0) for row in s["utilization"])
+    # MFU = tokens/s x 3 x forward FLOPs per token at the stage's top-k / (peak x 2 ranks)
+    from omegaconf import OmegaConf
+
+    from moetrain.config import TrainConfig
+    from moetrain.metrics.flops import forward_flops_per_token
+
+    saved = OmegaConf.load(tmp_path / "a" / ".hydra" / "config.yaml")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved))
+    for s, k in zip(stages, (2, 1, 1)):
+        flops = 3 * forward_flops_per_token(cfg.model, cfg.moe, k).total
+        assert s["mfu"] == pytest.approx(s["tokens_per_s"] * flops / (0.001e12 * 2), rel=1e-9)
+    top1_flops = 3 * forward_flops_per_token(cfg.model, cfg.moe, 1).total
+    assert full[4]["train/mfu"] == pytest.approx(full[4]["train/tokens_per_s"] * top1_flops / 2e9)
     report = (tmp_path / "a" / "report.md").read_text()
     assert "| top2 | 0-3 | 2 | dropless |" in report and "| top1 | 3-6 | 1 | 1.25 | reroute |" in report
     assert f"{stages[1]['val_loss']:.4f}" in report and f"{stages[1]['expert_flops_per_token']:.4g}" in report

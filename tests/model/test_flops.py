@@ -105,3 +105,23 @@ def test_base_preset_has_most_forward_flops_in_the_experts():
 def test_bad_top_k_names_it():
     with pytest.raises(ValueError, match="top_k=9"):
         forward_flops_per_token(ModelConfig(), MoEConfig(num_experts=8), top_k=9)
+
+
+def test_the_peak_comes_from_the_device_name_in_half_precision_only():
+    from moetrain.metrics.flops import device_peak_tflops
+
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert device_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # before the plain H100 entry
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB", "fp16") == 312.0
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") is None  # not the tensor-core half rate
+    assert device_peak_tflops("Some Future GPU", "bf16") is None and device_peak_tflops(None, "bf16") is None
+
+
+def test_training_flops_are_three_forwards_at_the_top_k():
+    from moetrain.config import ModelConfig, MoEConfig
+    from moetrain.metrics.flops import forward_flops_per_token, training_flops_per_token
+
+    model, moe = ModelConfig(), MoEConfig(num_experts=8, top_k=2)
+    per_token = training_flops_per_token(model, moe)
+    assert per_token(2) == 3 * forward_flops_per_token(model, moe, 2).total
+    assert per_token(2) - per_token(1) == 3 * forward_flops_per_token(model, moe, 2).experts / 2
