@@ -1,6 +1,7 @@
 """Layer 5, backends: one :class:`~moetrain.backends.base.Backend` interface per ``moe.backend`` (native: our
-layer; deepspeed: DeepSpeed's MoE layer with our router as its gate), and the engine-side pieces of expert
-parallelism. It may import ``config``, ``runtime``, ``kernels`` and ``model``.
+layer; deepspeed: DeepSpeed's MoE layer with our router as its gate; megablocks: MegaBlocks' dropless MLP
+behind our router, CUDA only), and the engine-side pieces of expert parallelism. It may import ``config``,
+``runtime``, ``kernels`` and ``model``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ def get_backend(name: str) -> Backend:
         from moetrain.backends.deepspeed import DeepSpeedBackend
 
         return DeepSpeedBackend()
+    if name == "megablocks":
+        from moetrain.backends.megablocks import MegaBlocksBackend
+
+        return MegaBlocksBackend()
     from moetrain.backends.native import NativeBackend
 
     return NativeBackend()

@@ -58,6 +58,7 @@ class MoEBackend(Choice):
 
     native = "native"
     deepspeed = "deepspeed"
+    megablocks = "megablocks"  # MegaBlocks' dropless MLP behind our router (CUDA)
 
 
 class DropPolicy(Choice):

@@ -120,6 +120,32 @@ def _validate_routing(moe: MoEConfig) -> None:
         )
 
 
+def _validate_megablocks(cfg: TrainConfig, cuda: bool | None) -> None:
+    """What MegaBlocks' dropless MLP behind our router supports (moetrain/backends/megablocks.py)."""
+    moe, key = cfg.moe, "moe.backend"
+    _require(cuda is not False, key, moe.backend, "needs CUDA (MegaBlocks' kernels build and run only on NVIDIA "
+             "GPUs); allowed on this machine: native, deepspeed")  # fmt: skip
+    _require(
+        moe.capacity_factor is None and moe.eval_capacity_factor is None and not moe.padded,
+        key,
+        moe.backend,
+        "is dropless: it needs moe.capacity_factor=null, moe.eval_capacity_factor=null, moe.padded=false",
+    )
+    _require(cfg.parallel.ep_size == 1, key, moe.backend, "supports parallel.ep_size=1 only; allowed: 1")
+    _require(
+        not any(st.prune for st in cfg.schedule.stages),
+        key,
+        moe.backend,
+        "has no expert surgery (pruning, merging) on its GLU matrices; allowed with prune stages: native, deepspeed",
+    )
+    _require(
+        "experts" not in cfg.lora.targets or not any(st.lora for st in cfg.schedule.stages),
+        key,
+        moe.backend,
+        "has no LoRA on its GLU matrices; allowed: lora.targets without experts",
+    )
+
+
 def validate(cfg: TrainConfig, world_size: int | None = None, cuda: bool | None = None) -> None:
     """Check every value that can be checked before training starts; raise :class:`ConfigError` on the first.
 
@@ -204,6 +230,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None, cuda: bool | None 
         moe.expert_impl,
         "needs a CUDA GPU (DeepSpeed's Triton grouped GEMM); allowed here: auto, grouped_mm, loop",
     )
+    if moe.backend == "megablocks":
+        _validate_megablocks(cfg, cuda)
     for key in ("aux_loss_coef", "z_loss_coef"):
         _require(getattr(moe, key) >= 0, f"moe.{key}", getattr(moe, key), "must be >= 0")
 

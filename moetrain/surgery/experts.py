@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,13 +38,16 @@ def routing_core(ffn: nn.Module) -> RoutingCore | None:
     return gate if isinstance(gate, RoutingCore) else None
 
 
-def expert_pieces(core: RoutingCore) -> dict[str, list[tuple[nn.Parameter, bool]]]:
-    """Per stacked name, the local parameters that hold it in expert order: ``(param, is_linear)``, where a
-    linear piece is one expert's ``nn.Linear`` weight ``(out, in)`` (DeepSpeed) and a stacked piece holds all
-    ``El`` experts already in the native layout."""
+def expert_pieces(core: RoutingCore) -> dict[str, list[tuple[nn.Parameter, Any]]]:
+    """Per stacked name, the local parameters that hold it in expert order: ``(param, kind)``, where a
+    linear piece (kind True) is one expert's ``nn.Linear`` weight ``(out, in)`` (DeepSpeed), a stacked piece
+    (False) holds all ``El`` experts already in the native layout, and a callable kind maps the parameter to
+    that layout (MegaBlocks' GLU matrices: read-only, surgery refuses that backend)."""
     if isinstance(core, MoELayer):
         experts = core.experts
         return {name: [(base_parameter(experts, name), False)] for name in STACKS}
+    if hasattr(core, "stacked_views"):  # MegaBlocks' GLU: one (E F, D) matrix a weight, read through a view
+        return {name: [(p, view)] for name, (p, view) in core.stacked_views().items()}
     local = core.local_experts
     return {name: [(base_parameter(getattr(e, _LINEAR[name]), "weight"), True) for e in local] for name in STACKS}
 
@@ -61,7 +65,8 @@ def ep_group_of(core: RoutingCore) -> dist.ProcessGroup | None:
 
 def read_local_stack(pieces: list[tuple[nn.Parameter, bool]], fetch: Fetch) -> torch.Tensor:
     """This rank's ``(El, ...)`` stack of one weight (or of a per-parameter tensor fetched for it)."""
-    parts = [fetch(p).t().unsqueeze(0) if linear else fetch(p) for p, linear in pieces]
+    parts = [linear(fetch(p)) if callable(linear) else fetch(p).t().unsqueeze(0) if linear else fetch(p)
+             for p, linear in pieces]  # fmt: skip
     return torch.cat(parts).detach()
 
 
