@@ -118,12 +118,12 @@ def test_cli_bad_value_fails_fast_with_one_line(tmp_path):
 def test_a_bad_expert_impl_fails_at_composition_with_the_allowed_values():
     with pytest.raises(ConfigCompositionException) as err:
         compose_config(["moe.expert_impl=fused"])
-    assert "expected one of [auto, grouped_mm, loop]" in str(err.value.__cause__)
+    assert "expected one of [auto, grouped_mm, triton, loop]" in str(err.value.__cause__)
 
 
 # string choices are Enums: a bad value fails when the recipe is composed, with the allowed values
 BAD_CHOICES = [
-    (["moe.backend=tutel"], "native, deepspeed"),
+    (["moe.backend=tutel"], "native, deepspeed, megablocks"),
     (["moe.drop_policy=random"], "probs, position, reroute"),
     (["moe.score_func=relu"], "softmax, sigmoid"),
     (["parallel.dtype=fp8"], "fp32, bf16"),
@@ -148,7 +148,7 @@ def test_a_bad_choice_fails_at_composition_with_the_allowed_values(overrides, al
         (
             "moe.expert_impl=cpu_kernel",
             "moe.expert_impl=cpu_kernel is retired (the C++ CPU kernel was removed: ATen is the CPU path); "
-            "use moe.expert_impl=auto; allowed: auto, grouped_mm, loop",
+            "use moe.expert_impl=auto; allowed: auto, grouped_mm, triton, loop",
         ),
     ],
 )
@@ -162,5 +162,5 @@ def test_cli_retired_key_fails_with_one_line_naming_the_new_key(tmp_path):
     line = cli_config_error(tmp_path, "moe.expert_impl=cpu_kernel")
     assert line == (
         "config error: moe.expert_impl=cpu_kernel is retired (the C++ CPU kernel was removed: ATen is the CPU "
-        "path); use moe.expert_impl=auto; allowed: auto, grouped_mm, loop"
+        "path); use moe.expert_impl=auto; allowed: auto, grouped_mm, triton, loop"
     )
