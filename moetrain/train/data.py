@@ -6,7 +6,8 @@ built, see :func:`resolve_tokenizer`).
 
 Sources (exactly one): the running Python's standard library (the embedded default corpus, found with
 ``sysconfig``), the user's local files (``data.path``), or a hub dataset (``data.hf_name``). All go through
-Hugging Face ``datasets``. Documents are split into train/validation by a hash of their text, so the split
+Hugging Face ``datasets`` where it is installed; without it (a bare GPU machine) the standard library and .txt
+files are read directly, one document a file, into the same token streams. Documents are split into train/validation by a hash of their text, so the split
 does not depend on file order or on the number of ranks.
 
 Packing: each split's documents are concatenated (each ends with the end-of-text id) and cut into windows
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -230,6 +232,21 @@ def load_documents(cfg: DataConfig, cache_dir: Path):
     return ds.select_columns(["text"])
 
 
+def plain_documents(cfg: DataConfig) -> list[str] | None:
+    """Without the ``datasets`` package (a bare GPU machine): the standard-library corpus or local .txt files read
+    directly, one document a file, as datasets' text reader with ``sample_by=document`` reads them. None when
+    ``datasets`` is installed (it reads and caches every source)."""
+    if importlib.util.find_spec("datasets") is not None:
+        return None
+    if cfg.hf_name or (cfg.path and BUILDERS[Path(local_files(cfg.path)[0]).suffix] != "text"):
+        raise ConfigError(
+            f"{source_key(cfg)} is read through the datasets package, which is not installed; allowed without it: "
+            "the standard-library corpus (data.stdlib_glob) or .txt files (data.path)"
+        )
+    files = local_files(cfg.path) if cfg.path else stdlib_files(cfg.stdlib_glob)
+    return [Path(f).read_text(encoding="utf-8") for f in files]
+
+
 def _is_validation(text: str, val_fraction: float) -> bool:
     digest = hashlib.sha1(text.encode("utf-8", errors="replace")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
@@ -252,7 +269,6 @@ def tokenize_splits(cfg: DataConfig, cache_dir: Path) -> TokenSplits:
     """Tokenize every document (through ``datasets.map``, cached) and concatenate each split. Token streams
     are uint16, or uint32 for a tokenizer with more than 65536 ids."""
     tokenizer = resolve_tokenizer(cfg.tokenizer, None)
-    docs = load_documents(cfg, cache_dir)
     val_fraction = cfg.val_fraction
     if tokenizer.startswith("hf:"):
         tok = load_hf_tokenizer(tokenizer)
@@ -273,8 +289,12 @@ def tokenize_splits(cfg: DataConfig, cache_dir: Path) -> TokenSplits:
             "is_val": [_is_validation(t, val_fraction) for t in batch["text"]],
         }
 
-    encoded = docs.map(encode, batched=True, remove_columns=["text"], desc="tokenizing")
-    encoded = encoded.with_format("numpy")
+    texts = plain_documents(cfg)
+    if texts is None:
+        encoded = load_documents(cfg, cache_dir).map(encode, batched=True, remove_columns=["text"], desc="tokenizing")
+        encoded = encoded.with_format("numpy")
+    else:
+        encoded = encode({"text": texts})
     is_val = np.asarray(encoded["is_val"], dtype=bool)
     ids = encoded["ids"]
     train = [np.asarray(ids[i], dtype=dtype) for i in np.flatnonzero(~is_val)]

@@ -107,3 +107,19 @@ def test_unigram_baseline_by_hand():
     # add-one smoothing over vocab 3: p0 = 4/7, p1 = 2/7
     expected = -(math.log(4 / 7) + math.log(2 / 7)) / 2
     assert math.isclose(splits.unigram_baseline(3), expected, rel_tol=1e-9)
+
+
+def test_without_the_datasets_package_text_sources_split_identically(stdlib_splits, tmp_path, monkeypatch):
+    """A machine without ``datasets`` (the GPU check's) reads the stdlib corpus and .txt files itself: the same
+    token streams as datasets' text reader; a source only datasets reads is refused in one line."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real_find_spec(name, *a)
+    )
+    plain = tokenize_splits(DataConfig(stdlib_glob="[a-f]*.py"), tmp_path / "cache")
+    assert np.array_equal(plain.train, stdlib_splits.train) and np.array_equal(plain.val, stdlib_splits.val)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(ConfigError, match=r"^data.path=.*a.jsonl is read through the datasets package"):
+        tokenize_splits(DataConfig(path=str(tmp_path / "a.jsonl")), tmp_path / "cache")
