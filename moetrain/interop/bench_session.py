@@ -109,6 +109,10 @@ class MeasuringOps:
         self.forget()
         self._ops.merge_experts(groups, weights)
 
+    def make_constants(self, keep: list[list[int]], means: list[torch.Tensor]) -> None:
+        self.forget()
+        self._ops.make_constants(keep, means)
+
     def restore(self, snapshot: Path) -> None:
         self.forget()
         self._ops.restore(snapshot)

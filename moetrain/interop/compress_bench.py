@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -174,6 +175,12 @@ class Study:
         self.bench, self.cache = bench, cache
         self.runs: list[Run] = []
         self.exports: list[ExportCheck] = []
+        self.cell_seconds = 0.0  # every cell's own measuring time, read from the cache or measured now
+        self.measured_now = 0.0
+
+    def seconds(self) -> float:
+        """The study's measuring time: every cell's (measured before or now) and this run's other work."""
+        return self.cell_seconds + self.bench.minutes() * 60 - self.measured_now
 
     def cell(self, table: str, name: str, method: Method | None, path: list[int], option: RecoveryOption | None = None,
              distill: bool = False, top_k: int | None = None, steps: int = 0, marks: Iterable[int] = (),
@@ -184,13 +191,16 @@ class Study:
                           steps, marks])  # fmt: skip
         row = self.cache.get(key)
         if row is None:
+            t0 = time.monotonic()
             run = self.bench.run(name, method, path, option, distill, top_k, steps, marks)
             run.table = table
             check = self.bench.export_check(name, run.final) if export else None
-            row = {"run": asdict(run), "export": asdict(check) if check else None}
+            row = {"run": asdict(run), "export": asdict(check) if check else None, "seconds": time.monotonic() - t0}
             self.cache.put(key, row)
+            self.measured_now += row["seconds"]
         else:
             self.bench.say(f"[{self.bench.minutes():5.1f} min] {name}: measured before ({self.cache.path.name})")
+        self.cell_seconds += row.get("seconds", 0.0)
         run = Run.from_dict(row["run"])
         self.runs.append(run)
         if row["export"]:
@@ -265,7 +275,7 @@ def run_benchmark(
     speeds = bench.time_models(plan.timing_rounds)
     bench.load.append(os.getloadavg()[0])
     return BenchResults(
-        machine=machine, command=command, seconds=bench.minutes() * 60, load=bench.load, val_tokens=bench.val_tokens,
+        machine=machine, command=command, seconds=study.seconds(), load=bench.load, val_tokens=bench.val_tokens,
         tokens_per_step=tps, base=base, best_method=best.name,
         best_option=f"{best.name}'s best at {100 * SHORT:g} %: {recovery_label(chosen)}", runs=study.runs,
         speeds=speeds, exports=study.exports, quick=quick,

@@ -7,8 +7,8 @@ built, see :func:`resolve_tokenizer`).
 Sources (exactly one): the running Python's standard library (the embedded default corpus, found with
 ``sysconfig``), the user's local files (``data.path``), or a hub dataset (``data.hf_name``). All go through
 Hugging Face ``datasets`` where it is installed; without it (a bare GPU machine) the standard library and .txt
-files are read directly, one document a file, into the same token streams. Documents are split into train/validation by a hash of their text, so the split
-does not depend on file order or on the number of ranks.
+files are read directly, one document a file, into the same token streams. Documents are split into
+train/validation by a hash of their text, so the split does not depend on file order or on the number of ranks.
 
 Packing: each split's documents are concatenated (each ends with the end-of-text id) and cut into windows
 of ``seq_len + 1`` tokens with stride ``seq_len``; a window gives inputs ``w[:-1]`` and labels ``w[1:]``.

@@ -296,6 +296,7 @@ def test_quick_runs_every_table_end_to_end_and_a_rerun_reads_every_cell(tmp_path
     tables = {t: res.table(t) for t in ("one_shot", "staged", "recovery", "top1", "final")}
     assert len(tables["one_shot"]) == 10 * 2  # every method at 8 -> 6 and 8 -> 4
     assert {r.method for r in tables["one_shot"]} >= {"merge", "merge_ream", "reap, global ranking", "mone"}
+    assert all(r.final.kl > 0 for r in tables["one_shot"])  # every method's cut changed the model (measured anew)
     assert len(tables["recovery"]) == 2 * 3 * 2  # best method and frequency x router/lora/full x distillation
     for r in tables["recovery"]:
         cut = next(c for c in tables["one_shot"] if c.method == r.method and c.experts == 4)
