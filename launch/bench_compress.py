@@ -134,7 +134,11 @@ def main(argv: list[str], machine: str, write_section: Callable[[str, str, Path]
         rounds = args.timing_rounds or (1 if args.quick else 5)
         plan = BenchPlan(tokens, tuple(methods), tuple(options), distill, rounds, plot_counts=not args.quick)
         command = shlex.join(["python", "launch/bench.py", "compress", *argv])
-        results = run_benchmark(cfg, run_dir, plan, machine, command, meta, quick=args.quick)
+        try:
+            results = run_benchmark(cfg, run_dir, plan, machine, command, meta, quick=args.quick)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
         (run_dir / "results.json").write_text(results.to_json() + "\n")
         print(f"measurements in {run_dir / 'results.json'}")
     plot = plot_quality(results, doc.with_name(doc.stem + "_quality.png"))

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from moetrain.config import Trainable, TrainConfig, register_configs
+from moetrain.config import ConfigError, Trainable, TrainConfig, plain, register_configs
 from moetrain.interop.bench_session import CompressBench, Method, RecoveryOption
 from moetrain.interop.entry import resolve_config
 from moetrain.metrics.compression_results import (
@@ -208,11 +208,38 @@ class Study:
         return run
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    return {k: v for key, value in d.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def check_same_settings(run_dir: Path, settings: dict[str, Any]) -> None:
+    """A study's cells are cached by what they do, not by the settings they ran with (the trainer's config, the
+    pretraining tokens): a run folder keeps its settings in ``settings.json`` and a rerun with others stops with
+    one line instead of mixing cells."""
+    path = run_dir / "settings.json"
+    if not path.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1, default=str) + "\n")
+        return
+    before = _flat(json.loads(path.read_text()))
+    now = _flat(json.loads(json.dumps(settings, default=str)))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        key = changed[0].rstrip(".")
+        raise ConfigError(
+            f"--run-dir {run_dir} holds cells measured with {key}={before.get(changed[0])}, not "
+            f"{now.get(changed[0])}; allowed: the same settings to resume it, or a new --run-dir"
+        )
+
+
 def run_benchmark(
     cfg: TrainConfig, run_dir: Path, plan: BenchPlan, machine: str, command: str,
     meta: dict[str, Any] | None = None, say: Callable[[str], None] = print, quick: bool = False,
 ) -> BenchResults:  # fmt: skip
     """Every table of the study, measured (module docstring)."""
+    check_same_settings(run_dir, {**plain(cfg), "logging": None, "pretrain_tokens": plan.pretrain_tokens})
     bench = CompressBench(cfg, run_dir, say)
     study = Study(bench, CellCache(run_dir / "cells.jsonl"))
     cell = study.cell

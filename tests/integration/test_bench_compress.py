@@ -223,6 +223,16 @@ def test_the_plot_draws_each_method_before_and_after_recovery(tmp_path):
     assert image.shape[:2] == (495, 825)  # 7.5 x 4.5 inches at 110 dpi
 
 
+def test_a_run_folder_refuses_cells_of_other_settings(tmp_path):
+    from moetrain.config import ConfigError
+    from moetrain.interop.compress_bench import check_same_settings
+
+    check_same_settings(tmp_path, {"optim": {"lr": 0.002}, "pretrain_tokens": 100})
+    check_same_settings(tmp_path, {"optim": {"lr": 0.002}, "pretrain_tokens": 100})  # the same: resumes
+    with pytest.raises(ConfigError, match=r"holds cells measured with optim.lr=0.002, not 0.0005; allowed: the same"):
+        check_same_settings(tmp_path, {"optim": {"lr": 0.0005}, "pretrain_tokens": 100})
+
+
 def test_the_cell_cache_gives_back_what_a_run_wrote(tmp_path):
     cache = CellCache(tmp_path / "cells.jsonl")
     assert cache.get("a") is None
