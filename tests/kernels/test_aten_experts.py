@@ -25,6 +25,17 @@ def naive_experts(x_SD, w1_EDF, w3_EDF, w2_EFD, counts):
     return torch.cat([swiglu(x_e, w1_EDF[e], w3_EDF[e], w2_EFD[e]) for e, x_e in enumerate(rows)])
 
 
+def seeded_experts(counts: list[int], d: int, ff: int, impl: str) -> tuple[GroupedExperts, torch.Tensor]:
+    """Experts with wide random weights and their rows, seeded; the global RNG stream of the tests after it
+    stays as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        experts = GroupedExperts(len(counts), d, ff, impl)
+        for p in experts.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        return experts, torch.randn(sum(counts), d)
+
+
 @pytest.mark.parametrize("counts", COUNTS, ids=lambda c: f"E{len(c)}")
 @pytest.mark.parametrize("impl", ["auto", "grouped_mm", "loop"])
 def test_expert_paths_equal_naive_loop(counts, impl, threads):
@@ -85,11 +96,7 @@ def test_the_triton_path_hands_deepspeed_the_offsets_torch_grouped_mm_takes(monk
         ds, "group_gemm_triton", lambda a, b, offs: seen.append(offs) or torch._grouped_mm(a, b, offs=offs)
     )
     counts = COUNTS[0]
-    torch.manual_seed(0)
-    experts = GroupedExperts(len(counts), D, FF, "triton")
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(sum(counts), D)
+    experts, x = seeded_experts(counts, D, FF, "triton")
     y = experts(x, torch.tensor(counts))
     assert (
         len(seen) == 3 and seen[0].dtype == torch.int32 and seen[0].tolist() == torch.tensor(counts).cumsum(0).tolist()
@@ -106,12 +113,7 @@ def test_auto_takes_the_loop_where_grouped_mm_cannot_read_the_rows(monkeypatch, 
     real_grouped_mm = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real_grouped_mm(*a, **kw))
     counts = COUNTS[0]
-    with torch.random.fork_rng():  # seeded, and the global RNG stream of the tests after it stays as it was
-        torch.manual_seed(0)
-        experts = GroupedExperts(len(counts), d, ff, "auto")
-        for p in experts.parameters():
-            torch.nn.init.normal_(p, std=0.3)
-        x = torch.randn(sum(counts), d)
+    experts, x = seeded_experts(counts, d, ff, "auto")
     y = experts(x, torch.tensor(counts))
     assert (len(calls) > 0) == grouped
     with torch.no_grad():
