@@ -120,16 +120,31 @@ def _validate_routing(moe: MoEConfig) -> None:
         )
 
 
+def _dropless(cfg: TrainConfig) -> bool:
+    """No capacity anywhere: not in ``moe``, not in a stage's runtime override, not padded."""
+    moe = cfg.moe
+    stage_factors = [
+        v for st in cfg.schedule.stages for k, v in st.moe.overrides().items() if k.endswith("capacity_factor")
+    ]
+    return (
+        moe.capacity_factor is None
+        and moe.eval_capacity_factor is None
+        and not moe.padded
+        and not any(f is not None for f in stage_factors)
+    )
+
+
 def _validate_megablocks(cfg: TrainConfig, cuda: bool | None) -> None:
     """What MegaBlocks' dropless MLP behind our router supports (moetrain/backends/megablocks.py)."""
     moe, key = cfg.moe, "moe.backend"
     _require(cuda is not False, key, moe.backend, "needs CUDA (MegaBlocks' kernels build and run only on NVIDIA "
              "GPUs); allowed on this machine: native, deepspeed")  # fmt: skip
     _require(
-        moe.capacity_factor is None and moe.eval_capacity_factor is None and not moe.padded,
+        _dropless(cfg),
         key,
         moe.backend,
-        "is dropless: it needs moe.capacity_factor=null, moe.eval_capacity_factor=null, moe.padded=false",
+        "is dropless: it needs moe.capacity_factor=null, moe.eval_capacity_factor=null, moe.padded=false and no "
+        "stage that sets a capacity factor",
     )
     _require(cfg.parallel.ep_size == 1, key, moe.backend, "supports parallel.ep_size=1 only; allowed: 1")
     _require(
@@ -367,10 +382,11 @@ def _validate_structure(cfg: TrainConfig) -> None:
             "needs parallel.ep_size=1 (constants are not laid out over ranks)",
         )
         _require(
-            moe.capacity_factor is None and moe.eval_capacity_factor is None and not moe.padded,
+            _dropless(cfg),
             "prune.mode",
             pr.mode,
-            "needs dropless routing (moe.capacity_factor=null, moe.eval_capacity_factor=null, moe.padded=false)",
+            "needs dropless routing (moe.capacity_factor=null, moe.eval_capacity_factor=null, moe.padded=false, no "
+            "stage that sets a capacity factor)",
         )
         _require(
             sum(1 for st in cfg.schedule.stages if st.prune) == 1,

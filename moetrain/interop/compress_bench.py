@@ -152,11 +152,16 @@ class CellCache:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: dict[str, dict[str, Any]] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.rows[row["key"]] = row
+        lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        for n, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if n == len(lines) - 1:  # the cell a killed run was writing: measured again
+                    break
+                raise ConfigError(f"--run-dir {path.parent}: {path.name} line {n + 1} is not a cell ({e}); allowed: "
+                                  "the file a study wrote, or a new --run-dir") from None  # fmt: skip
+            self.rows[row["key"]] = row
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.rows.get(key)

@@ -42,6 +42,11 @@ class GroupSizes:
         self._host: list[int] | None = None
 
     @property
+    def offsets(self) -> torch.Tensor:
+        """Each group's end row, int32 on the device: what ``torch._grouped_mm`` and its drop-ins take."""
+        return torch.cumsum(self.device_E, 0, dtype=torch.int32)
+
+    @property
     def host(self) -> list[int]:
         if self._host is None:
             self._host = self.device_E.tolist()
@@ -50,8 +55,7 @@ class GroupSizes:
 
 def grouped_gemm(x_SD: torch.Tensor, w_EDF: torch.Tensor, sizes: GroupSizes) -> torch.Tensor:
     """``out[s] = x[s] @ w[e(s)]`` on ``torch._grouped_mm``; rows grouped by expert, ``sizes`` each."""
-    offs_E = torch.cumsum(sizes.device_E, 0, dtype=torch.int32)
-    return torch._grouped_mm(x_SD.contiguous(), w_EDF, offs=offs_E)
+    return torch._grouped_mm(x_SD.contiguous(), w_EDF, offs=sizes.offsets)
 
 
 def loop_gemm(x_SD: torch.Tensor, w_EDF: torch.Tensor, sizes: GroupSizes) -> torch.Tensor:

@@ -31,5 +31,4 @@ def triton_gemm(x_SD: torch.Tensor, w_EDF: torch.Tensor, sizes: GroupSizes) -> t
     """``out[s] = x[s] @ w[e(s)]`` with DeepSpeed's Triton grouped GEMM; rows grouped by expert, ``sizes`` each."""
     from deepspeed.ops.triton_ops.group_gemm_triton import group_gemm_triton
 
-    offs_E = torch.cumsum(sizes.device_E, 0, dtype=torch.int32)
-    return group_gemm_triton(x_SD.contiguous(), w_EDF.contiguous(), offs_E)
+    return group_gemm_triton(x_SD.contiguous(), w_EDF.contiguous(), sizes.offsets)

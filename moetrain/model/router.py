@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config.schema import SCORE_FUNCS
+from moetrain.model.dispatch import expert_counts
 
 
 def load_balancing_loss(dist_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -38,10 +39,8 @@ def load_balancing_loss(dist_TE: torch.Tensor, expert_idx_TK: torch.Tensor, num_
     of experts that can be selected (masked experts have f_i = P_i = 0), so balance over them scores 1.0.
     The counts are a scatter-add into a fixed-size buffer: no host synchronisation.
     """
-    idx_A = expert_idx_TK.reshape(-1)
-    counts_E = torch.zeros(dist_TE.shape[1], dtype=dist_TE.dtype, device=dist_TE.device)
-    counts_E.index_add_(0, idx_A, torch.ones_like(idx_A, dtype=dist_TE.dtype))
-    return num_experts * torch.sum(counts_E / idx_A.numel() * dist_TE.mean(dim=0))
+    counts_E = expert_counts(expert_idx_TK, dist_TE.shape[1]).to(dist_TE.dtype)
+    return num_experts * torch.sum(counts_E / expert_idx_TK.numel() * dist_TE.mean(dim=0))
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

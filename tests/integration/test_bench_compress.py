@@ -241,6 +241,15 @@ def test_the_cell_cache_gives_back_what_a_run_wrote(tmp_path):
     cache.put("b", {"run": {"x": 2}, "export": None})
     again = CellCache(tmp_path / "cells.jsonl")  # a rerun reads the file
     assert again.get("a") == {"key": "a", "run": {"x": 1}, "export": None} and again.get("b")["run"] == {"x": 2}
+    with (tmp_path / "cells.jsonl").open("a") as f:
+        f.write('{"key": "c", "ru')  # a run killed while it wrote its last cell
+    torn = CellCache(tmp_path / "cells.jsonl")
+    assert torn.get("c") is None and torn.get("b")["run"] == {"x": 2}  # that cell is measured again
+    (tmp_path / "bad.jsonl").write_text('not json\n{"key": "a"}\n')
+    from moetrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"bad.jsonl line 1 is not a cell"):
+        CellCache(tmp_path / "bad.jsonl")
 
 
 def test_the_cut_counts_follow_the_expert_count():

@@ -54,7 +54,9 @@ def test_megablocks_is_refused_in_one_line_where_it_cannot_run(tmp_path):
     if not torch.cuda.is_available():  # the command line knows it: one line, no traceback
         line = cli_config_error(tmp_path, "moe.backend=megablocks")
         assert line.startswith("config error: moe.backend=megablocks needs CUDA") and "allowed on this machine" in line
-    for extra, problem in ((["moe.capacity_factor=1.25"], "dropless"), ([stages, "prune.keep=[6]"], "surgery"),
+    capacity_stage = "schedule.stages=[{name:a,steps:2,moe:{capacity_factor:1.25}}]"  # a stage's own capacity too
+    for extra, problem in ((["moe.capacity_factor=1.25"], "dropless"), ([capacity_stage], "dropless"),
+                           ([stages, "prune.keep=[6]"], "surgery"),
                            (["parallel.ep_size=2"], "parallel.ep_size=1 only")):  # fmt: skip
         with pytest.raises(ConfigError, match=problem):
             validate(compose_config(["moe.backend=megablocks", *extra]), cuda=True)

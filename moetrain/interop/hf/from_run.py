@@ -28,7 +28,7 @@ from moetrain.train.checkpoint import resolve_resume
 from moetrain.train.stages import StageSchedule
 
 
-def _dropless(model: MoETransformer) -> MoETransformer:
+def dropless(model: MoETransformer) -> MoETransformer:
     for core in model.moe_layers():
         core.capacity_factor = core.eval_capacity_factor = None
     return model.eval()
@@ -63,9 +63,9 @@ def load_run_model(path: str | Path) -> tuple[MoETransformer, TrainConfig]:
         run_cfg = path / ".hydra" / "config.yaml"
         init_from = OmegaConf.load(run_cfg).model.init_from if run_cfg.is_file() else None
         model_cfg.init_from = init_from  # the export leaves it out; the source directory is the family's
-        return _dropless(model), TrainConfig(model=model_cfg, moe=moe_cfg)
+        return dropless(model), TrainConfig(model=model_cfg, moe=moe_cfg)
     model, cfg = _checkpoint_model(path)
-    return _dropless(model), cfg
+    return dropless(model), cfg
 
 
 def export_run(path: str | Path, out: str | Path, family: str | None = None) -> Path:

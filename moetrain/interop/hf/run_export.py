@@ -4,7 +4,7 @@ adapters merged), is written as a directory of its family's layout into ``<run>/
 transformers on every rank so the report's export row is measured on exactly what a user loads.
 
 The family is ``export.family``, else that of ``model.init_from=hf:DIR``; both are checked when the run starts
-(:func:`check_export`). The directory is written under a temporary name and renamed: never half-written.
+(:func:`export_family`). The directory is written under a temporary name and renamed: never half-written.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from moetrain.config import ConfigError, TrainConfig
 from moetrain.interop.export import load_exported
 from moetrain.interop.hf.api import FAMILIES, hf_path, read_config, save_hf
+from moetrain.interop.hf.from_run import dropless
 
 
 def export_family(cfg: TrainConfig) -> str | None:
@@ -56,12 +57,9 @@ class HFRunExport:
     def write(self, native_dir: Path, out: Path) -> Path:
         model, model_cfg, moe_cfg = load_exported(native_dir)
         model_cfg.init_from = self.init_from  # the source directory: its tokenizer files go along
-        moe_cfg.capacity_factor = moe_cfg.eval_capacity_factor = None  # Hugging Face MoE layers are dropless
-        for core in model.moe_layers():
-            core.capacity_factor = core.eval_capacity_factor = None
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_hf(model.eval(), model_cfg, moe_cfg, tmp, family=self.family)
+        save_hf(dropless(model), model_cfg, moe_cfg, tmp, family=self.family)  # Hugging Face MoE layers are dropless
         if out.exists():  # a run resumed at its end writes it again
             shutil.rmtree(out)
         os.replace(tmp, out)
